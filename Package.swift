@@ -1,0 +1,166 @@
+// swift-tools-version:6.1
+import PackageDescription
+
+// One set of settings for every target: Swift 6 mode and the upcoming features that keep
+// imports and existentials explicit (as grpc-swift-2 does).
+let swiftSettings: [SwiftSetting] = [
+  .swiftLanguageMode(.v6),
+  .enableUpcomingFeature("ExistentialAny"),
+  .enableUpcomingFeature("InternalImportsByDefault"),
+  .enableUpcomingFeature("MemberImportVisibility"),
+]
+
+let package = Package(
+  name: "tollgate",
+  platforms: [.macOS(.v15)],
+  products: [
+    .executable(name: "tollgate", targets: ["tollgate"]),
+    .executable(name: "tollctl", targets: ["tollctl"]),
+  ],
+  dependencies: [
+    .package(url: "https://github.com/grpc/grpc-swift-2", from: "2.4.3"),
+    .package(url: "https://github.com/grpc/grpc-swift-nio-transport", from: "2.9.2"),
+    .package(url: "https://github.com/grpc/grpc-swift-protobuf", from: "2.4.1"),
+    .package(url: "https://github.com/apple/swift-protobuf", from: "1.39.0"),
+    .package(url: "https://github.com/vapor/postgres-nio", from: "1.33.2"),
+    .package(url: "https://github.com/apple/swift-nio", from: "2.101.2"),
+    .package(url: "https://github.com/apple/swift-nio-ssl", from: "2.37.6"),
+    .package(url: "https://github.com/apple/swift-certificates", from: "1.21.1"),
+    .package(url: "https://github.com/apple/swift-crypto", from: "3.12.3"),
+    .package(url: "https://github.com/apple/swift-asn1", from: "1.7.4"),
+    .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
+    .package(url: "https://github.com/swift-server/swift-service-lifecycle", from: "2.13.0"),
+    .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+  ],
+  targets: [
+    // Domain values shared by every layer; no I/O, no gRPC, no Postgres.
+    .target(
+      name: "TollgateModel",
+      swiftSettings: swiftSettings
+    ),
+    // Generated from Protos/ by tools/gen-protos (committed).
+    .target(
+      name: "TollgateProtos",
+      dependencies: [
+        .product(name: "GRPCCore", package: "grpc-swift-2"),
+        .product(name: "GRPCProtobuf", package: "grpc-swift-protobuf"),
+        .product(name: "SwiftProtobuf", package: "swift-protobuf"),
+      ],
+      swiftSettings: swiftSettings
+    ),
+    // Identity, authorization, configuration, errors and the interceptors. Knows nothing of Postgres.
+    .target(
+      name: "TollgateCore",
+      dependencies: [
+        "TollgateModel",
+        "TollgateProtos",
+        .product(name: "GRPCCore", package: "grpc-swift-2"),
+        .product(name: "GRPCProtobuf", package: "grpc-swift-protobuf"),
+        .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
+        .product(name: "X509", package: "swift-certificates"),
+        .product(name: "Crypto", package: "swift-crypto"),
+        .product(name: "SwiftASN1", package: "swift-asn1"),
+        .product(name: "Logging", package: "swift-log"),
+      ],
+      swiftSettings: swiftSettings
+    ),
+    // Postgres pool, migrations, tenant-scoped transactions, repositories. Knows nothing of gRPC.
+    .target(
+      name: "TollgateStore",
+      dependencies: [
+        "TollgateModel",
+        .product(name: "PostgresNIO", package: "postgres-nio"),
+        .product(name: "Logging", package: "swift-log"),
+        .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+      ],
+      swiftSettings: swiftSettings
+    ),
+    // TenantService: tenant administration, quotas, suspension, certificate revocation.
+    .target(
+      name: "TollgateTenancy",
+      dependencies: [
+        "TollgateModel", "TollgateCore", "TollgateStore", "TollgateProtos",
+        .product(name: "GRPCCore", package: "grpc-swift-2"),
+        .product(name: "GRPCProtobuf", package: "grpc-swift-protobuf"),
+        .product(name: "SwiftProtobuf", package: "swift-protobuf"),
+        .product(name: "Logging", package: "swift-log"),
+      ],
+      swiftSettings: swiftSettings
+    ),
+    // Certificate authority and issuance (tollctl certs, tests, tools/dev).
+    .target(
+      name: "TollgateCertificates",
+      dependencies: [
+        "TollgateModel",
+        .product(name: "X509", package: "swift-certificates"),
+        .product(name: "Crypto", package: "swift-crypto"),
+        .product(name: "SwiftASN1", package: "swift-asn1"),
+      ],
+      swiftSettings: swiftSettings
+    ),
+    // Assembly: the gRPC server with its interceptors in order, health, reflection, lifecycle.
+    .target(
+      name: "TollgateGateway",
+      dependencies: [
+        "TollgateModel", "TollgateCore", "TollgateStore", "TollgateProtos", "TollgateTenancy",
+        .product(name: "GRPCCore", package: "grpc-swift-2"),
+        .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
+        .product(name: "GRPCProtobuf", package: "grpc-swift-protobuf"),
+        .product(name: "SwiftProtobuf", package: "swift-protobuf"),
+        .product(name: "NIOCore", package: "swift-nio"),
+        .product(name: "NIOSSL", package: "swift-nio-ssl"),
+        .product(name: "X509", package: "swift-certificates"),
+        .product(name: "SwiftASN1", package: "swift-asn1"),
+        .product(name: "Logging", package: "swift-log"),
+        .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+        .product(name: "UnixSignals", package: "swift-service-lifecycle"),
+      ],
+      swiftSettings: swiftSettings
+    ),
+    .executableTarget(
+      name: "tollgate",
+      dependencies: [
+        "TollgateGateway", "TollgateCore", "TollgateStore",
+        .product(name: "ArgumentParser", package: "swift-argument-parser"),
+        .product(name: "Logging", package: "swift-log"),
+        .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+      ],
+      swiftSettings: swiftSettings
+    ),
+    .executableTarget(
+      name: "tollctl",
+      dependencies: [
+        "TollgateModel", "TollgateProtos", "TollgateCertificates",
+        .product(name: "GRPCCore", package: "grpc-swift-2"),
+        .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
+        .product(name: "GRPCProtobuf", package: "grpc-swift-protobuf"),
+        .product(name: "SwiftProtobuf", package: "swift-protobuf"),
+        .product(name: "ArgumentParser", package: "swift-argument-parser"),
+      ],
+      swiftSettings: swiftSettings
+    ),
+    .testTarget(
+      name: "TollgateCoreTests",
+      dependencies: [
+        "TollgateCore", "TollgateModel", "TollgateProtos", "TollgateCertificates",
+        .product(name: "GRPCCore", package: "grpc-swift-2"),
+        .product(name: "X509", package: "swift-certificates"),
+      ],
+      swiftSettings: swiftSettings
+    ),
+    .testTarget(
+      name: "TollgateEndToEndTests",
+      dependencies: [
+        "TollgateGateway", "TollgateCore", "TollgateStore", "TollgateModel", "TollgateProtos",
+        "TollgateCertificates",
+        .product(name: "GRPCCore", package: "grpc-swift-2"),
+        .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
+        .product(name: "GRPCProtobuf", package: "grpc-swift-protobuf"),
+        .product(name: "PostgresNIO", package: "postgres-nio"),
+        .product(name: "Logging", package: "swift-log"),
+        .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+      ],
+      swiftSettings: swiftSettings
+    ),
+  ]
+)

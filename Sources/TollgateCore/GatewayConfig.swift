@@ -1,0 +1,258 @@
+public import Foundation
+public import TollgateModel
+
+/// Everything `tollgate serve` needs, validated. Built once at the edge by ``ConfigResolver``
+/// from flags, `TOLLGATE_*` environment variables and an optional JSON config file.
+public struct GatewayConfig: Sendable {
+  /// A `HOST:PORT` address (IPv6 hosts in brackets: `[::1]:8443`).
+  public struct Address: Sendable, Hashable, CustomStringConvertible {
+    public var host: String
+    public var port: Int
+
+    public init(host: String, port: Int) {
+      self.host = host
+      self.port = port
+    }
+
+    public init?(parsing text: String) {
+      let host: Substring
+      let portText: Substring
+      if text.hasPrefix("[") {
+        guard let close = text.firstIndex(of: "]"), text[text.index(after: close)...].hasPrefix(":") else { return nil }
+        host = text[text.index(after: text.startIndex)..<close]
+        portText = text[text.index(close, offsetBy: 2)...]
+      } else {
+        guard let colon = text.lastIndex(of: ":") else { return nil }
+        host = text[..<colon]
+        portText = text[text.index(after: colon)...]
+        if host.contains(":") { return nil }
+      }
+      guard !host.isEmpty, let port = Int(portText), (0...65535).contains(port) else { return nil }
+      self.init(host: String(host), port: port)
+    }
+
+    public var description: String { host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)" }
+  }
+
+  public var listen: Address
+  public var tlsCertificatePath: String
+  public var tlsKeyPath: String
+  public var clientCAPath: String
+  public var trustDomain: String
+  public var database: DatabaseURL
+  public var metricsListen: Address?
+  /// Apply pending migrations at start (under the advisory lock). On by default.
+  public var migrateOnStart: Bool
+  /// Largest request message accepted, in bytes.
+  public var maxRequestMessageBytes: Int
+  /// Postgres connections this replica may hold.
+  public var databaseMaxConnections: Int
+
+  public init(
+    listen: Address,
+    tlsCertificatePath: String,
+    tlsKeyPath: String,
+    clientCAPath: String,
+    trustDomain: String,
+    database: DatabaseURL,
+    metricsListen: Address? = nil,
+    migrateOnStart: Bool = true,
+    maxRequestMessageBytes: Int = 4 * 1024 * 1024,
+    databaseMaxConnections: Int = 20
+  ) {
+    self.listen = listen
+    self.tlsCertificatePath = tlsCertificatePath
+    self.tlsKeyPath = tlsKeyPath
+    self.clientCAPath = clientCAPath
+    self.trustDomain = trustDomain
+    self.database = database
+    self.metricsListen = metricsListen
+    self.migrateOnStart = migrateOnStart
+    self.maxRequestMessageBytes = maxRequestMessageBytes
+    self.databaseMaxConnections = databaseMaxConnections
+  }
+}
+
+/// One configuration setting: its flag, environment variable and config-file key.
+public struct ConfigSetting: Sendable, Hashable, CustomStringConvertible {
+  /// Name without dashes, e.g. `tls-cert`; also the config file's key.
+  public let name: String
+  public let help: String
+
+  public var flag: String { "--\(name)" }
+  public var environmentVariable: String {
+    "TOLLGATE_" + name.uppercased().replacingOccurrences(of: "-", with: "_")
+  }
+  public var description: String { "\(flag) (\(environmentVariable))" }
+
+  public static let listen = ConfigSetting(name: "listen", help: "gRPC listen address HOST:PORT (default 127.0.0.1:8443)")
+  public static let tlsCert = ConfigSetting(name: "tls-cert", help: "PEM file with the server certificate chain")
+  public static let tlsKey = ConfigSetting(name: "tls-key", help: "PEM file with the server private key")
+  public static let clientCA = ConfigSetting(name: "client-ca", help: "PEM bundle of CAs that sign client certificates")
+  public static let trustDomain = ConfigSetting(name: "trust-domain", help: "SPIFFE trust domain of client certificates")
+  public static let databaseURL = ConfigSetting(name: "database-url", help: "postgres://USER[:PASSWORD]@HOST[:PORT]/DB[?sslmode=…]")
+  public static let metricsListen = ConfigSetting(name: "metrics-listen", help: "metrics HTTP address HOST:PORT (off when unset)")
+  public static let migrate = ConfigSetting(name: "migrate", help: "apply migrations at start: true (default) or false")
+  public static let maxMessageBytes = ConfigSetting(name: "max-message-bytes", help: "largest request message in bytes (default 4194304)")
+  public static let databaseMaxConnections = ConfigSetting(
+    name: "database-max-connections",
+    help: "Postgres connections per replica (default 20)"
+  )
+
+  public static let all: [ConfigSetting] = [
+    .listen, .tlsCert, .tlsKey, .clientCA, .trustDomain, .databaseURL, .metricsListen, .migrate, .maxMessageBytes,
+    .databaseMaxConnections,
+  ]
+}
+
+/// A setting that stops start-up, named so the operator knows what to fix.
+public struct ConfigError: Error, CustomStringConvertible, Sendable {
+  public let setting: ConfigSetting?
+  public let problem: String
+
+  public init(_ setting: ConfigSetting?, _ problem: String) {
+    self.setting = setting
+    self.problem = problem
+  }
+
+  public var description: String {
+    if let setting { return "configuration: \(setting) \(problem)" }
+    return "configuration: \(problem)"
+  }
+}
+
+/// Resolves settings: a flag wins over the environment, the environment over the config file.
+public struct ConfigResolver: Sendable {
+  public var flags: [String: String]
+  public var environment: [String: String]
+  public var file: [String: String]
+
+  public init(flags: [String: String], environment: [String: String], file: [String: String] = [:]) {
+    self.flags = flags
+    self.environment = environment
+    self.file = file
+  }
+
+  /// Reads a JSON object of setting names to values (strings, numbers or booleans).
+  public static func loadFile(_ path: String) throws(ConfigError) -> [String: String] {
+    let data: Data
+    do {
+      data = try Data(contentsOf: URL(fileURLWithPath: path))
+    } catch {
+      throw ConfigError(nil, "config file \(path) cannot be read: \(error.localizedDescription)")
+    }
+    guard let object = try? JSONSerialization.jsonObject(with: data) as? [String: Any] else {
+      throw ConfigError(nil, "config file \(path) is not a JSON object of setting names to values")
+    }
+    var out: [String: String] = [:]
+    let known = Set(ConfigSetting.all.map(\.name))
+    for (key, value) in object {
+      guard known.contains(key) else {
+        throw ConfigError(
+          nil,
+          "config file \(path) has unknown setting '\(key)'; known: \(known.sorted().joined(separator: ", "))"
+        )
+      }
+      switch value {
+      case let s as String: out[key] = s
+      case let n as NSNumber: out[key] = n.stringValue
+      default: throw ConfigError(nil, "config file \(path): '\(key)' must be a string, number or boolean")
+      }
+    }
+    return out
+  }
+
+  public func value(_ setting: ConfigSetting) -> String? {
+    if let v = flags[setting.name], !v.isEmpty { return v }
+    if let v = environment[setting.environmentVariable], !v.isEmpty { return v }
+    if let v = file[setting.name], !v.isEmpty { return v }
+    return nil
+  }
+
+  func required(_ setting: ConfigSetting) throws(ConfigError) -> String {
+    guard let v = value(setting) else {
+      throw ConfigError(setting, "is required (flag, environment variable, or config file key '\(setting.name)')")
+    }
+    return v
+  }
+
+  func readableFile(_ setting: ConfigSetting) throws(ConfigError) -> String {
+    let path = try required(setting)
+    var isDirectory: ObjCBool = false
+    guard FileManager.default.fileExists(atPath: path, isDirectory: &isDirectory), !isDirectory.boolValue else {
+      throw ConfigError(setting, "names \(path), which does not exist or is not a file")
+    }
+    guard FileManager.default.isReadableFile(atPath: path) else {
+      throw ConfigError(setting, "names \(path), which this process cannot read")
+    }
+    return path
+  }
+
+  func address(_ setting: ConfigSetting, default fallback: String?) throws(ConfigError) -> GatewayConfig.Address? {
+    guard let text = value(setting) ?? fallback else { return nil }
+    guard let address = GatewayConfig.Address(parsing: text) else {
+      throw ConfigError(setting, "is '\(text)'; expected HOST:PORT such as 127.0.0.1:8443 or [::1]:8443")
+    }
+    return address
+  }
+
+  func integer(_ setting: ConfigSetting, default fallback: Int, range: ClosedRange<Int>) throws(ConfigError) -> Int {
+    guard let text = value(setting) else { return fallback }
+    guard let n = Int(text), range.contains(n) else {
+      throw ConfigError(setting, "is '\(text)'; expected a whole number from \(range.lowerBound) to \(range.upperBound)")
+    }
+    return n
+  }
+
+  static func isIPLiteral(_ host: String) -> Bool {
+    var v4 = in_addr()
+    var v6 = in6_addr()
+    return inet_pton(AF_INET, host, &v4) == 1 || inet_pton(AF_INET6, host, &v6) == 1
+  }
+
+  /// Only what `tollgate migrate` needs.
+  public func databaseURL() throws(ConfigError) -> DatabaseURL {
+    let text = try required(.databaseURL)
+    do {
+      return try DatabaseURL(parsing: text)
+    } catch {
+      throw ConfigError(.databaseURL, error.description)
+    }
+  }
+
+  /// The full, validated configuration of `tollgate serve`.
+  public func gatewayConfig() throws(ConfigError) -> GatewayConfig {
+    var listen = try address(.listen, default: "127.0.0.1:8443")!
+    if listen.host == "localhost" { listen.host = "127.0.0.1" }
+    guard Self.isIPLiteral(listen.host) else {
+      throw ConfigError(.listen, "host '\(listen.host)' must be an IP address (e.g. 0.0.0.0, 127.0.0.1, [::]) or localhost")
+    }
+    let cert = try readableFile(.tlsCert)
+    let key = try readableFile(.tlsKey)
+    let ca = try readableFile(.clientCA)
+    let domain = try required(.trustDomain)
+    guard SPIFFEID.isValidTrustDomain(domain) else {
+      throw ConfigError(.trustDomain, "is '\(domain)'; use lowercase letters, digits, '.', '-' and '_' (e.g. example.org)")
+    }
+    let database = try databaseURL()
+    let metrics = try address(.metricsListen, default: nil)
+    let migrate: Bool
+    switch value(.migrate)?.lowercased() {
+    case nil, "true", "1", "yes": migrate = true
+    case "false", "0", "no": migrate = false
+    case let other?: throw ConfigError(.migrate, "is '\(other)'; expected true or false")
+    }
+    return GatewayConfig(
+      listen: listen,
+      tlsCertificatePath: cert,
+      tlsKeyPath: key,
+      clientCAPath: ca,
+      trustDomain: domain,
+      database: database,
+      metricsListen: metrics,
+      migrateOnStart: migrate,
+      maxRequestMessageBytes: try integer(.maxMessageBytes, default: 4 * 1024 * 1024, range: 1024...(64 * 1024 * 1024)),
+      databaseMaxConnections: try integer(.databaseMaxConnections, default: 20, range: 2...500)
+    )
+  }
+}

@@ -1,0 +1,79 @@
+public import GRPCCore
+import GRPCProtobuf
+
+/// An error a client can act on. Every layer's failures are mapped to one of these before they
+/// leave a handler or interceptor; the mapping to gRPC status and google.rpc details lives here
+/// and nowhere else.
+public enum TollgateError: Error, Sendable, Equatable {
+  /// One violation per bad request field, sent as google.rpc.BadRequest.
+  public struct FieldViolation: Sendable, Hashable {
+    public var field: String
+    public var description: String
+    public init(field: String, description: String) {
+      self.field = field
+      self.description = description
+    }
+  }
+
+  case invalidArgument(String, [FieldViolation])
+  case unauthenticated(String)
+  case permissionDenied(String)
+  case notFound(String)
+  case alreadyExists(String)
+  case failedPrecondition(String)
+  case unavailable(String)
+  /// Something went wrong that the client cannot fix. The message sent is generic; the cause is
+  /// logged where it happened.
+  case internalError
+
+  /// A single-field INVALID_ARGUMENT, the common case.
+  public static func invalidField(_ field: String, _ description: String) -> TollgateError {
+    .invalidArgument("invalid \(field): \(description)", [FieldViolation(field: field, description: description)])
+  }
+}
+
+extension TollgateError: RPCErrorConvertible {
+  public var rpcErrorCode: RPCError.Code {
+    switch self {
+    case .invalidArgument: return .invalidArgument
+    case .unauthenticated: return .unauthenticated
+    case .permissionDenied: return .permissionDenied
+    case .notFound: return .notFound
+    case .alreadyExists: return .alreadyExists
+    case .failedPrecondition: return .failedPrecondition
+    case .unavailable: return .unavailable
+    case .internalError: return .internalError
+    }
+  }
+
+  public var rpcErrorMessage: String {
+    switch self {
+    case .invalidArgument(let m, _), .unauthenticated(let m), .permissionDenied(let m), .notFound(let m),
+      .alreadyExists(let m), .failedPrecondition(let m), .unavailable(let m):
+      return m
+    case .internalError:
+      return "internal error; the gateway logged the details"
+    }
+  }
+
+  public var rpcErrorMetadata: Metadata {
+    guard case .invalidArgument(let message, let violations) = self, !violations.isEmpty else { return [:] }
+    let status = GoogleRPCStatus(
+      code: .invalidArgument,
+      message: message,
+      details: [
+        .badRequest(
+          violations: violations.map { ErrorDetails.BadRequest.FieldViolation(field: $0.field, description: $0.description) }
+        )
+      ]
+    )
+    return status.rpcErrorMetadata
+  }
+
+  public var rpcErrorCause: (any Error)? { nil }
+
+  /// This error as an `RPCError`, for places that must return one (e.g. a rejected response).
+  public var rpcError: RPCError {
+    RPCError(code: rpcErrorCode, message: rpcErrorMessage, metadata: rpcErrorMetadata)
+  }
+}

@@ -1,0 +1,140 @@
+public import GRPCCore
+public import GRPCNIOTransportHTTP2
+public import Logging
+public import ServiceLifecycle
+public import UnixSignals
+public import TollgateCore
+import TollgateModel
+import TollgateProtos
+public import TollgateStore
+import TollgateTenancy
+
+/// The assembled gateway: its database, identity directory, the gRPC server with its
+/// interceptors in order, and the services that run them under one `ServiceGroup`.
+///
+/// Start-up order is the order of ``services``: the Postgres pool first (it starts first and
+/// stops last), then the identity change listener, then the gRPC server, which migrates and loads
+/// the identity directory before it binds, so it never serves with an empty directory.
+public final class Gateway: Sendable {
+  public let config: GatewayConfig
+  public let database: Database
+  public let directory: IdentityDirectory
+  public let server: GRPCServer<HTTP2ServerTransport.Posix>
+  let transport: HTTP2ServerTransport.Posix
+  let draining = DrainFlag()
+  let logger: Logger
+
+  /// Services of the API that work in this build; only these are registered (an unregistered
+  /// method gets UNIMPLEMENTED from the server).
+  public static let registeredServiceNames = [
+    Tollgate_V1_TenantService.descriptor.fullyQualifiedService,
+    Grpc_Health_V1_Health.descriptor.fullyQualifiedService,
+    Grpc_Reflection_V1_ServerReflection.descriptor.fullyQualifiedService,
+    Grpc_Reflection_V1alpha_ServerReflection.descriptor.fullyQualifiedService,
+  ]
+
+  public init(config: GatewayConfig, logger: Logger) throws(ConfigError) {
+    self.config = config
+    self.logger = logger
+    let tls = try TLSMaterial.load(config)
+    let database = Database(
+      url: config.database,
+      maximumConnections: config.databaseMaxConnections,
+      logger: logger
+    )
+    self.database = database
+    let repository = TenantRepository(database: database)
+    let directoryLogger = logger
+    let directory = IdentityDirectory { try await repository.identitySnapshot(logger: directoryLogger) }
+    self.directory = directory
+
+    let transport = HTTP2ServerTransport.Posix(
+      address: config.listen.host.contains(":")
+        ? .ipv6(host: config.listen.host, port: config.listen.port)
+        : .ipv4(host: config.listen.host, port: config.listen.port),
+      transportSecurity: tls.transportSecurity,
+      config: .defaults {
+        $0.rpc.maxRequestPayloadSize = config.maxRequestMessageBytes
+      }
+    )
+    self.transport = transport
+
+    let reflection = ReflectionService(registeredServices: Self.registeredServiceNames)
+    let services: [any RegistrableRPCService] = [
+      TenantService(repository: repository, directory: directory, logger: logger),
+      HealthService(
+        services: Set(Self.registeredServiceNames),
+        database: database,
+        draining: draining,
+        logger: logger
+      ),
+      reflection,
+      ReflectionServiceV1Alpha(v1: reflection),
+    ]
+    self.server = GRPCServer(
+      transport: transport,
+      services: services,
+      interceptors: Self.interceptors(
+        identity: CertificateIdentity(trustDomain: config.trustDomain),
+        directory: directory
+      )
+    )
+  }
+
+  /// The interceptor chain, outermost first. Identity must come first: everything after it reads
+  /// the caller's ``CallScope``. Authorization follows, so nothing past it (quota, audit, the
+  /// handler) runs for a caller who may not make the call.
+  public static func interceptors(identity: CertificateIdentity, directory: IdentityDirectory) -> [any ServerInterceptor] {
+    [
+      IdentityInterceptor(identity: identity, directory: directory),
+      AuthorizationInterceptor(policy: .standard, directory: directory),
+    ]
+  }
+
+  /// The address the server is bound to, once it is listening (port 0 resolves to the real port).
+  public var listeningAddress: GRPCNIOTransportHTTP2.SocketAddress {
+    get async throws { try await transport.listeningAddress }
+  }
+
+  /// Everything to run, in start order.
+  public var services: [any Service] {
+    [
+      database,
+      IdentityChangeListener(database: database, logger: logger) { [directory, logger] in
+        await directory.refreshLogging(logger)
+      },
+      GRPCServerService(gateway: self),
+    ]
+  }
+
+  /// Runs the gateway until a signal in `signals` (or the task's cancellation) shuts it down.
+  public func run(gracefulShutdownSignals signals: [UnixSignal] = [.sigterm, .sigint]) async throws {
+    let group = ServiceGroup(
+      configuration: .init(services: services, gracefulShutdownSignals: signals, logger: logger)
+    )
+    try await group.run()
+  }
+
+  func prepareAndServe() async throws {
+    if config.migrateOnStart {
+      let applied = try await Migrator.migrate(database, logger: logger)
+      if !applied.isEmpty { logger.info("migrations applied", metadata: ["versions": "\(applied)"]) }
+    }
+    try await directory.refresh()
+    logger.info("gateway listening", metadata: ["address": "\(config.listen)", "trust_domain": "\(config.trustDomain)"])
+    try await withGracefulShutdownHandler {
+      try await server.serve()
+    } onGracefulShutdown: { [server, draining] in
+      draining.set()
+      server.beginGracefulShutdown()
+    }
+  }
+}
+
+/// The gRPC server as a lifecycle service.
+struct GRPCServerService: Service {
+  let gateway: Gateway
+  func run() async throws {
+    try await gateway.prepareAndServe()
+  }
+}

@@ -1,0 +1,59 @@
+import GRPCCore
+import Logging
+import SwiftProtobuf
+import Synchronization
+import TollgateProtos
+import TollgateStore
+
+/// `grpc.health.v1.Health`: SERVING only while the database answers and the gateway is not
+/// draining, for the server as a whole ("") and for each registered service by name.
+struct HealthService: Grpc_Health_V1_Health.SimpleServiceProtocol {
+  let services: Set<String>
+  let database: Database
+  let draining: DrainFlag
+  let logger: Logger
+
+  func status() async -> Grpc_Health_V1_HealthCheckResponse.ServingStatus {
+    if draining.isDraining { return .notServing }
+    return await database.isReachable(logger: logger) ? .serving : .notServing
+  }
+
+  func check(
+    request: Grpc_Health_V1_HealthCheckRequest,
+    context: ServerContext
+  ) async throws -> Grpc_Health_V1_HealthCheckResponse {
+    guard request.service.isEmpty || services.contains(request.service) else {
+      throw RPCError(code: .notFound, message: "unknown service '\(request.service)'")
+    }
+    let status = await status()
+    return .with { $0.status = status }
+  }
+
+  func watch(
+    request: Grpc_Health_V1_HealthCheckRequest,
+    response: RPCWriter<Grpc_Health_V1_HealthCheckResponse>,
+    context: ServerContext
+  ) async throws {
+    guard request.service.isEmpty || services.contains(request.service) else {
+      try await response.write(.with { $0.status = .serviceUnknown })
+      return
+    }
+    var last: Grpc_Health_V1_HealthCheckResponse.ServingStatus?
+    // Database reachability has no change notification; re-probe once a second while watched.
+    while !Task.isCancelled {
+      let now = await status()
+      if now != last {
+        try await response.write(.with { $0.status = now })
+        last = now
+      }
+      try await Task.sleep(for: .seconds(1))
+    }
+  }
+}
+
+/// Set when graceful shutdown begins, so health turns NOT_SERVING before the listener closes.
+final class DrainFlag: Sendable {
+  private let value = Atomic<Bool>(false)
+  var isDraining: Bool { value.load(ordering: .relaxed) }
+  func set() { value.store(true, ordering: .relaxed) }
+}

@@ -1,0 +1,129 @@
+import Foundation
+public import Logging
+public import PostgresNIO
+import NIOSSL
+public import ServiceLifecycle
+public import TollgateModel
+
+/// The gateway's Postgres: one pooled `PostgresClient` and the only way to run SQL.
+///
+/// Every statement runs in a transaction that first drops privileges to a role that row-level
+/// security applies to: ``withTenant(_:logger:_:)`` to `tollgate_tenant` with the tenant set
+/// (`set_config(…, is_local => true)`, i.e. `SET LOCAL`, so it ends with the transaction and never
+/// leaks to the next user of the pooled connection), ``withPlatform(logger:_:)`` to
+/// `tollgate_platform` for operator-wide reads and writes. The configured login user never queries
+/// tables as itself, so even when it owns them (or is a superuser) RLS is not bypassed.
+///
+/// Every operation is bounded by ``operationTimeout``: a database that is down or stuck surfaces
+/// as ``StoreError/unavailable(_:)`` instead of a call that never ends.
+public final class Database: Service, Sendable {
+  public let client: PostgresClient
+  public let operationTimeout: Duration
+  let logger: Logger
+
+  public static let tenantRole = "tollgate_tenant"
+  public static let platformRole = "tollgate_platform"
+
+  public init(url: DatabaseURL, maximumConnections: Int = 20, operationTimeout: Duration = .seconds(5), logger: Logger) {
+    var config: PostgresClient.Configuration
+    let tls: PostgresClient.Configuration.TLS
+    switch url.tlsMode {
+    case .disable: tls = .disable
+    case .prefer: tls = .prefer(.makeClientConfiguration())
+    case .require: tls = .require(.makeClientConfiguration())
+    }
+    config = PostgresClient.Configuration(
+      host: url.host,
+      port: url.port,
+      username: url.username,
+      password: url.password,
+      database: url.database,
+      tls: tls
+    )
+    config.options.maximumConnections = maximumConnections
+    config.options.minimumConnections = 1
+    config.options.connectTimeout = .seconds(3)
+    config.options.connectionIdleTimeout = .seconds(60)
+    self.client = PostgresClient(configuration: config, backgroundLogger: logger)
+    self.operationTimeout = operationTimeout
+    self.logger = logger
+  }
+
+  /// Runs the pool until cancelled (graceful shutdown). Must run exactly once, before any query.
+  public func run() async throws {
+    await client.run()
+  }
+
+  /// Runs `body` in a transaction scoped to `tenant`: only that tenant's rows of tenant-owned
+  /// tables are visible or writable, whatever the SQL says.
+  public func withTenant<Result: Sendable>(
+    _ tenant: TenantID,
+    logger: Logger,
+    _ body: @escaping @Sendable (PostgresConnection) async throws -> Result
+  ) async throws(StoreError) -> Result {
+    try await transaction(logger: logger) { connection in
+      try await connection.query(
+        "SELECT set_config('role', \(Database.tenantRole), true), set_config('tollgate.tenant_id', \(tenant.rawValue), true)",
+        logger: logger
+      )
+      return try await body(connection)
+    }
+  }
+
+  /// Runs `body` in a transaction with platform (operator-wide) privileges.
+  public func withPlatform<Result: Sendable>(
+    logger: Logger,
+    _ body: @escaping @Sendable (PostgresConnection) async throws -> Result
+  ) async throws(StoreError) -> Result {
+    try await transaction(logger: logger) { connection in
+      try await connection.query("SELECT set_config('role', \(Database.platformRole), true)", logger: logger)
+      return try await body(connection)
+    }
+  }
+
+  /// True if a trivial query answers within the operation timeout.
+  public func isReachable(logger: Logger) async -> Bool {
+    do {
+      try await bounded {
+        try await self.client.withConnection { connection in
+          try await connection.query("SELECT 1", logger: logger)
+        }
+      }
+      return true
+    } catch {
+      return false
+    }
+  }
+
+  private func transaction<Result: Sendable>(
+    logger: Logger,
+    _ body: @Sendable @escaping (PostgresConnection) async throws -> Result
+  ) async throws(StoreError) -> Result {
+    do {
+      return try await bounded {
+        try await self.client.withConnection { connection in
+          try await connection.withTransaction(logger: logger) { connection in
+            try await body(connection)
+          }
+        }
+      }
+    } catch {
+      throw StoreError.classify(error)
+    }
+  }
+
+  /// Runs `operation`, failing with `.unavailable` if it takes longer than the operation timeout.
+  func bounded<Result: Sendable>(_ operation: @Sendable @escaping () async throws -> Result) async throws -> Result {
+    let timeout = operationTimeout
+    return try await withThrowingTaskGroup(of: Result.self) { group in
+      group.addTask { try await operation() }
+      group.addTask {
+        try await Task.sleep(for: timeout)
+        throw StoreError.unavailable("database did not answer within \(timeout)")
+      }
+      defer { group.cancelAll() }
+      guard let first = try await group.next() else { throw CancellationError() }
+      return first
+    }
+  }
+}

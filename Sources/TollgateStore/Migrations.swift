@@ -1,0 +1,149 @@
+public import Logging
+import PostgresNIO
+
+/// One schema change, applied once, in order, in its own transaction.
+public struct Migration: Sendable {
+  public let version: Int
+  public let name: String
+  public let statements: [String]
+}
+
+/// Applies the schema. Replicas may start together: the whole run holds a transaction-level
+/// advisory lock, so one replica migrates while the others wait and then find nothing to do.
+public enum Migrator {
+  /// Arbitrary constant identifying Tollgate's migration lock ("tollgate" in ASCII).
+  static let lockKey: Int64 = 0x746f_6c6c_6761_7465
+
+  /// Applies every migration not yet recorded in `schema_migrations`. Returns the versions applied.
+  @discardableResult
+  public static func migrate(_ database: Database, logger: Logger) async throws(StoreError) -> [Int] {
+    do {
+      return try await database.client.withConnection { connection in
+        try await connection.withTransaction(logger: logger) { connection in
+          try await connection.query("SELECT pg_advisory_xact_lock(\(lockKey))", logger: logger)
+          try await connection.query(
+            """
+            CREATE TABLE IF NOT EXISTS schema_migrations (
+              version integer PRIMARY KEY,
+              name text NOT NULL,
+              applied_at timestamptz NOT NULL DEFAULT now()
+            )
+            """,
+            logger: logger
+          )
+          var applied: Set<Int> = []
+          for try await version in try await connection.query("SELECT version FROM schema_migrations", logger: logger)
+            .decode(Int.self)
+          {
+            applied.insert(version)
+          }
+          var done: [Int] = []
+          for migration in all where !applied.contains(migration.version) {
+            logger.info("applying migration", metadata: ["version": "\(migration.version)", "name": "\(migration.name)"])
+            for statement in migration.statements {
+              try await connection.query(PostgresQuery(unsafeSQL: statement), logger: logger)
+            }
+            try await connection.query(
+              "INSERT INTO schema_migrations (version, name) VALUES (\(migration.version), \(migration.name))",
+              logger: logger
+            )
+            done.append(migration.version)
+          }
+          return done
+        }
+      }
+    } catch {
+      throw StoreError.classify(error)
+    }
+  }
+
+  /// The schema, oldest first. Never edit an applied migration; add a new one.
+  public static let all: [Migration] = [
+    Migration(
+      version: 1,
+      name: "roles, tenants and certificate revocations",
+      statements: [
+        // Privilege-dropping roles. Cluster-wide, so create only if missing; another database
+        // migrating at the same moment may win the race, which is fine.
+        """
+        DO $$
+        BEGIN
+          IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'tollgate_tenant') THEN
+            BEGIN
+              CREATE ROLE tollgate_tenant NOLOGIN NOSUPERUSER NOBYPASSRLS;
+            EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL;
+            END;
+          END IF;
+          IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'tollgate_platform') THEN
+            BEGIN
+              CREATE ROLE tollgate_platform NOLOGIN NOSUPERUSER NOBYPASSRLS;
+            EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL;
+            END;
+          END IF;
+        END
+        $$
+        """,
+        // The login user must be able to SET ROLE to both (a superuser already can).
+        """
+        DO $$
+        BEGIN
+          IF NOT (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) THEN
+            EXECUTE format('GRANT tollgate_tenant, tollgate_platform TO %I', current_user);
+          END IF;
+        END
+        $$
+        """,
+        """
+        CREATE TABLE tenants (
+          tenant_id text PRIMARY KEY CHECK (tenant_id ~ '^[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$'),
+          display_name text NOT NULL,
+          state text NOT NULL CHECK (state IN ('active', 'suspended')),
+          suspend_reason text NOT NULL DEFAULT '',
+          quota jsonb NOT NULL,
+          create_time timestamptz NOT NULL DEFAULT now(),
+          update_time timestamptz NOT NULL DEFAULT now()
+        )
+        """,
+        // FORCE makes RLS apply to the table owner too; the policies below name the roles the
+        // gateway switches to, so any other role (owner included) sees no rows at all.
+        "ALTER TABLE tenants ENABLE ROW LEVEL SECURITY",
+        "ALTER TABLE tenants FORCE ROW LEVEL SECURITY",
+        """
+        CREATE POLICY tenant_isolation ON tenants TO tollgate_tenant
+          USING (tenant_id = (SELECT current_setting('tollgate.tenant_id', true)))
+          WITH CHECK (tenant_id = (SELECT current_setting('tollgate.tenant_id', true)))
+        """,
+        "CREATE POLICY platform_access ON tenants TO tollgate_platform USING (true) WITH CHECK (true)",
+        """
+        CREATE TABLE certificate_revocations (
+          revocation_id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+          kind text NOT NULL CHECK (kind IN ('serial', 'fingerprint')),
+          value text NOT NULL CHECK (value ~ '^[0-9a-f]+$'),
+          tenant_id text REFERENCES tenants (tenant_id),
+          reason text NOT NULL,
+          revoked_by text NOT NULL,
+          create_time timestamptz NOT NULL DEFAULT now()
+        )
+        """,
+        // One revocation per certificate and scope ('' stands for "every tenant").
+        """
+        CREATE UNIQUE INDEX certificate_revocations_target
+          ON certificate_revocations (kind, value, (coalesce(tenant_id, '')))
+        """,
+        "ALTER TABLE certificate_revocations ENABLE ROW LEVEL SECURITY",
+        "ALTER TABLE certificate_revocations FORCE ROW LEVEL SECURITY",
+        """
+        CREATE POLICY tenant_isolation ON certificate_revocations TO tollgate_tenant
+          USING (tenant_id = (SELECT current_setting('tollgate.tenant_id', true)))
+          WITH CHECK (tenant_id = (SELECT current_setting('tollgate.tenant_id', true)))
+        """,
+        "CREATE POLICY platform_access ON certificate_revocations TO tollgate_platform USING (true) WITH CHECK (true)",
+        "GRANT USAGE ON SCHEMA public TO tollgate_tenant, tollgate_platform",
+        "GRANT SELECT ON tenants TO tollgate_tenant",
+        "GRANT SELECT, INSERT ON certificate_revocations TO tollgate_tenant",
+        "GRANT SELECT, INSERT, UPDATE ON tenants TO tollgate_platform",
+        "GRANT SELECT, INSERT ON certificate_revocations TO tollgate_platform",
+      ]
+    )
+  ]
+}

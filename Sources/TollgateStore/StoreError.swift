@@ -1,0 +1,42 @@
+import PostgresNIO
+
+/// Failures of the store that a caller can act on. Anything else is `.unexpected`, which callers
+/// log and report as an internal error.
+public enum StoreError: Error, Sendable {
+  case notFound(String)
+  case alreadyExists(String)
+  /// The database could not be reached or the connection failed mid-call; retrying may succeed.
+  case unavailable(String)
+  case unexpected(String)
+
+  /// Classifies any error thrown by postgres-nio (unwrapping transaction errors first).
+  static func classify(_ error: any Error) -> StoreError {
+    if let error = error as? StoreError { return error }
+    if let tx = error as? PostgresTransactionError {
+      if let inner = tx.closureError ?? tx.beginError ?? tx.commitError { return classify(inner) }
+      return .unexpected(String(reflecting: tx))
+    }
+    if let psql = error as? PSQLError {
+      switch psql.code {
+      case .server:
+        let state = psql.serverInfo?[.sqlState] ?? ""
+        if state == "23505" { return .alreadyExists(psql.serverInfo?[.message] ?? "duplicate key") }
+        // 08xxx connection exceptions, 57P01-57P03 admin shutdown / cannot connect now.
+        if state.hasPrefix("08") || state.hasPrefix("57P") { return .unavailable("database: \(state)") }
+        return .unexpected("sqlstate \(state): \(psql.serverInfo?[.message] ?? "")")
+      case .connectionError, .serverClosedConnection, .clientClosedConnection, .poolClosed, .uncleanShutdown,
+        .queryCancelled:
+        return .unavailable("database connection: \(psql.code)")
+      default:
+        return .unexpected(String(reflecting: psql))
+      }
+    }
+    if error is CancellationError { return .unavailable("cancelled") }
+    // The pool's own failures (connection creation tripping its circuit breaker, a cancelled
+    // lease) mean the database cannot be reached right now.
+    if String(reflecting: type(of: error)).contains("ConnectionPool") {
+      return .unavailable("database connection pool: \(error)")
+    }
+    return .unexpected(String(reflecting: error))
+  }
+}

@@ -1,0 +1,143 @@
+import Foundation
+import SwiftProtobuf
+import TollgateCore
+import TollgateModel
+import TollgateProtos
+
+/// Conversions between stored tenant values and their wire form, and request validation that
+/// names the offending field.
+enum TenantMapping {
+  static func tenant(_ record: TenantRecord) -> Tollgate_V1_Tenant {
+    .with {
+      $0.tenantID = record.id.rawValue
+      $0.displayName = record.displayName
+      $0.state = record.state == .active ? .active : .suspended
+      $0.quota = quota(record.quota)
+      $0.createTime = Google_Protobuf_Timestamp(date: record.createTime)
+      $0.updateTime = Google_Protobuf_Timestamp(date: record.updateTime)
+      $0.suspendReason = record.suspendReason
+    }
+  }
+
+  static func quota(_ settings: QuotaSettings) -> Tollgate_V1_Quota {
+    .with { q in
+      q.rateLimits = QuotaClass.allCases.compactMap { cls in
+        settings.rateLimits[cls].map { limit in
+          Tollgate_V1_RateLimit.with {
+            $0.quotaClass = quotaClass(cls)
+            $0.ratePerSecond = limit.ratePerSecond
+            $0.burst = limit.burst
+          }
+        }
+      }
+      q.maxConcurrentCalls = settings.maxConcurrentCalls
+      q.monthlyUsageEvents = settings.monthlyUsageEvents
+    }
+  }
+
+  static func quotaClass(_ cls: QuotaClass) -> Tollgate_V1_QuotaClass {
+    switch cls {
+    case .ingest: return .ingest
+    case .query: return .query
+    case .admin: return .admin
+    case .workflow: return .workflow
+    case .audit: return .audit
+    }
+  }
+
+  static func quotaClass(_ cls: Tollgate_V1_QuotaClass) -> QuotaClass? {
+    switch cls {
+    case .ingest: return .ingest
+    case .query: return .query
+    case .admin: return .admin
+    case .workflow: return .workflow
+    case .audit: return .audit
+    case .unspecified, .UNRECOGNIZED: return nil
+    }
+  }
+
+  /// The quota a request asks for, laid over `base`: listed classes replace base's, unlisted keep
+  /// base's, zero max_concurrent_calls keeps base's. Every problem is reported, not just the first.
+  static func quotaSettings(
+    from wire: Tollgate_V1_Quota,
+    over base: QuotaSettings,
+    field: String
+  ) throws(TollgateError) -> QuotaSettings {
+    var settings = base
+    var violations: [TollgateError.FieldViolation] = []
+    var seen: Set<QuotaClass> = []
+    for (i, limit) in wire.rateLimits.enumerated() {
+      let path = "\(field).rate_limits[\(i)]"
+      guard let cls = quotaClass(limit.quotaClass) else {
+        violations.append(.init(field: "\(path).quota_class", description: "must be one of INGEST, QUERY, ADMIN, WORKFLOW, AUDIT"))
+        continue
+      }
+      guard seen.insert(cls).inserted else {
+        violations.append(.init(field: "\(path).quota_class", description: "class \(cls.rawValue) is listed more than once"))
+        continue
+      }
+      settings.rateLimits[cls] = RateLimit(ratePerSecond: limit.ratePerSecond, burst: limit.burst)
+    }
+    if wire.maxConcurrentCalls != 0 { settings.maxConcurrentCalls = wire.maxConcurrentCalls }
+    settings.monthlyUsageEvents = wire.monthlyUsageEvents
+    violations += settings.violations(fieldPrefix: field).map { .init(field: $0.field, description: $0.description) }
+    guard violations.isEmpty else {
+      throw .invalidArgument("invalid \(field): \(violations.map { "\($0.field) \($0.description)" }.joined(separator: "; "))", violations)
+    }
+    return settings
+  }
+
+  static func revocation(_ record: RevocationRecord) -> Tollgate_V1_Revocation {
+    .with {
+      $0.revocationID = String(record.id)
+      switch record.target {
+      case .serial(let s): $0.serialHex = s
+      case .fingerprint(let f): $0.sha256Fingerprint = f
+      }
+      $0.reason = record.reason
+      $0.tenantID = record.tenant?.rawValue ?? ""
+      $0.revokedBy = record.revokedBy
+      $0.createTime = Google_Protobuf_Timestamp(date: record.createTime)
+    }
+  }
+
+  /// Page size: 0 means `defaultSize`; otherwise 1...max.
+  static func pageSize(_ requested: Int32, default defaultSize: Int = 100, max: Int = 1000) throws(TollgateError) -> Int {
+    if requested == 0 { return defaultSize }
+    guard requested > 0, Int(requested) <= max else {
+      throw .invalidField("page_size", "must be between 1 and \(max) (or 0 for \(defaultSize)), got \(requested)")
+    }
+    return Int(requested)
+  }
+
+  /// Page tokens are opaque to clients: base64url of "<kind>:<key>", so a token from one list is
+  /// refused by another instead of silently returning the wrong page.
+  static func encodeToken(kind: String, key: String) -> String {
+    Data("\(kind):\(key)".utf8).base64EncodedString()
+      .replacingOccurrences(of: "+", with: "-").replacingOccurrences(of: "/", with: "_")
+      .replacingOccurrences(of: "=", with: "")
+  }
+
+  static func decodeToken(_ token: String, kind: String) throws(TollgateError) -> String? {
+    if token.isEmpty { return nil }
+    var b64 = token.replacingOccurrences(of: "-", with: "+").replacingOccurrences(of: "_", with: "/")
+    while b64.count % 4 != 0 { b64 += "=" }
+    guard let data = Data(base64Encoded: b64), let text = String(data: data, encoding: .utf8),
+      text.hasPrefix("\(kind):")
+    else {
+      throw .invalidField("page_token", "is not a token this list returned; pass next_page_token unchanged")
+    }
+    return String(text.dropFirst(kind.count + 1))
+  }
+
+  /// A free-text field: trimmed, at most `max` characters, no control characters.
+  static func text(_ value: String, field: String, max: Int, required: Bool = false) throws(TollgateError) -> String {
+    let trimmed = value.trimmingCharacters(in: .whitespacesAndNewlines)
+    if required && trimmed.isEmpty { throw .invalidField(field, "is required") }
+    guard trimmed.count <= max else { throw .invalidField(field, "is \(trimmed.count) characters; at most \(max) allowed") }
+    guard !trimmed.unicodeScalars.contains(where: { CharacterSet.controlCharacters.contains($0) }) else {
+      throw .invalidField(field, "must not contain control characters")
+    }
+    return trimmed
+  }
+}
