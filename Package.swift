@@ -98,6 +98,15 @@ let package = Package(
       ],
       swiftSettings: swiftSettings
     ),
+    // Client-side connection helper shared by tollctl and the end-to-end tests.
+    .target(
+      name: "TollgateClient",
+      dependencies: [
+        .product(name: "GRPCCore", package: "grpc-swift-2"),
+        .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
+      ],
+      swiftSettings: swiftSettings
+    ),
     // Assembly: the gRPC server with its interceptors in order, health, reflection, lifecycle.
     .target(
       name: "TollgateGateway",
@@ -120,7 +129,7 @@ let package = Package(
     .executableTarget(
       name: "tollgate",
       dependencies: [
-        "TollgateGateway", "TollgateCore", "TollgateStore",
+        "TollgateGateway", "TollgateCore", "TollgateStore", "TollgateModel",
         .product(name: "ArgumentParser", package: "swift-argument-parser"),
         .product(name: "Logging", package: "swift-log"),
         .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
@@ -130,7 +139,8 @@ let package = Package(
     .executableTarget(
       name: "tollctl",
       dependencies: [
-        "TollgateModel", "TollgateProtos", "TollgateCertificates",
+        "TollgateModel", "TollgateProtos", "TollgateCertificates", "TollgateClient",
+        .product(name: "X509", package: "swift-certificates"),
         .product(name: "GRPCCore", package: "grpc-swift-2"),
         .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
         .product(name: "GRPCProtobuf", package: "grpc-swift-protobuf"),
@@ -152,10 +162,12 @@ let package = Package(
       name: "TollgateEndToEndTests",
       dependencies: [
         "TollgateGateway", "TollgateCore", "TollgateStore", "TollgateModel", "TollgateProtos",
-        "TollgateCertificates",
+        "TollgateCertificates", "TollgateClient",
         .product(name: "GRPCCore", package: "grpc-swift-2"),
         .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
         .product(name: "GRPCProtobuf", package: "grpc-swift-protobuf"),
+        .product(name: "SwiftProtobuf", package: "swift-protobuf"),
+        .product(name: "X509", package: "swift-certificates"),
         .product(name: "PostgresNIO", package: "postgres-nio"),
         .product(name: "Logging", package: "swift-log"),
         .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),

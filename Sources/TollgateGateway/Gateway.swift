@@ -22,6 +22,7 @@ public final class Gateway: Sendable {
   public let server: GRPCServer<HTTP2ServerTransport.Posix>
   let transport: HTTP2ServerTransport.Posix
   let draining = DrainFlag()
+  let ready = ReadinessGate()
   let logger: Logger
 
   /// Services of the API that work in this build; only these are registered (an unregistered
@@ -100,7 +101,9 @@ public final class Gateway: Sendable {
   public var services: [any Service] {
     [
       database,
-      IdentityChangeListener(database: database, logger: logger) { [directory, logger] in
+      // Waits for the schema: listening and loading before migrations would fail on a new database.
+      IdentityChangeListener(database: database, logger: logger, waitUntilReady: { [ready] in await ready.wait() }) {
+        [directory, logger] in
         await directory.refreshLogging(logger)
       },
       GRPCServerService(gateway: self),
@@ -121,9 +124,20 @@ public final class Gateway: Sendable {
       if !applied.isEmpty { logger.info("migrations applied", metadata: ["versions": "\(applied)"]) }
     }
     try await directory.refresh()
-    logger.info("gateway listening", metadata: ["address": "\(config.listen)", "trust_domain": "\(config.trustDomain)"])
+    ready.open()
     try await withGracefulShutdownHandler {
-      try await server.serve()
+      try await withThrowingTaskGroup(of: Void.self) { group in
+        group.addTask { try await self.server.serve() }
+        group.addTask {
+          // Port 0 binds a free port; say which, so scripts and tests can connect.
+          let address = try await self.listeningAddress
+          self.logger.info(
+            "gateway listening",
+            metadata: ["address": "\(address)", "trust_domain": "\(self.config.trustDomain)"]
+          )
+        }
+        try await group.waitForAll()
+      }
     } onGracefulShutdown: { [server, draining] in
       draining.set()
       server.beginGracefulShutdown()

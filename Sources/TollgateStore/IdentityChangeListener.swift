@@ -11,15 +11,23 @@ public import ServiceLifecycle
 public struct IdentityChangeListener: Service {
   let database: Database
   let logger: Logger
+  let waitUntilReady: @Sendable () async -> Void
   let onChange: @Sendable () async -> Void
 
-  public init(database: Database, logger: Logger, onChange: @escaping @Sendable () async -> Void) {
+  public init(
+    database: Database,
+    logger: Logger,
+    waitUntilReady: @escaping @Sendable () async -> Void = {},
+    onChange: @escaping @Sendable () async -> Void
+  ) {
     self.database = database
     self.logger = logger
+    self.waitUntilReady = waitUntilReady
     self.onChange = onChange
   }
 
   public func run() async throws {
+    await cancelWhenGracefulShutdown { await waitUntilReady() }
     var backoff: Duration = .milliseconds(100)
     while !Task.isCancelled && !Task.isShuttingDownGracefully {
       let connected = Atomic<Bool>(false)

@@ -1,0 +1,57 @@
+public import GRPCCore
+public import GRPCNIOTransportHTTP2
+
+/// Where and as whom a client connects: the gateway address and the PEM files of a client
+/// certificate, its key, and the CA that signed the gateway's server certificate.
+public struct GatewayConnection: Sendable {
+  public var host: String
+  public var port: Int
+  public var certificatePEM: [UInt8]
+  public var privateKeyPEM: [UInt8]
+  public var serverCAPEM: [UInt8]
+
+  public init(
+    host: String,
+    port: Int,
+    certificatePEM: [UInt8],
+    privateKeyPEM: [UInt8],
+    serverCAPEM: [UInt8]
+  ) {
+    self.host = host
+    self.port = port
+    self.certificatePEM = certificatePEM
+    self.privateKeyPEM = privateKeyPEM
+    self.serverCAPEM = serverCAPEM
+  }
+
+  /// An HTTP/2 transport with mutual TLS that verifies the gateway's certificate against
+  /// `serverCAPEM`, including its name: the DNS name or IP address connected to must be in the
+  /// server certificate's subject alternative names.
+  public func makeTransport() throws -> HTTP2ClientTransport.Posix {
+    let target: any ResolvableTarget =
+      host.contains(":") ? .ipv6(address: host, port: port) : (host.first?.isNumber == true
+        ? .ipv4(address: host, port: port) : .dns(host: host, port: port))
+    return try HTTP2ClientTransport.Posix(
+      target: target,
+      transportSecurity: .mTLS(
+        certificateChain: [.bytes(certificatePEM, format: .pem)],
+        privateKey: .bytes(privateKeyPEM, format: .pem)
+      ) {
+        $0.trustRoots = .certificates([.bytes(serverCAPEM, format: .pem)])
+      },
+      config: .defaults {
+        $0.backoff.initial = .milliseconds(100)
+        $0.connection.maxIdleTime = .seconds(30)
+      }
+    )
+  }
+
+  /// Runs `body` with a connected client; the connection closes when `body` returns.
+  public func withClient<Result: Sendable>(
+    _ body: (GRPCClient<HTTP2ClientTransport.Posix>) async throws -> Result
+  ) async throws -> Result {
+    try await withGRPCClient(transport: try makeTransport()) { client in
+      try await body(client)
+    }
+  }
+}

@@ -1,0 +1,109 @@
+import ArgumentParser
+import Foundation
+import GRPCCore
+import GRPCNIOTransportHTTP2
+import SwiftProtobuf
+import TollgateClient
+import TollgateProtos
+
+@main
+struct Tollctl: AsyncParsableCommand {
+  static let configuration = CommandConfiguration(
+    commandName: "tollctl",
+    abstract: "Tollgate's admin and client CLI.",
+    subcommands: [Certs.self, Tenants.self, Health.self]
+  )
+}
+
+/// How tollctl reaches the gateway and whom it presents as.
+struct ConnectionOptions: ParsableArguments {
+  @Option(help: "Gateway address HOST:PORT. Env: TOLLCTL_GATEWAY (default 127.0.0.1:8443)")
+  var gateway: String?
+  @Option(help: "Folder with cert.pem, key.pem and ca.pem (as written by 'certs issue'). Env: TOLLCTL_IDENTITY")
+  var identity: String?
+  @Option(help: "Tenant to act on, for operators (sent as the tollgate-tenant metadata)")
+  var tenant: String?
+
+  func connection() throws -> GatewayConnection {
+    let env = ProcessInfo.processInfo.environment
+    let address = gateway ?? env["TOLLCTL_GATEWAY"] ?? "127.0.0.1:8443"
+    guard let colon = address.lastIndex(of: ":"), let port = Int(address[address.index(after: colon)...]) else {
+      throw ValidationError("--gateway is '\(address)'; expected HOST:PORT")
+    }
+    var host = String(address[..<colon])
+    if host.hasPrefix("[") && host.hasSuffix("]") { host = String(host.dropFirst().dropLast()) }
+    guard let dir = identity ?? env["TOLLCTL_IDENTITY"] else {
+      throw ValidationError("--identity (or TOLLCTL_IDENTITY) is required: a folder with cert.pem, key.pem and ca.pem")
+    }
+    func read(_ name: String) throws -> [UInt8] {
+      let path = URL(fileURLWithPath: dir).appendingPathComponent(name).path
+      guard let data = FileManager.default.contents(atPath: path) else {
+        throw ValidationError("--identity: cannot read \(path)")
+      }
+      return Array(data)
+    }
+    return GatewayConnection(
+      host: host,
+      port: port,
+      certificatePEM: try read("cert.pem"),
+      privateKeyPEM: try read("key.pem"),
+      serverCAPEM: try read("ca.pem")
+    )
+  }
+
+  var metadata: Metadata {
+    var m: Metadata = [:]
+    if let tenant { m.addString(tenant, forKey: "tollgate-tenant") }
+    return m
+  }
+
+  /// Runs `body` with a TenantService client; a gRPC failure prints its status and exits non-zero.
+  func withTenantService<T: Sendable>(
+    _ body: (Tollgate_V1_TenantService.Client<HTTP2ClientTransport.Posix>, Metadata) async throws -> T
+  ) async throws -> T {
+    let connection = try connection()
+    do {
+      return try await connection.withClient { client in
+        try await body(Tollgate_V1_TenantService.Client(wrapping: client), metadata)
+      }
+    } catch let error as RPCError {
+      printError(error)
+      throw ExitCode(2)
+    }
+  }
+}
+
+func printError(_ error: RPCError) {
+  FileHandle.standardError.write(Data("tollctl: \(error.code): \(error.message)\n".utf8))
+}
+
+/// Prints a message as indented JSON (proto field names), the output of every client command.
+func printJSON(_ message: some SwiftProtobuf.Message) throws {
+  var options = JSONEncodingOptions()
+  options.preserveProtoFieldNames = true
+  let compact = try message.jsonString(options: options)
+  let object = try JSONSerialization.jsonObject(with: Data(compact.utf8))
+  let pretty = try JSONSerialization.data(withJSONObject: object, options: [.prettyPrinted, .sortedKeys])
+  print(String(decoding: pretty, as: UTF8.self))
+}
+
+struct Health: AsyncParsableCommand {
+  static let configuration = CommandConfiguration(abstract: "Ask the gateway's health service.")
+  @OptionGroup var connection: ConnectionOptions
+  @Option(help: "Service name; empty for the whole server")
+  var service: String = ""
+
+  func run() async throws {
+    let conn = try connection.connection()
+    do {
+      let response = try await conn.withClient { client in
+        try await Grpc_Health_V1_Health.Client(wrapping: client).check(.with { $0.service = service })
+      }
+      try printJSON(response)
+      if response.status != .serving { throw ExitCode(3) }
+    } catch let error as RPCError {
+      printError(error)
+      throw ExitCode(2)
+    }
+  }
+}

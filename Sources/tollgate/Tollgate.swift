@@ -1,0 +1,143 @@
+import ArgumentParser
+import Foundation
+import Logging
+import TollgateCore
+import TollgateGateway
+import TollgateModel
+import TollgateStore
+
+@main
+struct Tollgate: AsyncParsableCommand {
+  static let configuration = CommandConfiguration(
+    commandName: "tollgate",
+    abstract: "Multi-tenant gRPC gateway with mutual TLS, per-tenant isolation and audit.",
+    subcommands: [Serve.self, Migrate.self],
+    defaultSubcommand: Serve.self
+  )
+}
+
+/// Settings shared by the subcommands. Every flag also reads `TOLLGATE_<FLAG>` from the
+/// environment and the key `<flag>` from `--config FILE` (JSON); a flag wins over the
+/// environment, the environment over the file.
+struct SettingOptions: ParsableArguments {
+  @Option(help: "JSON file of settings (keys are the flag names without dashes). Env: TOLLGATE_CONFIG")
+  var config: String?
+  @Option(help: ArgumentHelp(ConfigSetting.listen.help))
+  var listen: String?
+  @Option(name: .customLong("tls-cert"), help: ArgumentHelp(ConfigSetting.tlsCert.help))
+  var tlsCert: String?
+  @Option(name: .customLong("tls-key"), help: ArgumentHelp(ConfigSetting.tlsKey.help))
+  var tlsKey: String?
+  @Option(name: .customLong("client-ca"), help: ArgumentHelp(ConfigSetting.clientCA.help))
+  var clientCA: String?
+  @Option(name: .customLong("trust-domain"), help: ArgumentHelp(ConfigSetting.trustDomain.help))
+  var trustDomain: String?
+  @Option(name: .customLong("database-url"), help: ArgumentHelp(ConfigSetting.databaseURL.help))
+  var databaseURL: String?
+  @Option(name: .customLong("metrics-listen"), help: ArgumentHelp(ConfigSetting.metricsListen.help))
+  var metricsListen: String?
+  @Option(help: ArgumentHelp(ConfigSetting.migrate.help))
+  var migrate: String?
+  @Option(name: .customLong("max-message-bytes"), help: ArgumentHelp(ConfigSetting.maxMessageBytes.help))
+  var maxMessageBytes: String?
+  @Option(name: .customLong("database-max-connections"), help: ArgumentHelp(ConfigSetting.databaseMaxConnections.help))
+  var databaseMaxConnections: String?
+  @Option(name: .customLong("log-level"), help: "trace, debug, info (default), notice, warning, error, critical")
+  var logLevel: String?
+
+  func resolver() throws(ConfigError) -> ConfigResolver {
+    let environment = ProcessInfo.processInfo.environment
+    let flags: [String: String?] = [
+      ConfigSetting.listen.name: listen,
+      ConfigSetting.tlsCert.name: tlsCert,
+      ConfigSetting.tlsKey.name: tlsKey,
+      ConfigSetting.clientCA.name: clientCA,
+      ConfigSetting.trustDomain.name: trustDomain,
+      ConfigSetting.databaseURL.name: databaseURL,
+      ConfigSetting.metricsListen.name: metricsListen,
+      ConfigSetting.migrate.name: migrate,
+      ConfigSetting.maxMessageBytes.name: maxMessageBytes,
+      ConfigSetting.databaseMaxConnections.name: databaseMaxConnections,
+    ]
+    let file = try (config ?? environment["TOLLGATE_CONFIG"]).map { path throws(ConfigError) in
+      try ConfigResolver.loadFile(path)
+    } ?? [:]
+    return ConfigResolver(flags: flags.compactMapValues { $0 }, environment: environment, file: file)
+  }
+
+  func makeLogger() throws -> Logger {
+    let text = logLevel ?? ProcessInfo.processInfo.environment["TOLLGATE_LOG_LEVEL"] ?? "info"
+    guard let level = Logger.Level(rawValue: text) else {
+      throw ValidationError("--log-level (TOLLGATE_LOG_LEVEL) is '\(text)'; use trace, debug, info, notice, warning, error or critical")
+    }
+    LoggingSystem.bootstrap { StreamLogHandler.standardError(label: $0) }
+    var logger = Logger(label: "tollgate")
+    logger.logLevel = level
+    return logger
+  }
+}
+
+/// Stops with exit code 78 (EX_CONFIG) and the message naming the setting.
+func fail(_ error: ConfigError) -> Never {
+  FileHandle.standardError.write(Data("tollgate: \(error)\n".utf8))
+  exit(78)
+}
+
+struct Serve: AsyncParsableCommand {
+  static let configuration = CommandConfiguration(abstract: "Run the gateway until SIGTERM or SIGINT.")
+
+  @OptionGroup var settings: SettingOptions
+
+  func run() async throws {
+    let logger = try settings.makeLogger()
+    let gateway: Gateway
+    do {
+      let config = try settings.resolver().gatewayConfig()
+      if config.metricsListen != nil {
+        logger.notice("--metrics-listen is accepted but this build serves no metrics endpoint yet")
+      }
+      gateway = try Gateway(config: config, logger: logger)
+    } catch {
+      fail(error)
+    }
+    do {
+      try await gateway.run()
+    } catch let error as StoreError {
+      logger.critical("gateway stopped: database", metadata: ["error": "\(error)"])
+      throw ExitCode(69)
+    } catch {
+      logger.critical("gateway stopped", metadata: ["error": "\(error)"])
+      throw ExitCode.failure
+    }
+  }
+}
+
+struct Migrate: AsyncParsableCommand {
+  static let configuration = CommandConfiguration(
+    abstract: "Apply pending database migrations and exit (serve also does this at start)."
+  )
+
+  @OptionGroup var settings: SettingOptions
+
+  func run() async throws {
+    let logger = try settings.makeLogger()
+    let url: DatabaseURL
+    do {
+      url = try settings.resolver().databaseURL()
+    } catch {
+      fail(error)
+    }
+    let database = Database(url: url, maximumConnections: 2, operationTimeout: .seconds(60), logger: logger)
+    try await withThrowingTaskGroup(of: Void.self) { group in
+      group.addTask { try await database.run() }
+      defer { group.cancelAll() }
+      do {
+        let applied = try await Migrator.migrate(database, logger: logger)
+        print(applied.isEmpty ? "schema is up to date" : "applied migrations \(applied.map(String.init).joined(separator: ", "))")
+      } catch {
+        logger.critical("migration failed", metadata: ["database": "\(url.redacted)", "error": "\(error)"])
+        throw ExitCode(69)
+      }
+    }
+  }
+}

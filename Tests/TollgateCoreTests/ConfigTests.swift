@@ -1,0 +1,93 @@
+import Foundation
+import Testing
+import TollgateCore
+import TollgateModel
+
+@Suite struct ConfigTests {
+  let dir: URL = {
+    let d = FileManager.default.temporaryDirectory.appendingPathComponent("tollgate-config-\(UUID().uuidString)")
+    try! FileManager.default.createDirectory(at: d, withIntermediateDirectories: true)
+    for name in ["cert.pem", "key.pem", "ca.pem"] {
+      try! Data("x".utf8).write(to: d.appendingPathComponent(name))
+    }
+    return d
+  }()
+
+  var complete: [String: String] {
+    [
+      "tls-cert": dir.appendingPathComponent("cert.pem").path,
+      "tls-key": dir.appendingPathComponent("key.pem").path,
+      "client-ca": dir.appendingPathComponent("ca.pem").path,
+      "trust-domain": "example.org",
+      "database-url": "postgres://tollgate:secret@127.0.0.1:5432/tollgate",
+    ]
+  }
+
+  func message(_ flags: [String: String], env: [String: String] = [:]) -> String? {
+    do {
+      _ = try ConfigResolver(flags: flags, environment: env).gatewayConfig()
+      return nil
+    } catch {
+      return error.description
+    }
+  }
+
+  @Test func completeConfigResolves() throws {
+    let config = try ConfigResolver(flags: complete, environment: [:]).gatewayConfig()
+    #expect(config.listen.description == "127.0.0.1:8443")
+    #expect(config.database.port == 5432)
+    #expect(config.database.password == "secret")
+  }
+
+  @Test(arguments: ["tls-cert", "tls-key", "client-ca", "trust-domain", "database-url"])
+  func missingSettingIsNamed(_ name: String) {
+    var flags = complete
+    flags[name] = nil
+    let text = message(flags) ?? ""
+    let env = "TOLLGATE_" + name.uppercased().replacingOccurrences(of: "-", with: "_")
+    #expect(text.contains("--\(name)") && text.contains(env) && text.contains("required"), "\(text)")
+  }
+
+  @Test(arguments: [
+    ("listen", "8443", "--listen"),
+    ("listen", "example.com:8443", "--listen"),
+    ("listen", "127.0.0.1:99999", "--listen"),
+    ("tls-cert", "/nonexistent/cert.pem", "--tls-cert"),
+    ("trust-domain", "Example.ORG", "--trust-domain"),
+    ("database-url", "mysql://x@y/z", "--database-url"),
+    ("database-url", "postgres://127.0.0.1/db", "--database-url"),
+    ("database-url", "postgres://u@h/db?sslmode=maybe", "--database-url"),
+    ("migrate", "perhaps", "--migrate"),
+    ("max-message-bytes", "12", "--max-message-bytes"),
+  ])
+  func wrongSettingIsNamed(_ name: String, _ value: String, _ flag: String) {
+    var flags = complete
+    flags[name] = value
+    let text = message(flags) ?? ""
+    #expect(text.contains(flag), "\(text)")
+  }
+
+  @Test func flagBeatsEnvironmentBeatsFile() throws {
+    var flags = complete
+    flags["listen"] = nil
+    let file = ["listen": "127.0.0.1:1", "trust-domain": "file.org"]
+    let env = ["TOLLGATE_LISTEN": "127.0.0.1:2"]
+    var resolver = ConfigResolver(flags: flags, environment: env, file: file)
+    #expect(try resolver.gatewayConfig().listen.port == 2)
+    resolver.flags["listen"] = "[::1]:3"
+    #expect(try resolver.gatewayConfig().listen.description == "[::1]:3")
+    resolver.flags["trust-domain"] = nil
+    #expect(try resolver.gatewayConfig().trustDomain == "file.org")
+  }
+
+  @Test func configFileRejectsUnknownKeys() throws {
+    let path = dir.appendingPathComponent("bad.json")
+    try Data(#"{"listen": "127.0.0.1:1", "tls_cert": "x"}"#.utf8).write(to: path)
+    #expect(throws: ConfigError.self) { try ConfigResolver.loadFile(path.path) }
+    let good = dir.appendingPathComponent("good.json")
+    try Data(#"{"listen": "127.0.0.1:1", "max-message-bytes": 65536, "migrate": false}"#.utf8).write(to: good)
+    let values = try ConfigResolver.loadFile(good.path)
+    #expect(values["max-message-bytes"] == "65536")
+    #expect(values["migrate"] == "0" || values["migrate"] == "false")
+  }
+}
