@@ -1,0 +1,188 @@
+import Foundation
+import GRPCCore
+import GRPCNIOTransportHTTP2
+import Logging
+import PostgresNIO
+import ServiceLifecycle
+import Testing
+import TollgateCertificates
+import TollgateClient
+import TollgateCore
+import TollgateGateway
+import TollgateModel
+import TollgateStore
+
+/// A throwaway database on the test cluster (`TOLLGATE_TEST_DATABASE_URL`, a superuser URL that
+/// `tools/test` exports), owned by the non-superuser `tollgate` role the gateway connects as,
+/// dropped when the test ends.
+struct TestDatabase {
+  let name: String
+  let admin: DatabaseURL
+  let app: DatabaseURL
+
+  static var adminURL: DatabaseURL {
+    get throws {
+      guard let text = ProcessInfo.processInfo.environment["TOLLGATE_TEST_DATABASE_URL"] else {
+        Issue.record("TOLLGATE_TEST_DATABASE_URL is not set; run the suite with tools/test, which starts Postgres")
+        throw CancellationError()
+      }
+      return try DatabaseURL(parsing: text)
+    }
+  }
+
+  static func withDatabase<T: Sendable>(_ body: (TestDatabase) async throws -> T) async throws -> T {
+    let admin = try adminURL
+    let name = "t_" + UUID().uuidString.lowercased().replacingOccurrences(of: "-", with: "").prefix(20)
+    try await adminSQL(admin, "CREATE DATABASE \(name) OWNER tollgate")
+    var app = admin
+    app.database = String(name)
+    app.username = "tollgate"
+    app.password = ProcessInfo.processInfo.environment["TOLLGATE_TEST_APP_PASSWORD"] ?? "tollgate"
+    let db = TestDatabase(name: String(name), admin: admin, app: app)
+    do {
+      let result = try await body(db)
+      try await adminSQL(admin, "DROP DATABASE \(name) WITH (FORCE)")
+      return result
+    } catch {
+      try? await adminSQL(admin, "DROP DATABASE \(name) WITH (FORCE)")
+      throw error
+    }
+  }
+
+  /// Runs statements on the maintenance database as the superuser, on a connection of its own.
+  static func adminSQL(_ url: DatabaseURL, _ statements: String..., database: String = "postgres") async throws {
+    let config = PostgresConnection.Configuration(
+      host: url.host,
+      port: url.port,
+      username: url.username,
+      password: url.password,
+      database: database,
+      tls: .disable
+    )
+    let connection = try await PostgresConnection.connect(configuration: config, id: 1, logger: testLogger)
+    defer { Task { try? await connection.close() } }
+    for statement in statements {
+      try await connection.query(PostgresQuery(unsafeSQL: statement), logger: testLogger)
+    }
+  }
+}
+
+let testLogger: Logger = {
+  var logger = Logger(label: "tollgate-test")
+  logger.logLevel = ProcessInfo.processInfo.environment["TOLLGATE_TEST_LOG"].flatMap { Logger.Level(rawValue: $0) } ?? .critical
+  return logger
+}()
+
+/// A CA with a server certificate and a helper to issue principals, all in a temporary folder.
+final class TestPKI: Sendable {
+  let ca: CertificateAuthority
+  let directory: URL
+  let serverCert: URL
+  let serverKey: URL
+  let caFile: URL
+
+  init(trustDomain: String = "example.org") throws {
+    ca = try CertificateAuthority.create(trustDomain: trustDomain)
+    directory = FileManager.default.temporaryDirectory.appendingPathComponent("tollgate-pki-\(UUID().uuidString)")
+    try PEMFiles.saveAuthority(ca, to: directory.appendingPathComponent("ca").path)
+    let server = try ca.issue(.server(dnsNames: ["localhost"], ipAddresses: ["127.0.0.1"]))
+    try PEMFiles.saveIssued(server, ca: ca, to: directory.appendingPathComponent("server").path)
+    serverCert = directory.appendingPathComponent("server/cert.pem")
+    serverKey = directory.appendingPathComponent("server/key.pem")
+    caFile = directory.appendingPathComponent("ca/ca.pem")
+  }
+
+  deinit { try? FileManager.default.removeItem(at: directory) }
+
+  func issue(_ subject: CertificateAuthority.Subject, validity: TimeInterval = 3600) throws -> CertificateAuthority.Issued {
+    try ca.issue(subject, validity: validity)
+  }
+
+  func issue(tenant: String, role: Role, name: String = "p") throws -> CertificateAuthority.Issued {
+    let id = try TenantID(validating: tenant)
+    return try issue(.principal(SPIFFEID(tenant: id, role: role, name: name, trustDomain: ca.trustDomain)))
+  }
+
+  func issueOperator(_ name: String = "alice") throws -> CertificateAuthority.Issued {
+    try issue(.principal(SPIFFEID(operatorNamed: name, trustDomain: ca.trustDomain)))
+  }
+}
+
+/// A running gateway on a free loopback port with a fresh database.
+struct TestGateway: Sendable {
+  let gateway: Gateway
+  let port: Int
+  let pki: TestPKI
+  let database: TestDatabase
+
+  func connection(_ issued: CertificateAuthority.Issued, serverCA: [UInt8]? = nil) throws -> GatewayConnection {
+    GatewayConnection(
+      host: "127.0.0.1",
+      port: port,
+      certificatePEM: Array(try PEMFiles.certificatePEM(issued.certificate).utf8),
+      privateKeyPEM: Array(try PEMFiles.privateKeyPEM(issued.privateKey).utf8),
+      serverCAPEM: try serverCA ?? Array(PEMFiles.certificatePEM(pki.ca.certificate).utf8)
+    )
+  }
+
+  /// Runs `body` with a client authenticated by `issued`, sending `metadata` on every call.
+  func withClient<T: Sendable>(
+    _ issued: CertificateAuthority.Issued,
+    _ body: (GRPCClient<HTTP2ClientTransport.Posix>) async throws -> T
+  ) async throws -> T {
+    try await connection(issued).withClient(body)
+  }
+
+  /// Starts a gateway, runs `body`, then shuts the gateway down and drops its database.
+  static func run<T: Sendable>(
+    configure: (inout GatewayConfig) -> Void = { _ in },
+    _ body: (TestGateway) async throws -> T
+  ) async throws -> T {
+    let pki = try TestPKI()
+    return try await TestDatabase.withDatabase { database in
+      var config = GatewayConfig(
+        listen: .init(host: "127.0.0.1", port: 0),
+        tlsCertificatePath: pki.serverCert.path,
+        tlsKeyPath: pki.serverKey.path,
+        clientCAPath: pki.caFile.path,
+        trustDomain: pki.ca.trustDomain,
+        database: database.app,
+        databaseMaxConnections: 6
+      )
+      configure(&config)
+      let gateway = try Gateway(config: config, logger: testLogger)
+      let group = ServiceGroup(
+        configuration: .init(services: gateway.services, gracefulShutdownSignals: [], logger: testLogger)
+      )
+      return try await withThrowingTaskGroup(of: Void.self) { tasks in
+        tasks.addTask { try await group.run() }
+        defer { tasks.cancelAll() }
+        let address = try await gateway.listeningAddress
+        guard let port = address.ipv4?.port else { throw CancellationError() }
+        let result = try await body(TestGateway(gateway: gateway, port: port, pki: pki, database: database))
+        await group.triggerGracefulShutdown()
+        try await tasks.next()
+        return result
+      }
+    }
+  }
+}
+
+/// The gRPC status code a call failed with, or nil if it succeeded.
+func statusCode<T>(_ call: () async throws -> T) async -> RPCError.Code? {
+  do {
+    _ = try await call()
+    return nil
+  } catch let error as RPCError {
+    return error.code
+  } catch {
+    return .unknown
+  }
+}
+
+/// Metadata naming the tenant an operator acts on.
+func actingOn(_ tenant: String) -> Metadata {
+  var m: Metadata = [:]
+  m.addString(tenant, forKey: "tollgate-tenant")
+  return m
+}
