@@ -47,6 +47,8 @@ public struct GatewayConfig: Sendable {
   public var maxRequestMessageBytes: Int
   /// Postgres connections this replica may hold.
   public var databaseMaxConnections: Int
+  /// How long one database operation may take before the call fails with UNAVAILABLE.
+  public var databaseTimeout: Duration
 
   public init(
     listen: Address,
@@ -58,7 +60,8 @@ public struct GatewayConfig: Sendable {
     metricsListen: Address? = nil,
     migrateOnStart: Bool = true,
     maxRequestMessageBytes: Int = 4 * 1024 * 1024,
-    databaseMaxConnections: Int = 20
+    databaseMaxConnections: Int = 20,
+    databaseTimeout: Duration = .seconds(5)
   ) {
     self.listen = listen
     self.tlsCertificatePath = tlsCertificatePath
@@ -70,6 +73,7 @@ public struct GatewayConfig: Sendable {
     self.migrateOnStart = migrateOnStart
     self.maxRequestMessageBytes = maxRequestMessageBytes
     self.databaseMaxConnections = databaseMaxConnections
+    self.databaseTimeout = databaseTimeout
   }
 }
 
@@ -99,9 +103,14 @@ public struct ConfigSetting: Sendable, Hashable, CustomStringConvertible {
     help: "Postgres connections per replica (default 20)"
   )
 
+  public static let databaseTimeoutMS = ConfigSetting(
+    name: "database-timeout-ms",
+    help: "milliseconds one database operation may take before the call fails UNAVAILABLE (default 5000)"
+  )
+
   public static let all: [ConfigSetting] = [
     .listen, .tlsCert, .tlsKey, .clientCA, .trustDomain, .databaseURL, .metricsListen, .migrate, .maxMessageBytes,
-    .databaseMaxConnections,
+    .databaseMaxConnections, .databaseTimeoutMS,
   ]
 }
 
@@ -252,7 +261,8 @@ public struct ConfigResolver: Sendable {
       metricsListen: metrics,
       migrateOnStart: migrate,
       maxRequestMessageBytes: try integer(.maxMessageBytes, default: 4 * 1024 * 1024, range: 1024...(64 * 1024 * 1024)),
-      databaseMaxConnections: try integer(.databaseMaxConnections, default: 20, range: 2...500)
+      databaseMaxConnections: try integer(.databaseMaxConnections, default: 20, range: 2...500),
+      databaseTimeout: .milliseconds(try integer(.databaseTimeoutMS, default: 5000, range: 100...600_000))
     )
   }
 }

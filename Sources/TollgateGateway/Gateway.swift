@@ -41,6 +41,7 @@ public final class Gateway: Sendable {
     let database = Database(
       url: config.database,
       maximumConnections: config.databaseMaxConnections,
+      operationTimeout: config.databaseTimeout,
       logger: logger
     )
     self.database = database

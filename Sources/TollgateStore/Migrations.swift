@@ -104,16 +104,24 @@ public enum Migrator {
           update_time timestamptz NOT NULL DEFAULT now()
         )
         """,
-        // FORCE makes RLS apply to the table owner too; the policies below name the roles the
-        // gateway switches to, so any other role (owner included) sees no rows at all.
+        // FORCE makes RLS apply to the table owner too. A policy `TO role` also applies to members
+        // of the role, and the login user is a member of both (it must be, to SET ROLE), so each
+        // policy also checks current_user: only a transaction that actually switched role matches,
+        // and the login user on its own (owner included) sees no rows at all.
         "ALTER TABLE tenants ENABLE ROW LEVEL SECURITY",
         "ALTER TABLE tenants FORCE ROW LEVEL SECURITY",
         """
         CREATE POLICY tenant_isolation ON tenants TO tollgate_tenant
-          USING (tenant_id = (SELECT current_setting('tollgate.tenant_id', true)))
-          WITH CHECK (tenant_id = (SELECT current_setting('tollgate.tenant_id', true)))
+          USING ((SELECT current_user) = 'tollgate_tenant'
+                 AND tenant_id = (SELECT current_setting('tollgate.tenant_id', true)))
+          WITH CHECK ((SELECT current_user) = 'tollgate_tenant'
+                 AND tenant_id = (SELECT current_setting('tollgate.tenant_id', true)))
         """,
-        "CREATE POLICY platform_access ON tenants TO tollgate_platform USING (true) WITH CHECK (true)",
+        """
+        CREATE POLICY platform_access ON tenants TO tollgate_platform
+          USING ((SELECT current_user) = 'tollgate_platform')
+          WITH CHECK ((SELECT current_user) = 'tollgate_platform')
+        """,
         """
         CREATE TABLE certificate_revocations (
           revocation_id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -134,10 +142,16 @@ public enum Migrator {
         "ALTER TABLE certificate_revocations FORCE ROW LEVEL SECURITY",
         """
         CREATE POLICY tenant_isolation ON certificate_revocations TO tollgate_tenant
-          USING (tenant_id = (SELECT current_setting('tollgate.tenant_id', true)))
-          WITH CHECK (tenant_id = (SELECT current_setting('tollgate.tenant_id', true)))
+          USING ((SELECT current_user) = 'tollgate_tenant'
+                 AND tenant_id = (SELECT current_setting('tollgate.tenant_id', true)))
+          WITH CHECK ((SELECT current_user) = 'tollgate_tenant'
+                 AND tenant_id = (SELECT current_setting('tollgate.tenant_id', true)))
         """,
-        "CREATE POLICY platform_access ON certificate_revocations TO tollgate_platform USING (true) WITH CHECK (true)",
+        """
+        CREATE POLICY platform_access ON certificate_revocations TO tollgate_platform
+          USING ((SELECT current_user) = 'tollgate_platform')
+          WITH CHECK ((SELECT current_user) = 'tollgate_platform')
+        """,
         "GRANT USAGE ON SCHEMA public TO tollgate_tenant, tollgate_platform",
         "GRANT SELECT ON tenants TO tollgate_tenant",
         "GRANT SELECT, INSERT ON certificate_revocations TO tollgate_tenant",

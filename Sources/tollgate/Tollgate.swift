@@ -42,6 +42,8 @@ struct SettingOptions: ParsableArguments {
   var maxMessageBytes: String?
   @Option(name: .customLong("database-max-connections"), help: ArgumentHelp(ConfigSetting.databaseMaxConnections.help))
   var databaseMaxConnections: String?
+  @Option(name: .customLong("database-timeout-ms"), help: ArgumentHelp(ConfigSetting.databaseTimeoutMS.help))
+  var databaseTimeoutMS: String?
   @Option(name: .customLong("log-level"), help: "trace, debug, info (default), notice, warning, error, critical")
   var logLevel: String?
 
@@ -58,6 +60,7 @@ struct SettingOptions: ParsableArguments {
       ConfigSetting.migrate.name: migrate,
       ConfigSetting.maxMessageBytes.name: maxMessageBytes,
       ConfigSetting.databaseMaxConnections.name: databaseMaxConnections,
+      ConfigSetting.databaseTimeoutMS.name: databaseTimeoutMS,
     ]
     let file = try (config ?? environment["TOLLGATE_CONFIG"]).map { path throws(ConfigError) in
       try ConfigResolver.loadFile(path)

@@ -147,7 +147,8 @@ struct TestGateway: Sendable {
         clientCAPath: pki.caFile.path,
         trustDomain: pki.ca.trustDomain,
         database: database.app,
-        databaseMaxConnections: 6
+        databaseMaxConnections: 6,
+        databaseTimeout: .seconds(1)
       )
       configure(&config)
       let gateway = try Gateway(config: config, logger: testLogger)

@@ -1,0 +1,124 @@
+import Foundation
+import Logging
+import PostgresNIO
+import Testing
+import TollgateModel
+import TollgateStore
+
+/// Row-level security holds even when the SQL forgets its tenant filter, and even though the
+/// gateway's login user owns the tables.
+@Suite struct StoreIsolationTests {
+  func withStore<T: Sendable>(_ body: (Database, TenantRepository) async throws -> T) async throws -> T {
+    try await TestDatabase.withDatabase { db in
+      let database = Database(url: db.app, maximumConnections: 4, logger: testLogger)
+      return try await withThrowingTaskGroup(of: Void.self) { group in
+        group.addTask { try await database.run() }
+        defer { group.cancelAll() }
+        try await Migrator.migrate(database, logger: testLogger)
+        return try await body(database, TenantRepository(database: database))
+      }
+    }
+  }
+
+  @Test func queryWithoutTenantFilterSeesOnlyCurrentTenant() async throws {
+    try await withStore { database, repository in
+      let acme = try TenantID(validating: "acme")
+      let globex = try TenantID(validating: "globex")
+      for id in [acme, globex] {
+        _ = try await repository.create(id: id, displayName: id.rawValue, quota: .defaults, logger: testLogger)
+        _ = try await repository.revoke(.serial("ab"), tenant: id, reason: "r", revokedBy: "test", logger: testLogger)
+      }
+      // A "buggy" handler query with no WHERE clause at all.
+      let seen = try await database.withTenant(acme, logger: testLogger) { connection in
+        var ids: [String] = []
+        for try await id in try await connection.query("SELECT tenant_id FROM tenants", logger: testLogger).decode(String.self) {
+          ids.append(id)
+        }
+        for try await id in try await connection.query(
+          "SELECT tenant_id FROM certificate_revocations",
+          logger: testLogger
+        ).decode(String.self) {
+          ids.append(id)
+        }
+        return ids
+      }
+      #expect(seen == ["acme", "acme"])
+
+      // Writing another tenant's row is refused by the policy's WITH CHECK, and rolls back whole.
+      await #expect(throws: StoreError.self) {
+        try await database.withTenant(acme, logger: testLogger) { connection in
+          try await connection.query(
+            "INSERT INTO certificate_revocations (kind, value, tenant_id, reason, revoked_by) VALUES ('serial', 'cd', 'globex', 'x', 'x')",
+            logger: testLogger
+          )
+        }
+      }
+      let platformCount = try await database.withPlatform(logger: testLogger) { connection in
+        try await connection.query("SELECT count(*) FROM certificate_revocations", logger: testLogger)
+          .decode(Int.self).reduce(0, +)
+      }
+      #expect(platformCount == 2)
+    }
+  }
+
+  @Test func ownerWithoutRoleSwitchSeesNothing() async throws {
+    try await withStore { database, repository in
+      _ = try await repository.create(id: try TenantID(validating: "acme"), displayName: "a", quota: .defaults, logger: testLogger)
+      // The login user owns the tables; FORCE ROW LEVEL SECURITY applies the policies to it,
+      // and none of them names it, so a query that skipped withTenant/withPlatform reads nothing.
+      let (owner, count) = try await database.client.withConnection { connection in
+        var owner = ""
+        for try await name in try await connection.query(
+          "SELECT tableowner FROM pg_tables WHERE tablename = 'tenants'",
+          logger: testLogger
+        ).decode(String.self) {
+          owner = name
+        }
+        let count = try await connection.query("SELECT count(*) FROM tenants", logger: testLogger)
+          .decode(Int.self).reduce(0, +)
+        return (owner, count)
+      }
+      #expect(owner == "tollgate")
+      #expect(count == 0)
+    }
+  }
+
+  @Test func tenantSettingDoesNotLeakToTheNextTransaction() async throws {
+    try await withStore { database, repository in
+      let acme = try TenantID(validating: "acme")
+      _ = try await repository.create(id: acme, displayName: "a", quota: .defaults, logger: testLogger)
+      _ = try await database.withTenant(acme, logger: testLogger) { _ in () }
+      // Same pool (one connection is likely reused): the setting and role ended with the transaction.
+      let leftover = try await database.client.withConnection { connection in
+        var values: [String] = []
+        for try await (setting, user) in try await connection.query(
+          "SELECT coalesce(current_setting('tollgate.tenant_id', true), ''), current_user::text",
+          logger: testLogger
+        ).decode((String, String).self) {
+          values = [setting, user]
+        }
+        return values
+      }
+      #expect(leftover == ["", "tollgate"])
+    }
+  }
+
+  @Test func concurrentMigrationsApplyOnce() async throws {
+    try await TestDatabase.withDatabase { db in
+      let databases = (0..<3).map { _ in Database(url: db.app, maximumConnections: 2, logger: testLogger) }
+      let applied = try await withThrowingTaskGroup(of: [Int].self) { group in
+        for database in databases { group.addTask { try await database.run(); return [] } }
+        defer { group.cancelAll() }
+        return try await withThrowingTaskGroup(of: [Int].self) { migrations in
+          for database in databases {
+            migrations.addTask { try await Migrator.migrate(database, logger: testLogger) }
+          }
+          var all: [Int] = []
+          for try await versions in migrations { all += versions }
+          return all
+        }
+      }
+      #expect(applied.sorted() == Migrator.all.map(\.version))
+    }
+  }
+}

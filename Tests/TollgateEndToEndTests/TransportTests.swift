@@ -1,0 +1,192 @@
+import Foundation
+import GRPCCore
+import GRPCNIOTransportHTTP2
+import SwiftProtobuf
+import Testing
+import TollgateCertificates
+import TollgateClient
+import TollgateCore
+import TollgateGateway
+import TollgateModel
+import TollgateProtos
+
+/// Transport security, limits, health, reflection and database outages, end to end.
+@Suite struct TransportTests {
+  @Test func clientWithoutCertificateFailsTheHandshake() async throws {
+    try await TestGateway.run { gw in
+      let transport = try HTTP2ClientTransport.Posix(
+        target: .ipv4(address: "127.0.0.1", port: gw.port),
+        transportSecurity: .tls {
+          $0.trustRoots = .certificates([.bytes(Array(try! PEMFiles.certificatePEM(gw.pki.ca.certificate).utf8), format: .pem)])
+        },
+        config: .defaults { $0.backoff.initial = .milliseconds(50) }
+      )
+      let code = await statusCode {
+        try await withGRPCClient(transport: transport) { client in
+          try await Tollgate_V1_TenantService.Client(wrapping: client).getTenant(
+            .init(),
+            options: threeSeconds
+          )
+        }
+      }
+      // No request reaches the server: the handshake is refused and the call never connects.
+      #expect(code == .unavailable || code == .deadlineExceeded)
+    }
+  }
+
+  @Test func certificateFromAnotherCAFailsTheHandshake() async throws {
+    try await TestGateway.run { gw in
+      let other = try CertificateAuthority.create(trustDomain: gw.pki.ca.trustDomain)
+      let impostor = try other.issue(.principal(SPIFFEID(operatorNamed: "alice", trustDomain: other.trustDomain)))
+      let code = await statusCode {
+        try await gw.connection(impostor).withClient { client in
+          try await Tollgate_V1_TenantService.Client(wrapping: client).listTenants(.init(), options: threeSeconds)
+        }
+      }
+      #expect(code == .unavailable || code == .deadlineExceeded)
+    }
+  }
+
+  @Test func expiredOrForeignDomainCertificatesAreUnauthenticated() async throws {
+    try await TestGateway.run { gw in
+      // Same CA, wrong trust domain in the SPIFFE ID: TLS accepts it, identity does not.
+      let foreign = try gw.pki.issue(.principal(SPIFFEID(operatorNamed: "alice", trustDomain: "elsewhere.org")))
+      let code = await statusCode {
+        try await gw.withClient(foreign) { client in
+          try await Tollgate_V1_TenantService.Client(wrapping: client).listTenants(.init())
+        }
+      }
+      #expect(code == .unauthenticated)
+      // A server certificate (no SPIFFE ID) used as a client certificate.
+      let serverCert = try gw.pki.issue(.server(dnsNames: ["x"], ipAddresses: []))
+      let code2 = await statusCode {
+        try await gw.withClient(serverCert) { client in
+          try await Grpc_Health_V1_Health.Client(wrapping: client).check(.init())
+        }
+      }
+      #expect(code2 == .unauthenticated || code2 == .unavailable)
+    }
+  }
+
+  @Test func healthAndReflection() async throws {
+    try await TestGateway.run { gw in
+      let agent = try gw.pki.issueOperator()
+      try await gw.withClient(agent) { client async throws in
+        let health = Grpc_Health_V1_Health.Client(wrapping: client)
+        #expect(try await health.check(.init()).status == .serving)
+        #expect(try await health.check(.with { $0.service = "tollgate.v1.TenantService" }).status == .serving)
+        #expect(await statusCode { try await health.check(.with { $0.service = "no.Such" }) } == .notFound)
+
+        let reflection = Grpc_Reflection_V1_ServerReflection.Client(wrapping: client)
+        let answers = try await reflection.serverReflectionInfo { writer in
+          try await writer.write(.with { $0.listServices = "" })
+          try await writer.write(.with { $0.fileContainingSymbol = "tollgate.v1.TenantService" })
+          try await writer.write(.with { $0.fileContainingSymbol = "tollgate.v1.Nope" })
+        } onResponse: { response in
+          var all: [Grpc_Reflection_V1_ServerReflectionResponse] = []
+          for try await message in response.messages { all.append(message) }
+          return all
+        }
+        #expect(answers.count == 3)
+        let services = answers[0].listServicesResponse.service.map(\.name)
+        #expect(Set(services) == Set(Gateway.registeredServiceNames))
+        let files = try answers[1].fileDescriptorResponse.fileDescriptorProto.map {
+          try Google_Protobuf_FileDescriptorProto(serializedBytes: $0)
+        }
+        #expect(files.first?.name == "tollgate/v1/tenant_service.proto")
+        #expect(Set(files.map(\.name)).isSuperset(of: ["tollgate/v1/common.proto", "google/protobuf/timestamp.proto"]))
+        #expect(answers[2].errorResponse.errorCode == Int32(RPCError.Code.notFound.rawValue))
+      }
+    }
+  }
+
+  @Test func unregisteredServicesAreUnimplemented() async throws {
+    try await TestGateway.run { gw in
+      let partner = try gw.pki.issue(tenant: "acme", role: .partner)
+      let code = await statusCode {
+        try await gw.withClient(partner) { client in
+          try await Tollgate_V1_MeteringService.Client(wrapping: client).listMeters(.init())
+        }
+      }
+      #expect(code == .unimplemented)
+    }
+  }
+
+  @Test func oversizedMessageIsRefused() async throws {
+    try await TestGateway.run(configure: { $0.maxRequestMessageBytes = 16 * 1024 }) { gw in
+      try await gw.withClient(try gw.pki.issueOperator()) { client async throws in
+        let tenants = Tollgate_V1_TenantService.Client(wrapping: client)
+        let code = await statusCode {
+          try await tenants.createTenant(.with {
+            $0.tenantID = "acme"
+            $0.displayName = String(repeating: "x", count: 64 * 1024)
+          })
+        }
+        // grpc-swift-nio-transport resets the stream of an over-limit message rather than sending
+        // a status, so the client sees the call fail (UNAVAILABLE) instead of RESOURCE_EXHAUSTED.
+        #expect(code != nil)
+        // The connection and server are still fine, and nothing was written.
+        #expect(try await tenants.listTenants(.init()).tenants.isEmpty)
+      }
+    }
+  }
+
+  @Test func databaseOutageIsUnavailableAndRecovers() async throws {
+    try await TestGateway.run { gw in
+      let op = try gw.pki.issueOperator()
+      try await gw.withClient(op) { client async throws in
+        let tenants = Tollgate_V1_TenantService.Client(wrapping: client)
+        let health = Grpc_Health_V1_Health.Client(wrapping: client)
+        _ = try await tenants.createTenant(.with { $0.tenantID = "acme" })
+
+        // Take the database away: refuse new connections and cut the open ones.
+        try await TestDatabase.adminSQL(
+          gw.database.admin,
+          "ALTER DATABASE \(gw.database.name) ALLOW_CONNECTIONS false",
+          "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '\(gw.database.name)'"
+        )
+        let down = await statusCode { try await tenants.getTenant(.with { $0.tenantID = "acme" }) }
+        #expect(down == .unavailable)
+        #expect(try await health.check(.init()).status == .notServing)
+        let failedWrite = await statusCode { try await tenants.createTenant(.with { $0.tenantID = "globex" }) }
+        #expect(failedWrite == .unavailable)
+
+        try await TestDatabase.adminSQL(gw.database.admin, "ALTER DATABASE \(gw.database.name) ALLOW_CONNECTIONS true")
+        // The pool reconnects on demand; bounded retries, no sleeps.
+        var recovered = false
+        for _ in 0..<50 where !recovered {
+          recovered = (try? await tenants.getTenant(.with { $0.tenantID = "acme" })) != nil
+        }
+        #expect(recovered)
+        #expect(try await health.check(.init()).status == .serving)
+        #expect(try await tenants.listTenants(.init()).tenants.map(\.tenantID) == ["acme"])
+      }
+    }
+  }
+
+  @Test func mismatchedKeyStopsStartUpNamingTheSetting() async throws {
+    let pki = try TestPKI()
+    let other = try pki.issueOperator()
+    let keyPath = pki.directory.appendingPathComponent("other-key.pem")
+    try PEMFiles.write(try PEMFiles.privateKeyPEM(other.privateKey), to: keyPath.path)
+    let config = GatewayConfig(
+      listen: .init(host: "127.0.0.1", port: 0),
+      tlsCertificatePath: pki.serverCert.path,
+      tlsKeyPath: keyPath.path,
+      clientCAPath: pki.caFile.path,
+      trustDomain: "example.org",
+      database: try DatabaseURL(parsing: "postgres://u@127.0.0.1/db")
+    )
+    #expect {
+      _ = try Gateway(config: config, logger: testLogger)
+    } throws: { error in
+      (error as? ConfigError)?.description.contains("--tls-key") == true
+    }
+  }
+}
+
+let threeSeconds: CallOptions = {
+  var options = CallOptions.defaults
+  options.timeout = .seconds(3)
+  return options
+}()
