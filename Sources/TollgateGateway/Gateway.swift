@@ -132,9 +132,12 @@ public final class Gateway: Sendable {
         group.addTask {
           // Port 0 binds a free port; say which, so scripts and tests can connect.
           let address = try await self.listeningAddress
+          let port = address.ipv4?.port ?? address.ipv6?.port ?? self.config.listen.port
           self.logger.info(
             "gateway listening",
-            metadata: ["address": "\(address)", "trust_domain": "\(self.config.trustDomain)"]
+            metadata: [
+              "host": "\(self.config.listen.host)", "port": "\(port)", "trust_domain": "\(self.config.trustDomain)",
+            ]
           )
         }
         try await group.waitForAll()

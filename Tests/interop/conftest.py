@@ -1,0 +1,192 @@
+"""Fixtures for the interop suite: an independent gRPC client (Python grpcio) against a real
+`tollgate serve` process over mutual TLS, with its own throwaway database.
+
+Needs TOLLGATE_TEST_DATABASE_URL (a superuser URL of a running cluster), TOLLGATE_BIN and
+TOLLCTL_BIN; tools/test provides all three.
+"""
+import os
+import pathlib
+import queue
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import urllib.parse
+import uuid
+
+import grpc
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+TRUST_DOMAIN = "example.org"
+START_TIMEOUT_S = 90
+
+
+def _env(name):
+    value = os.environ.get(name)
+    if not value:
+        pytest.exit(f"{name} is not set; run the interop suite through tools/test", returncode=2)
+    return value
+
+
+@pytest.fixture(scope="session")
+def work_dir():
+    with tempfile.TemporaryDirectory(prefix="tollgate-interop-") as d:
+        yield pathlib.Path(d)
+
+
+@pytest.fixture(scope="session")
+def stubs(work_dir):
+    """Python stubs generated from Protos/ with grpcio-tools (nothing generated is committed)."""
+    from grpc_tools import protoc
+    import grpc_tools
+
+    out = work_dir / "py"
+    out.mkdir()
+    include = pathlib.Path(grpc_tools.__file__).parent / "_proto"
+    protos = sorted(str(p.relative_to(ROOT / "Protos")) for p in (ROOT / "Protos" / "tollgate" / "v1").glob("*.proto"))
+    rc = protoc.main(
+        ["protoc", f"-I{ROOT / 'Protos'}", f"-I{include}", f"--python_out={out}", f"--grpc_python_out={out}", *protos]
+    )
+    assert rc == 0, "protoc failed"
+    sys.path.insert(0, str(out))
+    from tollgate.v1 import common_pb2, tenant_service_pb2, tenant_service_pb2_grpc
+
+    class Stubs:
+        common = common_pb2
+        tenant = tenant_service_pb2
+        tenant_grpc = tenant_service_pb2_grpc
+
+    return Stubs
+
+
+def tollctl(*args):
+    subprocess.run([_env("TOLLCTL_BIN"), *args], check=True, capture_output=True, text=True)
+
+
+class PKI:
+    def __init__(self, root):
+        self.root = root
+        tollctl("certs", "init-ca", "--out", str(root / "ca"), "--trust-domain", TRUST_DOMAIN)
+        tollctl("certs", "issue", "--ca", str(root / "ca"), "--server", "--dns", "localhost", "--ip", "127.0.0.1",
+                "--out", str(root / "server"))
+        # A second CA the gateway does not trust.
+        tollctl("certs", "init-ca", "--out", str(root / "other-ca"), "--trust-domain", TRUST_DOMAIN)
+
+    def issue(self, name, *args, ca="ca"):
+        out = self.root / name
+        if not out.exists():
+            tollctl("certs", "issue", "--ca", str(self.root / ca), "--out", str(out), *args)
+        return out
+
+    def principal(self, tenant, role, name):
+        return self.issue(f"{tenant}-{role}-{name}", "--tenant", tenant, "--role", role, "--name", name)
+
+    def operator(self, name="alice"):
+        return self.issue(f"operator-{name}", "--operator", name)
+
+
+@pytest.fixture(scope="session")
+def pki(work_dir):
+    return PKI(work_dir)
+
+
+def _psql(admin_url, sql):
+    u = urllib.parse.urlparse(admin_url)
+    subprocess.run(
+        ["psql", "-h", u.hostname, "-p", str(u.port or 5432), "-U", u.username, "-d", u.path.lstrip("/") or "postgres",
+         "-v", "ON_ERROR_STOP=1", "-q", "-c", sql],
+        check=True, capture_output=True, text=True,
+    )
+
+
+@pytest.fixture(scope="session")
+def gateway(pki, work_dir):
+    """A `tollgate serve` on a free port; yields its port, stops it and drops its database."""
+    admin = _env("TOLLGATE_TEST_DATABASE_URL")
+    db = "interop_" + uuid.uuid4().hex[:12]
+    _psql(admin, f"CREATE DATABASE {db} OWNER tollgate")
+    u = urllib.parse.urlparse(admin)
+    app_url = f"postgres://tollgate:{os.environ.get('TOLLGATE_TEST_APP_PASSWORD', 'tollgate')}@{u.hostname}:{u.port}/{db}?sslmode=disable"
+    server = pki.root / "server"
+    proc = subprocess.Popen(
+        [_env("TOLLGATE_BIN"), "serve", "--listen", "127.0.0.1:0",
+         "--tls-cert", str(server / "cert.pem"), "--tls-key", str(server / "key.pem"),
+         "--client-ca", str(pki.root / "ca" / "ca.pem"), "--trust-domain", TRUST_DOMAIN,
+         "--database-url", app_url, "--database-timeout-ms", "2000"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    lines = queue.Queue()
+    log = []
+
+    def pump():
+        for line in proc.stderr:
+            log.append(line)
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    port = None
+    try:
+        while port is None:
+            line = lines.get(timeout=START_TIMEOUT_S)
+            if line is None:
+                raise RuntimeError("tollgate exited before listening:\n" + "".join(log))
+            m = re.search(r"\bport=(\d+)", line)
+            if m and "gateway listening" in line:
+                port = int(m.group(1))
+        yield port
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        _psql(admin, f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
+
+
+def credentials(identity_dir, root_ca=None):
+    d = pathlib.Path(identity_dir)
+    return grpc.ssl_channel_credentials(
+        root_certificates=(root_ca or d / "ca.pem").read_bytes(),
+        private_key=(d / "key.pem").read_bytes(),
+        certificate_chain=(d / "cert.pem").read_bytes(),
+    )
+
+
+@pytest.fixture
+def channel_for(gateway):
+    """channel_for(identity_dir) -> a secure channel to the gateway presenting that certificate."""
+    opened = []
+
+    def make(identity_dir, creds=None):
+        ch = grpc.secure_channel(f"127.0.0.1:{gateway}", creds or credentials(identity_dir))
+        opened.append(ch)
+        return ch
+
+    yield make
+    for ch in opened:
+        ch.close()
+
+
+@pytest.fixture
+def tenants(channel_for, stubs):
+    """tenants(identity_dir) -> a TenantService stub for that certificate."""
+    return lambda identity: stubs.tenant_grpc.TenantServiceStub(channel_for(identity))
+
+
+@pytest.fixture(scope="session")
+def seeded(gateway, pki, stubs):
+    """Tenants acme and globex, created once by an operator."""
+    ch = grpc.secure_channel(f"127.0.0.1:{gateway}", credentials(pki.operator()))
+    stub = stubs.tenant_grpc.TenantServiceStub(ch)
+    for tid in ("acme", "globex"):
+        try:
+            stub.CreateTenant(stubs.tenant.CreateTenantRequest(tenant_id=tid, display_name=tid.title()), timeout=10)
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.ALREADY_EXISTS:
+                raise
+    ch.close()
+    return ("acme", "globex")
