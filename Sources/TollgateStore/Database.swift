@@ -19,6 +19,8 @@ public import TollgateModel
 public final class Database: Service, Sendable {
   public let client: PostgresClient
   public let operationTimeout: Duration
+  /// The database URL without its password, for messages.
+  public let redactedURL: String
   let logger: Logger
 
   public static let tenantRole = "tollgate_tenant"
@@ -44,8 +46,13 @@ public final class Database: Service, Sendable {
     config.options.minimumConnections = 1
     config.options.connectTimeout = .seconds(3)
     config.options.connectionIdleTimeout = .seconds(60)
-    self.client = PostgresClient(configuration: config, backgroundLogger: logger)
+    // The driver logs every failed connection attempt at info; the store reports outages itself,
+    // so the driver's background log only shows warnings unless debugging.
+    var background = logger
+    if background.logLevel > .debug { background.logLevel = max(background.logLevel, .warning) }
+    self.client = PostgresClient(configuration: config, backgroundLogger: background)
     self.operationTimeout = operationTimeout
+    self.redactedURL = url.redacted
     self.logger = logger
   }
 

@@ -17,6 +17,11 @@ public enum Migrator {
   /// Applies every migration not yet recorded in `schema_migrations`. Returns the versions applied.
   @discardableResult
   public static func migrate(_ database: Database, logger: Logger) async throws(StoreError) -> [Int] {
+    // A migration may legitimately run long (an index on a big table), so it is not bounded by
+    // the operation timeout; but a database that is not there at all fails fast.
+    guard await database.isReachable(logger: logger) else {
+      throw .unavailable("database \(database.redactedURL) did not answer within \(database.operationTimeout)")
+    }
     do {
       return try await database.client.withConnection { connection in
         try await connection.withTransaction(logger: logger) { connection in
