@@ -9,19 +9,23 @@ public struct GatewayConnection: Sendable {
   public var certificatePEM: [UInt8]
   public var privateKeyPEM: [UInt8]
   public var serverCAPEM: [UInt8]
+  /// Deadline of every call that does not set its own; nil for none.
+  public var defaultTimeout: Duration?
 
   public init(
     host: String,
     port: Int,
     certificatePEM: [UInt8],
     privateKeyPEM: [UInt8],
-    serverCAPEM: [UInt8]
+    serverCAPEM: [UInt8],
+    defaultTimeout: Duration? = .seconds(30)
   ) {
     self.host = host
     self.port = port
     self.certificatePEM = certificatePEM
     self.privateKeyPEM = privateKeyPEM
     self.serverCAPEM = serverCAPEM
+    self.defaultTimeout = defaultTimeout
   }
 
   /// An HTTP/2 transport with mutual TLS that verifies the gateway's certificate against
@@ -42,7 +46,9 @@ public struct GatewayConnection: Sendable {
       config: .defaults {
         $0.backoff.initial = .milliseconds(100)
         $0.connection.maxIdleTime = .seconds(30)
-      }
+      },
+      // A method config naming only the empty service applies to every method.
+      serviceConfig: ServiceConfig(methodConfig: [MethodConfig(names: [.init(service: "")], timeout: defaultTimeout)])
     )
   }
 

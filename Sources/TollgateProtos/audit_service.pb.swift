@@ -262,6 +262,7 @@ public nonisolated struct Tollgate_V1_StreamEventsResponse: Sendable {
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
   // methods supported on all messages.
 
+  /// Exactly one item per message.
   public var item: Tollgate_V1_StreamEventsResponse.OneOf_Item? = nil
 
   /// A log record.
@@ -293,6 +294,7 @@ public nonisolated struct Tollgate_V1_StreamEventsResponse: Sendable {
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
+  /// Exactly one item per message.
   public nonisolated enum OneOf_Item: Equatable, Sendable {
     /// A log record.
     case record(Tollgate_V1_AuditRecord)

@@ -571,6 +571,7 @@ public nonisolated struct Tollgate_V1_WorkerMessage: Sendable {
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
   // methods supported on all messages.
 
+  /// Exactly one kind per message; the first message of a stream must be `hello`.
   public var kind: Tollgate_V1_WorkerMessage.OneOf_Kind? = nil
 
   /// First message: what the worker runs.
@@ -611,6 +612,7 @@ public nonisolated struct Tollgate_V1_WorkerMessage: Sendable {
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
+  /// Exactly one kind per message; the first message of a stream must be `hello`.
   public nonisolated enum OneOf_Kind: Equatable, Sendable {
     /// First message: what the worker runs.
     case hello(Tollgate_V1_WorkerHello)
@@ -703,6 +705,7 @@ public nonisolated struct Tollgate_V1_ServerMessage: Sendable {
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
   // methods supported on all messages.
 
+  /// Exactly one kind per message.
   public var kind: Tollgate_V1_ServerMessage.OneOf_Kind? = nil
 
   /// A leased task to run.
@@ -734,6 +737,7 @@ public nonisolated struct Tollgate_V1_ServerMessage: Sendable {
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
+  /// Exactly one kind per message.
   public nonisolated enum OneOf_Kind: Equatable, Sendable {
     /// A leased task to run.
     case task(Tollgate_V1_TaskAssignment)

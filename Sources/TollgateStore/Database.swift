@@ -1,4 +1,5 @@
 import Foundation
+import Synchronization
 public import Logging
 public import PostgresNIO
 import NIOSSL
@@ -109,7 +110,9 @@ public final class Database: Service, Sendable {
     do {
       return try await bounded {
         try await self.client.withConnection { connection in
-          try await connection.withTransaction(logger: logger) { connection in
+          // A request that timed out while waiting for a connection must not run afterwards.
+          try Task.checkCancellation()
+          return try await connection.withTransaction(logger: logger) { connection in
             try await body(connection)
           }
         }
@@ -120,17 +123,69 @@ public final class Database: Service, Sendable {
   }
 
   /// Runs `operation`, failing with `.unavailable` if it takes longer than the operation timeout.
+  ///
+  /// The caller gets its answer at the deadline even if `operation` ignores cancellation (a pool
+  /// lease waiting on a database that is down may): the operation is cancelled and left to wind
+  /// down on its own instead of being awaited. Transactions check for cancellation before they
+  /// start, so a request that timed out while waiting for a connection never runs later.
   func bounded<Result: Sendable>(_ operation: @Sendable @escaping () async throws -> Result) async throws -> Result {
     let timeout = operationTimeout
-    return try await withThrowingTaskGroup(of: Result.self) { group in
-      group.addTask { try await operation() }
-      group.addTask {
-        try await Task.sleep(for: timeout)
-        throw StoreError.unavailable("database did not answer within \(timeout)")
+    let race = DeadlineRace<Result>()
+    return try await withTaskCancellationHandler {
+      try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Result, any Error>) in
+        race.start(continuation)
+        race.track(Task {
+          do { race.finish(.success(try await operation())) } catch { race.finish(.failure(error)) }
+        })
+        race.track(Task {
+          try? await Task.sleep(for: timeout)
+          race.finish(.failure(StoreError.unavailable("database did not answer within \(timeout)")))
+        })
       }
-      defer { group.cancelAll() }
-      guard let first = try await group.next() else { throw CancellationError() }
-      return first
+    } onCancel: {
+      race.finish(.failure(CancellationError()))
     }
+  }
+}
+
+/// The first of an operation and its deadline to finish wins; the loser is cancelled, not awaited.
+final class DeadlineRace<Result: Sendable>: Sendable {
+  private struct State {
+    var continuation: CheckedContinuation<Result, any Error>?
+    var outcome: Swift.Result<Result, any Error>?
+    var tasks: [Task<Void, Never>] = []
+  }
+  private let state = Mutex(State())
+
+  func start(_ continuation: CheckedContinuation<Result, any Error>) {
+    let early = state.withLock { s -> Swift.Result<Result, any Error>? in
+      if let outcome = s.outcome { return outcome }
+      s.continuation = continuation
+      return nil
+    }
+    if let early { continuation.resume(with: early) }
+  }
+
+  func track(_ task: Task<Void, Never>) {
+    let finished = state.withLock { s -> Bool in
+      if s.outcome != nil { return true }
+      s.tasks.append(task)
+      return false
+    }
+    if finished { task.cancel() }
+  }
+
+  func finish(_ outcome: Swift.Result<Result, any Error>) {
+    let (continuation, tasks) = state.withLock { s -> (CheckedContinuation<Result, any Error>?, [Task<Void, Never>]) in
+      guard s.outcome == nil else { return (nil, []) }
+      s.outcome = outcome
+      defer {
+        s.continuation = nil
+        s.tasks = []
+      }
+      return (s.continuation, s.tasks)
+    }
+    for task in tasks { task.cancel() }
+    continuation?.resume(with: outcome)
   }
 }

@@ -7,10 +7,13 @@ import TollgateStore
 
 /// Row-level security holds even when the SQL forgets its tenant filter, and even though the
 /// gateway's login user owns the tables.
-@Suite struct StoreIsolationTests {
-  func withStore<T: Sendable>(_ body: (Database, TenantRepository) async throws -> T) async throws -> T {
+@Suite(.timeLimit(.minutes(2))) struct StoreIsolationTests {
+  func withStore<T: Sendable>(
+    connections: Int = 4,
+    _ body: (Database, TenantRepository) async throws -> T
+  ) async throws -> T {
     try await TestDatabase.withDatabase { db in
-      let database = Database(url: db.app, maximumConnections: 4, logger: testLogger)
+      let database = Database(url: db.app, maximumConnections: connections, logger: testLogger)
       return try await withThrowingTaskGroup(of: Void.self) { group in
         group.addTask { try await database.run() }
         defer { group.cancelAll() }
@@ -84,11 +87,11 @@ import TollgateStore
   }
 
   @Test func tenantSettingDoesNotLeakToTheNextTransaction() async throws {
-    try await withStore { database, repository in
+    // One connection: the next lease is the very connection the tenant transaction used.
+    try await withStore(connections: 1) { database, repository in
       let acme = try TenantID(validating: "acme")
       _ = try await repository.create(id: acme, displayName: "a", quota: .defaults, logger: testLogger)
       _ = try await database.withTenant(acme, logger: testLogger) { _ in () }
-      // Same pool (one connection is likely reused): the setting and role ended with the transaction.
       let leftover = try await database.client.withConnection { connection in
         var values: [String] = []
         for try await (setting, user) in try await connection.query(

@@ -9,7 +9,7 @@ import TollgateModel
 import TollgateProtos
 
 /// TenantService over real mTLS against real Postgres.
-@Suite struct TenantServiceTests {
+@Suite(.timeLimit(.minutes(2))) struct TenantServiceTests {
   @Test func operatorCreatesAndPartnerReadsOwnTenant() async throws {
     try await TestGateway.run { gw in
       let op = try gw.pki.issueOperator()

@@ -121,7 +121,8 @@ struct TestGateway: Sendable {
       port: port,
       certificatePEM: Array(try PEMFiles.certificatePEM(issued.certificate).utf8),
       privateKeyPEM: Array(try PEMFiles.privateKeyPEM(issued.privateKey).utf8),
-      serverCAPEM: try serverCA ?? Array(PEMFiles.certificatePEM(pki.ca.certificate).utf8)
+      serverCAPEM: try serverCA ?? Array(PEMFiles.certificatePEM(pki.ca.certificate).utf8),
+      defaultTimeout: .seconds(15)
     )
   }
 

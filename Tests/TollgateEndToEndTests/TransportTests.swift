@@ -11,7 +11,7 @@ import TollgateModel
 import TollgateProtos
 
 /// Transport security, limits, health, reflection and database outages, end to end.
-@Suite struct TransportTests {
+@Suite(.timeLimit(.minutes(2))) struct TransportTests {
   @Test func clientWithoutCertificateFailsTheHandshake() async throws {
     try await TestGateway.run { gw in
       let transport = try HTTP2ClientTransport.Posix(
@@ -31,6 +31,7 @@ import TollgateProtos
       }
       // No request reaches the server: the handshake is refused and the call never connects.
       #expect(code == .unavailable || code == .deadlineExceeded)
+      try await expectServing(gw)
     }
   }
 
@@ -44,7 +45,16 @@ import TollgateProtos
         }
       }
       #expect(code == .unavailable || code == .deadlineExceeded)
+      try await expectServing(gw)
     }
+  }
+
+  /// The control for the handshake tests: the same server answers a valid client.
+  func expectServing(_ gw: TestGateway) async throws {
+    let status = try await gw.withClient(try gw.pki.issueOperator()) { client in
+      try await Grpc_Health_V1_Health.Client(wrapping: client).check(.init()).status
+    }
+    #expect(status == .serving)
   }
 
   @Test func expiredOrForeignDomainCertificatesAreUnauthenticated() async throws {
