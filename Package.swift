@@ -87,6 +87,12 @@ let package = Package(
       ],
       swiftSettings: swiftSettings
     ),
+    // RFC 6962 Merkle trees and C2SP signed checkpoints: shared by the audit log and its verifiers.
+    .target(
+      name: "TollgateMerkle",
+      dependencies: [.product(name: "Crypto", package: "swift-crypto")],
+      swiftSettings: swiftSettings
+    ),
     // Certificate authority and issuance (tollctl certs, tests, tools/dev).
     .target(
       name: "TollgateCertificates",
@@ -156,6 +162,11 @@ let package = Package(
         .product(name: "GRPCCore", package: "grpc-swift-2"),
         .product(name: "X509", package: "swift-certificates"),
       ],
+      swiftSettings: swiftSettings
+    ),
+    .testTarget(
+      name: "TollgateMerkleTests",
+      dependencies: ["TollgateMerkle", .product(name: "Crypto", package: "swift-crypto")],
       swiftSettings: swiftSettings
     ),
     .testTarget(

@@ -1,0 +1,152 @@
+import Crypto
+
+/// RFC 6962 / RFC 9162 Merkle tree hashing, proofs and their verification.
+///
+/// Leaf hash `SHA-256(0x00 || leaf)`, node hash `SHA-256(0x01 || left || right)`, and the tree
+/// shape of RFC 6962 §2.1 (split at the largest power of two below the size). The proof builders
+/// work on an in-memory list of leaf hashes (what a verifier that holds a full export has); the
+/// verifiers need only the proof, so a client can check the gateway without trusting it.
+public enum MerkleTree {
+  public typealias Hash = [UInt8]
+
+  /// `SHA-256(0x00 || leaf)`.
+  public static func leafHash(_ leaf: some Sequence<UInt8>) -> Hash {
+    var hasher = SHA256()
+    hasher.update(data: [0x00])
+    hasher.update(data: Array(leaf))
+    return Array(hasher.finalize())
+  }
+
+  /// `SHA-256(0x01 || left || right)`.
+  public static func nodeHash(_ left: Hash, _ right: Hash) -> Hash {
+    var hasher = SHA256()
+    hasher.update(data: [0x01])
+    hasher.update(data: left)
+    hasher.update(data: right)
+    return Array(hasher.finalize())
+  }
+
+  /// The root of the tree over `leafHashes` (the hash of the empty string for no leaves).
+  public static func root(_ leafHashes: ArraySlice<Hash>) -> Hash {
+    switch leafHashes.count {
+    case 0: return Array(SHA256.hash(data: [UInt8]()))
+    case 1: return leafHashes.first!
+    default:
+      let k = largestPowerOfTwo(below: leafHashes.count)
+      let start = leafHashes.startIndex
+      return nodeHash(root(leafHashes[start..<(start + k)]), root(leafHashes[(start + k)...]))
+    }
+  }
+
+  public static func root(_ leafHashes: [Hash]) -> Hash { root(leafHashes[...]) }
+
+  /// The audit path of leaf `index` in the tree of the first `leafHashes.count` leaves (RFC 6962 PATH).
+  public static func inclusionProof(index: Int, _ leafHashes: ArraySlice<Hash>) -> [Hash] {
+    precondition(index >= 0 && index < leafHashes.count, "index out of range")
+    if leafHashes.count == 1 { return [] }
+    let k = largestPowerOfTwo(below: leafHashes.count)
+    let start = leafHashes.startIndex
+    let left = leafHashes[start..<(start + k)]
+    let right = leafHashes[(start + k)...]
+    if index < k {
+      return inclusionProof(index: index, left) + [root(right)]
+    }
+    return inclusionProof(index: index - k, right) + [root(left)]
+  }
+
+  /// The proof that the tree of size `oldSize` is a prefix of the tree over all `leafHashes`
+  /// (RFC 6962 PROOF). Empty when `oldSize` is 0 or equals the new size.
+  public static func consistencyProof(oldSize: Int, _ leafHashes: ArraySlice<Hash>) -> [Hash] {
+    precondition(oldSize >= 0 && oldSize <= leafHashes.count, "old size out of range")
+    if oldSize == 0 || oldSize == leafHashes.count { return [] }
+    return subproof(oldSize, leafHashes, complete: true)
+  }
+
+  private static func subproof(_ m: Int, _ leaves: ArraySlice<Hash>, complete: Bool) -> [Hash] {
+    let n = leaves.count
+    if m == n { return complete ? [] : [root(leaves)] }
+    let k = largestPowerOfTwo(below: n)
+    let start = leaves.startIndex
+    let left = leaves[start..<(start + k)]
+    let right = leaves[(start + k)...]
+    if m <= k {
+      return subproof(m, left, complete: complete) + [root(right)]
+    }
+    return subproof(m - k, right, complete: false) + [root(left)]
+  }
+
+  /// Checks an inclusion proof (RFC 9162 §2.1.3.2).
+  public static func verifyInclusion(index: UInt64, treeSize: UInt64, leafHash: Hash, proof: [Hash], root: Hash) -> Bool {
+    guard index < treeSize else { return false }
+    var fn = index
+    var sn = treeSize - 1
+    var r = leafHash
+    for p in proof {
+      if sn == 0 { return false }
+      if fn & 1 == 1 || fn == sn {
+        r = nodeHash(p, r)
+        if fn & 1 == 0 {
+          repeat {
+            fn >>= 1
+            sn >>= 1
+          } while fn & 1 == 0 && fn != 0
+        }
+      } else {
+        r = nodeHash(r, p)
+      }
+      fn >>= 1
+      sn >>= 1
+    }
+    return sn == 0 && r == root
+  }
+
+  /// Checks a consistency proof between two tree heads (RFC 9162 §2.1.4.2).
+  public static func verifyConsistency(
+    oldSize: UInt64,
+    newSize: UInt64,
+    oldRoot: Hash,
+    newRoot: Hash,
+    proof: [Hash]
+  ) -> Bool {
+    guard oldSize <= newSize else { return false }
+    if oldSize == newSize { return proof.isEmpty && oldRoot == newRoot }
+    if oldSize == 0 { return proof.isEmpty }
+    var path = proof
+    if oldSize & (oldSize - 1) == 0 { path.insert(oldRoot, at: 0) }
+    guard let first = path.first else { return false }
+    var fn = oldSize - 1
+    var sn = newSize - 1
+    while fn & 1 == 1 {
+      fn >>= 1
+      sn >>= 1
+    }
+    var fr = first
+    var sr = first
+    for c in path.dropFirst() {
+      if sn == 0 { return false }
+      if fn & 1 == 1 || fn == sn {
+        fr = nodeHash(c, fr)
+        sr = nodeHash(c, sr)
+        if fn & 1 == 0 {
+          repeat {
+            fn >>= 1
+            sn >>= 1
+          } while fn & 1 == 0 && fn != 0
+        }
+      } else {
+        sr = nodeHash(sr, c)
+      }
+      fn >>= 1
+      sn >>= 1
+    }
+    return sn == 0 && fr == oldRoot && sr == newRoot
+  }
+
+  /// The largest power of two strictly below `n` (n >= 2).
+  static func largestPowerOfTwo(below n: Int) -> Int {
+    precondition(n >= 2)
+    var k = 1
+    while k << 1 < n { k <<= 1 }
+    return k
+  }
+}
