@@ -1,6 +1,7 @@
 public import GRPCCore
 public import GRPCNIOTransportHTTP2
 public import Logging
+import NIOCore
 public import ServiceLifecycle
 public import UnixSignals
 public import TollgateCore
@@ -57,6 +58,13 @@ public final class Gateway: Sendable {
       transportSecurity: tls.transportSecurity,
       config: .defaults {
         $0.rpc.maxRequestPayloadSize = config.maxRequestMessageBytes
+        // Answer an over-limit message with RESOURCE_EXHAUSTED instead of the transport's stream reset.
+        let limit = config.maxRequestMessageBytes
+        $0.channelDebuggingCallbacks.onAcceptHTTP2Stream = { channel in
+          channel.eventLoop.makeCompletedFuture {
+            try channel.pipeline.syncOperations.addHandler(MessageSizeLimitHandler(limit: limit), position: .first)
+          }
+        }
       }
     )
     self.transport = transport

@@ -85,12 +85,7 @@ public enum MerkleTree {
       if sn == 0 { return false }
       if fn & 1 == 1 || fn == sn {
         r = nodeHash(p, r)
-        if fn & 1 == 0 {
-          repeat {
-            fn >>= 1
-            sn >>= 1
-          } while fn & 1 == 0 && fn != 0
-        }
+        if fn & 1 == 0 { shiftUntilOddOrZero(&fn, &sn) }
       } else {
         r = nodeHash(r, p)
       }
@@ -127,12 +122,7 @@ public enum MerkleTree {
       if fn & 1 == 1 || fn == sn {
         fr = nodeHash(c, fr)
         sr = nodeHash(c, sr)
-        if fn & 1 == 0 {
-          repeat {
-            fn >>= 1
-            sn >>= 1
-          } while fn & 1 == 0 && fn != 0
-        }
+        if fn & 1 == 0 { shiftUntilOddOrZero(&fn, &sn) }
       } else {
         sr = nodeHash(sr, c)
       }
@@ -140,6 +130,14 @@ public enum MerkleTree {
       sn >>= 1
     }
     return sn == 0 && fr == oldRoot && sr == newRoot
+  }
+
+  /// RFC 9162's "right-shift fn and sn equally until LSB(fn) is set or fn is 0".
+  private static func shiftUntilOddOrZero(_ fn: inout UInt64, _ sn: inout UInt64) {
+    repeat {
+      fn >>= 1
+      sn >>= 1
+    } while fn & 1 == 0 && fn != 0
   }
 
   /// The largest power of two strictly below `n` (n >= 2).

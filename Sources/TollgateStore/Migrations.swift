@@ -62,6 +62,33 @@ public enum Migrator {
     }
   }
 
+  /// Row-level security for a tenant-owned table (one with a `tenant_id` column): only a
+  /// transaction switched to `tollgate_tenant` sees and writes the current tenant's rows, only one
+  /// switched to `tollgate_platform` sees all, and any other role sees nothing.
+  ///
+  /// FORCE makes RLS apply to the table owner too. A policy `TO role` also applies to members of
+  /// the role, and the login user is a member of both (it must be, to SET ROLE), so each policy
+  /// also checks current_user: only a transaction that actually switched role matches. The tenant
+  /// setting is read in a sub-select, so once per statement.
+  static func tenantOwned(_ table: String) -> [String] {
+    [
+      "ALTER TABLE \(table) ENABLE ROW LEVEL SECURITY",
+      "ALTER TABLE \(table) FORCE ROW LEVEL SECURITY",
+      """
+      CREATE POLICY tenant_isolation ON \(table) TO tollgate_tenant
+        USING ((SELECT current_user) = 'tollgate_tenant'
+               AND tenant_id = (SELECT current_setting('tollgate.tenant_id', true)))
+        WITH CHECK ((SELECT current_user) = 'tollgate_tenant'
+               AND tenant_id = (SELECT current_setting('tollgate.tenant_id', true)))
+      """,
+      """
+      CREATE POLICY platform_access ON \(table) TO tollgate_platform
+        USING ((SELECT current_user) = 'tollgate_platform')
+        WITH CHECK ((SELECT current_user) = 'tollgate_platform')
+      """,
+    ]
+  }
+
   /// The schema, oldest first. Never edit an applied migration; add a new one.
   public static let all: [Migration] = [
     Migration(
@@ -109,24 +136,7 @@ public enum Migrator {
           update_time timestamptz NOT NULL DEFAULT now()
         )
         """,
-        // FORCE makes RLS apply to the table owner too. A policy `TO role` also applies to members
-        // of the role, and the login user is a member of both (it must be, to SET ROLE), so each
-        // policy also checks current_user: only a transaction that actually switched role matches,
-        // and the login user on its own (owner included) sees no rows at all.
-        "ALTER TABLE tenants ENABLE ROW LEVEL SECURITY",
-        "ALTER TABLE tenants FORCE ROW LEVEL SECURITY",
-        """
-        CREATE POLICY tenant_isolation ON tenants TO tollgate_tenant
-          USING ((SELECT current_user) = 'tollgate_tenant'
-                 AND tenant_id = (SELECT current_setting('tollgate.tenant_id', true)))
-          WITH CHECK ((SELECT current_user) = 'tollgate_tenant'
-                 AND tenant_id = (SELECT current_setting('tollgate.tenant_id', true)))
-        """,
-        """
-        CREATE POLICY platform_access ON tenants TO tollgate_platform
-          USING ((SELECT current_user) = 'tollgate_platform')
-          WITH CHECK ((SELECT current_user) = 'tollgate_platform')
-        """,
+      ] + tenantOwned("tenants") + [
         """
         CREATE TABLE certificate_revocations (
           revocation_id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -143,20 +153,7 @@ public enum Migrator {
         CREATE UNIQUE INDEX certificate_revocations_target
           ON certificate_revocations (kind, value, (coalesce(tenant_id, '')))
         """,
-        "ALTER TABLE certificate_revocations ENABLE ROW LEVEL SECURITY",
-        "ALTER TABLE certificate_revocations FORCE ROW LEVEL SECURITY",
-        """
-        CREATE POLICY tenant_isolation ON certificate_revocations TO tollgate_tenant
-          USING ((SELECT current_user) = 'tollgate_tenant'
-                 AND tenant_id = (SELECT current_setting('tollgate.tenant_id', true)))
-          WITH CHECK ((SELECT current_user) = 'tollgate_tenant'
-                 AND tenant_id = (SELECT current_setting('tollgate.tenant_id', true)))
-        """,
-        """
-        CREATE POLICY platform_access ON certificate_revocations TO tollgate_platform
-          USING ((SELECT current_user) = 'tollgate_platform')
-          WITH CHECK ((SELECT current_user) = 'tollgate_platform')
-        """,
+      ] + tenantOwned("certificate_revocations") + [
         "GRANT USAGE ON SCHEMA public TO tollgate_tenant, tollgate_platform",
         "GRANT SELECT ON tenants TO tollgate_tenant",
         "GRANT SELECT, INSERT ON certificate_revocations TO tollgate_tenant",

@@ -126,17 +126,34 @@ import TollgateProtos
     try await TestGateway.run(configure: { $0.maxRequestMessageBytes = 16 * 1024 }) { gw in
       try await gw.withClient(try gw.pki.issueOperator()) { client async throws in
         let tenants = Tollgate_V1_TenantService.Client(wrapping: client)
-        let code = await statusCode {
-          try await tenants.createTenant(.with {
+        do {
+          _ = try await tenants.createTenant(.with {
             $0.tenantID = "acme"
             $0.displayName = String(repeating: "x", count: 64 * 1024)
           })
+          Issue.record("an over-limit message was accepted")
+        } catch let error as RPCError {
+          #expect(error.code == .resourceExhausted)
+          #expect(error.message.contains("at most 16384"), "\(error.message)")
         }
-        // grpc-swift-nio-transport resets the stream of an over-limit message rather than sending
-        // a status, so the client sees the call fail (UNAVAILABLE) instead of RESOURCE_EXHAUSTED.
-        #expect(code != nil)
         // The connection and server are still fine, and nothing was written.
         #expect(try await tenants.listTenants(.init()).tenants.isEmpty)
+
+        // On a stream whose response has already started, the refusal comes as trailers.
+        let reflection = Grpc_Reflection_V1_ServerReflection.Client(wrapping: client)
+        do {
+          let answered = try await reflection.serverReflectionInfo { writer in
+            try await writer.write(.with { $0.listServices = "" })
+            try await writer.write(.with { $0.fileByFilename = String(repeating: "y", count: 64 * 1024) })
+          } onResponse: { response in
+            var count = 0
+            for try await _ in response.messages { count += 1 }
+            return count
+          }
+          Issue.record("an over-limit stream message was accepted (\(answered) answers)")
+        } catch let error as RPCError {
+          #expect(error.code == .resourceExhausted, "\(error)")
+        }
       }
     }
   }

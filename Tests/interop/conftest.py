@@ -114,7 +114,7 @@ def gateway(pki, work_dir):
         [_env("TOLLGATE_BIN"), "serve", "--listen", "127.0.0.1:0",
          "--tls-cert", str(server / "cert.pem"), "--tls-key", str(server / "key.pem"),
          "--client-ca", str(pki.root / "ca" / "ca.pem"), "--trust-domain", TRUST_DOMAIN,
-         "--database-url", app_url, "--database-timeout-ms", "2000"],
+         "--database-url", app_url, "--database-timeout-ms", "2000", "--max-message-bytes", "65536"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
     lines = queue.Queue()

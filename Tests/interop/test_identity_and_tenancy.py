@@ -140,3 +140,14 @@ def test_operator_pages_through_tenants(seeded, pki, tenants, stubs):
         if not token:
             break
     assert seen == sorted(seen) and {"acme", "globex"} <= set(seen)
+
+
+def test_oversized_message_is_resource_exhausted(seeded, pki, tenants, stubs):
+    op = tenants(pki.operator())
+    big = stubs.tenant.CreateTenantRequest(tenant_id="bigco", display_name="x" * 100_000)
+    err = code_of(lambda: op.CreateTenant(big, timeout=TIMEOUT))
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "65536" in err.details()
+    # Nothing was created, and the same channel still works.
+    err = code_of(lambda: op.GetTenant(stubs.tenant.GetTenantRequest(tenant_id="bigco"), timeout=TIMEOUT))
+    assert err.code() == grpc.StatusCode.NOT_FOUND
