@@ -22,7 +22,8 @@ public final class Gateway: Sendable {
   public let directory: IdentityDirectory
   public let server: GRPCServer<HTTP2ServerTransport.Posix>
   let transport: HTTP2ServerTransport.Posix
-  let draining = DrainFlag()
+  /// Set when graceful shutdown begins, so health turns NOT_SERVING before the listener closes.
+  let draining = AtomicFlag()
   let ready = ReadinessGate()
   let logger: Logger
 
@@ -113,6 +114,8 @@ public final class Gateway: Sendable {
       // Waits for the schema: listening and loading before migrations would fail on a new database.
       IdentityChangeListener(database: database, logger: logger, waitUntilReady: { [ready] in await ready.wait() }) {
         [directory, logger] in
+        // The pool is going away with the process; a reload now would only log a failure.
+        guard !Task.isShuttingDownGracefully else { return }
         await directory.refreshLogging(logger)
       },
       GRPCServerService(gateway: self),
@@ -135,11 +138,24 @@ public final class Gateway: Sendable {
     try await directory.refresh()
     ready.open()
     try await withGracefulShutdownHandler {
+      let bound = AtomicFlag()
       try await withThrowingTaskGroup(of: Void.self) { group in
-        group.addTask { try await self.server.serve() }
+        group.addTask {
+          do {
+            try await self.server.serve()
+          } catch where !bound.isSet {
+            throw ListenFailure(address: self.config.listen, cause: error)
+          }
+        }
         group.addTask {
           // Port 0 binds a free port; say which, so scripts and tests can connect.
-          let address = try await self.listeningAddress
+          let address: GRPCNIOTransportHTTP2.SocketAddress
+          do {
+            address = try await self.listeningAddress
+          } catch {
+            throw ListenFailure(address: self.config.listen, cause: error)
+          }
+          bound.set()
           let port = address.ipv4?.port ?? address.ipv6?.port ?? self.config.listen.port
           self.logger.info(
             "gateway listening",
@@ -154,6 +170,16 @@ public final class Gateway: Sendable {
       draining.set()
       server.beginGracefulShutdown()
     }
+  }
+}
+
+/// The listener could not be opened (address in use, not local, no permission).
+public struct ListenFailure: Error, CustomStringConvertible {
+  public let address: GatewayConfig.Address
+  public let cause: any Error
+
+  public var description: String {
+    "cannot listen on \(address) (\(ConfigSetting.listen)): \((cause as? RPCError)?.cause.map { "\($0)" } ?? "\(cause)")"
   }
 }
 

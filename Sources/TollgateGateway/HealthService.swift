@@ -10,11 +10,11 @@ import TollgateStore
 struct HealthService: Grpc_Health_V1_Health.SimpleServiceProtocol {
   let services: Set<String>
   let database: Database
-  let draining: DrainFlag
+  let draining: AtomicFlag
   let logger: Logger
 
   func status() async -> Grpc_Health_V1_HealthCheckResponse.ServingStatus {
-    if draining.isDraining { return .notServing }
+    if draining.isSet { return .notServing }
     return await database.isReachable(logger: logger) ? .serving : .notServing
   }
 
@@ -51,10 +51,10 @@ struct HealthService: Grpc_Health_V1_Health.SimpleServiceProtocol {
   }
 }
 
-/// Set when graceful shutdown begins, so health turns NOT_SERVING before the listener closes.
-final class DrainFlag: Sendable {
+/// A flag that is set once and read from any task (e.g. "draining", "bound").
+final class AtomicFlag: Sendable {
   private let value = Atomic<Bool>(false)
-  var isDraining: Bool { value.load(ordering: .relaxed) }
+  var isSet: Bool { value.load(ordering: .relaxed) }
   func set() { value.store(true, ordering: .relaxed) }
 }
 

@@ -8,7 +8,7 @@ import NIOHTTP2
 /// clients report as UNAVAILABLE (retryable, and wrong). This handler sits in front of the
 /// transport's stream handler, follows the gRPC length-prefixed framing of the request body,
 /// and on the first message over the limit answers trailers-only with `grpc-status: 8` and a
-/// message naming the sizes, then closes the stream. The oversized bytes are never forwarded,
+/// message naming the sizes, then resets the stream with NO_ERROR. The oversized bytes are never forwarded,
 /// so nothing is decoded or run.
 final class MessageSizeLimitHandler: ChannelDuplexHandler, RemovableChannelHandler {
   typealias InboundIn = HTTP2Frame.FramePayload
@@ -72,8 +72,10 @@ final class MessageSizeLimitHandler: ChannelDuplexHandler, RemovableChannelHandl
     headers.add(name: "grpc-status", value: "8")
     headers.add(name: "grpc-message", value: "request message is \(length) bytes; this gateway accepts at most \(limit)")
     let trailers = HTTP2Frame.FramePayload.headers(.init(headers: headers, endStream: true))
-    context.writeAndFlush(wrapOutboundOut(trailers)).whenComplete { _ in
-      context.close(promise: nil)
-    }
+    context.write(wrapOutboundOut(trailers), promise: nil)
+    // The client may still be sending the rest of the message. RST_STREAM with NO_ERROR after an
+    // early response tells it to stop while keeping the status (gRPC over HTTP/2); a plain close
+    // would reset with CANCEL, which clients report instead of the status.
+    context.writeAndFlush(wrapOutboundOut(.rstStream(.noError)), promise: nil)
   }
 }

@@ -105,6 +105,9 @@ struct Serve: AsyncParsableCommand {
     }
     do {
       try await gateway.run()
+    } catch let error as ListenFailure {
+      logger.critical("gateway stopped: \(error)")
+      throw ExitCode(78)
     } catch let error as StoreError {
       logger.critical("gateway stopped: database", metadata: ["error": "\(error)"])
       throw ExitCode(69)
