@@ -95,7 +95,7 @@ public struct ConfigSetting: Sendable, Hashable, CustomStringConvertible {
   public static let clientCA = ConfigSetting(name: "client-ca", help: "PEM bundle of CAs that sign client certificates")
   public static let trustDomain = ConfigSetting(name: "trust-domain", help: "SPIFFE trust domain of client certificates")
   public static let databaseURL = ConfigSetting(name: "database-url", help: "postgres://USER[:PASSWORD]@HOST[:PORT]/DB[?sslmode=…]")
-  public static let metricsListen = ConfigSetting(name: "metrics-listen", help: "metrics HTTP address HOST:PORT (off when unset)")
+  public static let metricsListen = ConfigSetting(name: "metrics-listen", help: "Prometheus /metrics over plain HTTP on HOST:PORT (off when unset)")
   public static let migrate = ConfigSetting(name: "migrate", help: "apply migrations at start: true (default) or false")
   public static let maxMessageBytes = ConfigSetting(name: "max-message-bytes", help: "largest request message in bytes (default 4194304)")
   public static let databaseMaxConnections = ConfigSetting(
@@ -245,6 +245,9 @@ public struct ConfigResolver: Sendable {
     }
     let database = try databaseURL()
     let metrics = try address(.metricsListen, default: nil)
+    if let metrics, metrics.host != "localhost", !Self.isIPLiteral(metrics.host) {
+      throw ConfigError(.metricsListen, "host '\(metrics.host)' must be an IP address or localhost")
+    }
     let migrate: Bool
     switch value(.migrate)?.lowercased() {
     case nil, "true", "1", "yes": migrate = true

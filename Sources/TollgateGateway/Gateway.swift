@@ -26,6 +26,8 @@ public final class Gateway: Sendable {
   let draining = AtomicFlag()
   let ready = ReadinessGate()
   let logger: Logger
+  public let metrics: GatewayMetrics
+  let metricsServer: MetricsServer?
 
   /// Services of the API that work in this build; only these are registered (an unregistered
   /// method gets UNIMPLEMENTED from the server).
@@ -39,6 +41,9 @@ public final class Gateway: Sendable {
   public init(config: GatewayConfig, logger: Logger) throws(ConfigError) {
     self.config = config
     self.logger = logger
+    let metrics = GatewayMetrics()
+    self.metrics = metrics
+    self.metricsServer = config.metricsListen.map { MetricsServer(address: $0, metrics: metrics, logger: logger) }
     let tls = try TLSMaterial.load(config)
     let database = Database(
       url: config.database,
@@ -86,17 +91,24 @@ public final class Gateway: Sendable {
       transport: transport,
       services: services,
       interceptors: Self.interceptors(
+        metrics: metrics,
         identity: CertificateIdentity(trustDomain: config.trustDomain),
         directory: directory
       )
     )
   }
 
-  /// The interceptor chain, outermost first. Identity must come first: everything after it reads
-  /// the caller's ``CallScope``. Authorization follows, so nothing past it (quota, audit, the
-  /// handler) runs for a caller who may not make the call.
-  public static func interceptors(identity: CertificateIdentity, directory: IdentityDirectory) -> [any ServerInterceptor] {
+  /// The interceptor chain, outermost first. Metrics is outermost so refused calls are counted
+  /// and timed too. Identity comes next: everything after it reads the caller's ``CallScope``.
+  /// Authorization follows, so nothing past it (quota, audit, the handler) runs for a caller who
+  /// may not make the call.
+  public static func interceptors(
+    metrics: GatewayMetrics,
+    identity: CertificateIdentity,
+    directory: IdentityDirectory
+  ) -> [any ServerInterceptor] {
     [
+      MetricsInterceptor(metrics: metrics),
       IdentityInterceptor(identity: identity, directory: directory),
       AuthorizationInterceptor(policy: .standard, directory: directory),
     ]
@@ -119,8 +131,11 @@ public final class Gateway: Sendable {
         await directory.refreshLogging(logger)
       },
       GRPCServerService(gateway: self),
-    ]
+    ] + (metricsServer.map { [$0] } ?? [])
   }
+
+  /// The metrics endpoint's bound port, once listening; nil without `--metrics-listen`.
+  public func metricsPort() async -> Int? { await metricsServer?.listeningPort() }
 
   /// Runs the gateway until a signal in `signals` (or the task's cancellation) shuts it down.
   public func run(gracefulShutdownSignals signals: [UnixSignal] = [.sigterm, .sigint]) async throws {
@@ -177,9 +192,16 @@ public final class Gateway: Sendable {
 public struct ListenFailure: Error, CustomStringConvertible {
   public let address: GatewayConfig.Address
   public let cause: any Error
+  public let setting: ConfigSetting
+
+  init(address: GatewayConfig.Address, cause: any Error, setting: ConfigSetting = .listen) {
+    self.address = address
+    self.cause = cause
+    self.setting = setting
+  }
 
   public var description: String {
-    "cannot listen on \(address) (\(ConfigSetting.listen)): \((cause as? RPCError)?.cause.map { "\($0)" } ?? "\(cause)")"
+    "cannot listen on \(address) (\(setting)): \((cause as? RPCError)?.cause.map { "\($0)" } ?? "\(cause)")"
   }
 }
 

@@ -96,9 +96,6 @@ struct Serve: AsyncParsableCommand {
     let gateway: Gateway
     do {
       let config = try settings.resolver().gatewayConfig()
-      if config.metricsListen != nil {
-        logger.notice("--metrics-listen is accepted but this build serves no metrics endpoint yet")
-      }
       gateway = try Gateway(config: config, logger: logger)
     } catch {
       fail(error)

@@ -101,6 +101,15 @@ def _psql(admin_url, sql):
     )
 
 
+class Gateway:
+    metrics_port = None
+
+
+@pytest.fixture(scope="session")
+def metrics_url(gateway):
+    return f"http://127.0.0.1:{Gateway.metrics_port}/metrics"
+
+
 @pytest.fixture(scope="session")
 def gateway(pki, work_dir):
     """A `tollgate serve` on a free port; yields its port, stops it and drops its database."""
@@ -114,7 +123,8 @@ def gateway(pki, work_dir):
         [_env("TOLLGATE_BIN"), "serve", "--listen", "127.0.0.1:0",
          "--tls-cert", str(server / "cert.pem"), "--tls-key", str(server / "key.pem"),
          "--client-ca", str(pki.root / "ca" / "ca.pem"), "--trust-domain", TRUST_DOMAIN,
-         "--database-url", app_url, "--database-timeout-ms", "2000", "--max-message-bytes", "65536"],
+         "--database-url", app_url, "--database-timeout-ms", "2000", "--max-message-bytes", "65536",
+         "--metrics-listen", "127.0.0.1:0"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
     lines = queue.Queue()
@@ -127,15 +137,18 @@ def gateway(pki, work_dir):
         lines.put(None)
 
     threading.Thread(target=pump, daemon=True).start()
-    port = None
+    port = metrics_port = None
     try:
-        while port is None:
+        while port is None or metrics_port is None:
             line = lines.get(timeout=START_TIMEOUT_S)
             if line is None:
                 raise RuntimeError("tollgate exited before listening:\n" + "".join(log))
             m = re.search(r"\bport=(\d+)", line)
             if m and "gateway listening" in line:
                 port = int(m.group(1))
+            if m and "metrics listening" in line:
+                metrics_port = int(m.group(1))
+        Gateway.metrics_port = metrics_port
         yield port
     finally:
         proc.terminate()

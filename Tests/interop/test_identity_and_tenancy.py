@@ -151,3 +151,22 @@ def test_oversized_message_is_resource_exhausted(seeded, pki, tenants, stubs):
     # Nothing was created, and the same channel still works.
     err = code_of(lambda: op.GetTenant(stubs.tenant.GetTenantRequest(tenant_id="bigco"), timeout=TIMEOUT))
     assert err.code() == grpc.StatusCode.NOT_FOUND
+
+
+def _metric(url, name, **labels):
+    import urllib.request
+    text = urllib.request.urlopen(url, timeout=TIMEOUT).read().decode()
+    want = [f'{k}="{v}"' for k, v in labels.items()]
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(w in line for w in want):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_metrics_count_refused_calls(seeded, pki, tenants, stubs, metrics_url):
+    labels = dict(grpc_service="tollgate.v1.TenantService", grpc_method="GetTenant", grpc_code="PermissionDenied")
+    before = _metric(metrics_url, "grpc_server_handled_total", **labels)
+    agent = tenants(pki.principal("acme", "agent", "edge-9"))
+    for _ in range(2):
+        code_of(lambda: agent.GetTenant(stubs.tenant.GetTenantRequest(), timeout=TIMEOUT))
+    assert _metric(metrics_url, "grpc_server_handled_total", **labels) == before + 2

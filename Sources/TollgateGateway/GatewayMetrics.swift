@@ -1,0 +1,146 @@
+import Foundation
+public import GRPCCore
+public import Prometheus
+import SwiftProtobuf
+import TollgateProtos
+
+/// The gateway's Prometheus metrics: per-method call counts and latencies under the names the
+/// gRPC ecosystem uses (go-grpc-prometheus): `grpc_server_started_total`,
+/// `grpc_server_handled_total` and `grpc_server_handling_seconds`, labelled by `grpc_type`,
+/// `grpc_service`, `grpc_method` (and `grpc_code` when handled).
+///
+/// Label values come from the method table and status codes only, never from requests, so the
+/// number of series is bounded by the API.
+public final class GatewayMetrics: Sendable {
+  public let registry: PrometheusCollectorRegistry
+
+  static let buckets: [Duration] = [
+    .microseconds(500), .milliseconds(1), .milliseconds(2), .milliseconds(5), .milliseconds(10), .milliseconds(25),
+    .milliseconds(50), .milliseconds(100), .milliseconds(250), .milliseconds(500), .seconds(1), .seconds(2.5),
+    .seconds(5), .seconds(10),
+  ]
+
+  /// `unary`, `client_stream`, `server_stream` or `bidi_stream` for every method of the API, read
+  /// from the embedded descriptors (interceptors are not told a call's type).
+  let callTypes: [String: String]
+
+  public init(registry: PrometheusCollectorRegistry = PrometheusCollectorRegistry()) {
+    self.registry = registry
+    var types: [String: String] = [:]
+    for file in EmbeddedProtoFiles.all {
+      guard let data = Data(base64Encoded: file.descriptorBase64),
+        let descriptor = try? Google_Protobuf_FileDescriptorProto(serializedBytes: data)
+      else { continue }
+      for service in descriptor.service {
+        let prefix = descriptor.package.isEmpty ? service.name : "\(descriptor.package).\(service.name)"
+        for method in service.method {
+          let type: String
+          switch (method.clientStreaming, method.serverStreaming) {
+          case (false, false): type = "unary"
+          case (true, false): type = "client_stream"
+          case (false, true): type = "server_stream"
+          case (true, true): type = "bidi_stream"
+          }
+          types["\(prefix)/\(method.name)"] = type
+        }
+      }
+    }
+    self.callTypes = types
+    registry.makeGauge(name: "tollgate_up", help: "1 while this gateway process runs").set(Double(1))
+  }
+
+  func callType(_ method: MethodDescriptor) -> String {
+    callTypes[method.fullyQualifiedMethod] ?? "unknown"
+  }
+
+  static func labels(_ method: MethodDescriptor, type: String) -> [(String, String)] {
+    [("grpc_type", type), ("grpc_service", method.service.fullyQualifiedService), ("grpc_method", method.method)]
+  }
+
+  func started(_ method: MethodDescriptor, type: String) {
+    registry.makeCounter(
+      name: "grpc_server_started_total",
+      labels: Self.labels(method, type: type),
+      help: "RPCs started on the server"
+    ).increment()
+  }
+
+  func handled(_ method: MethodDescriptor, type: String, code: String, duration: Duration) {
+    registry.makeCounter(
+      name: "grpc_server_handled_total",
+      labels: Self.labels(method, type: type) + [("grpc_code", code)],
+      help: "RPCs completed on the server, by status code"
+    ).increment()
+    registry.makeDurationHistogram(
+      name: "grpc_server_handling_seconds",
+      labels: Self.labels(method, type: type),
+      buckets: Self.buckets,
+      help: "Time from the start of an RPC to its status, in seconds"
+    ).record(duration)
+  }
+
+  /// The text exposition format (version 0.0.4).
+  public func exposition() -> [UInt8] {
+    registry.emitToBuffer()
+  }
+}
+
+/// Outermost interceptor: counts every call, including those refused by identity or
+/// authorization, and times it until its status is sent (for streams, until the response
+/// producer finishes, which runs after the interceptors have returned).
+struct MetricsInterceptor: ServerInterceptor {
+  let metrics: GatewayMetrics
+  let clock = ContinuousClock()
+
+  func intercept<Input: Sendable, Output: Sendable>(
+    request: StreamingServerRequest<Input>,
+    context: ServerContext,
+    next: @Sendable (StreamingServerRequest<Input>, ServerContext) async throws -> StreamingServerResponse<Output>
+  ) async throws -> StreamingServerResponse<Output> {
+    let method = context.descriptor
+    let type = metrics.callType(method)
+    let start = clock.now
+    metrics.started(method, type: type)
+    let response: StreamingServerResponse<Output>
+    do {
+      response = try await next(request, context)
+    } catch {
+      metrics.handled(method, type: type, code: Self.code(of: error), duration: clock.now - start)
+      throw error
+    }
+    switch response.accepted {
+    case .failure(let error):
+      metrics.handled(method, type: type, code: Self.name(error.code), duration: clock.now - start)
+      return response
+    case .success(var contents):
+      let producer = contents.producer
+      let metrics = self.metrics
+      let clock = self.clock
+      contents.producer = { writer in
+        do {
+          let trailers = try await producer(writer)
+          metrics.handled(method, type: type, code: "OK", duration: clock.now - start)
+          return trailers
+        } catch {
+          metrics.handled(method, type: type, code: Self.code(of: error), duration: clock.now - start)
+          throw error
+        }
+      }
+      var wrapped = response
+      wrapped.accepted = .success(contents)
+      return wrapped
+    }
+  }
+
+  static func code(of error: any Error) -> String {
+    if let rpc = error as? RPCError { return name(rpc.code) }
+    if let convertible = error as? any RPCErrorConvertible { return name(convertible.rpcErrorCode) }
+    return "Unknown"
+  }
+
+  /// Status code names as grpc-go spells them (`OK`, `PermissionDenied`, …).
+  static func name(_ code: RPCError.Code) -> String {
+    let text = String(describing: code)
+    return text.prefix(1).uppercased() + text.dropFirst()
+  }
+}

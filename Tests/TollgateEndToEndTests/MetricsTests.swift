@@ -1,0 +1,59 @@
+import Foundation
+import GRPCCore
+import Testing
+import SwiftProtobuf
+import TollgateCore
+import TollgateGateway
+import TollgateModel
+import TollgateProtos
+
+#if canImport(FoundationNetworking)
+import FoundationNetworking
+#endif
+
+/// `/metrics` scraped over real HTTP after real calls shows exactly those calls.
+@Suite(.timeLimit(.minutes(2))) struct MetricsTests {
+  @Test func scrapedCountsMatchTheCallsMade() async throws {
+    try await TestGateway.run(configure: { $0.metricsListen = .init(host: "127.0.0.1", port: 0) }) { gw in
+      let port = try #require(await gw.gateway.metricsPort())
+      try await gw.withClient(try gw.pki.issueOperator()) { client in
+        _ = try await Tollgate_V1_TenantService.Client(wrapping: client).createTenant(.with { $0.tenantID = "acme" })
+      }
+      let partner = try gw.pki.issue(tenant: "acme", role: .partner)
+      for _ in 0..<3 {
+        _ = try await gw.withClient(partner) { client in
+          try await Tollgate_V1_TenantService.Client(wrapping: client).getTenant(.init())
+        }
+      }
+      let agent = try gw.pki.issue(tenant: "acme", role: .agent)
+      _ = await statusCode {
+        try await gw.withClient(agent) { client in
+          try await Tollgate_V1_TenantService.Client(wrapping: client).getTenant(.init())
+        }
+      }
+
+      let (data, response) = try await URLSession.shared.data(from: URL(string: "http://127.0.0.1:\(port)/metrics")!)
+      #expect((response as? HTTPURLResponse)?.statusCode == 200)
+      let text = String(decoding: data, as: UTF8.self)
+
+      func value(_ name: String, _ labels: [String]) -> Double? {
+        let line = text.split(separator: "\n").first { line in
+          line.hasPrefix(name + "{") && labels.allSatisfy { line.contains($0) }
+        }
+        return line.flatMap { $0.split(separator: " ").last }.flatMap { Double($0) }
+      }
+      let getTenant = [#"grpc_service="tollgate.v1.TenantService""#, #"grpc_method="GetTenant""#, #"grpc_type="unary""#]
+      #expect(value("grpc_server_handled_total", getTenant + [#"grpc_code="OK""#]) == 3)
+      #expect(value("grpc_server_handled_total", getTenant + [#"grpc_code="PermissionDenied""#]) == 1)
+      #expect(value("grpc_server_started_total", getTenant) == 4)
+      #expect(value("grpc_server_handling_seconds_count", getTenant) == 4)
+      #expect(
+        value("grpc_server_handled_total", [#"grpc_method="CreateTenant""#, #"grpc_code="OK""#]) == 1
+      )
+      #expect(text.contains("tollgate_up 1"))
+
+      let (_, missing) = try await URLSession.shared.data(from: URL(string: "http://127.0.0.1:\(port)/nope")!)
+      #expect((missing as? HTTPURLResponse)?.statusCode == 404)
+    }
+  }
+}
