@@ -4,35 +4,8 @@ public import TollgateModel
 /// Everything `tollgate serve` needs, validated. Built once at the edge by ``ConfigResolver``
 /// from flags, `TOLLGATE_*` environment variables and an optional JSON config file.
 public struct GatewayConfig: Sendable {
-  /// A `HOST:PORT` address (IPv6 hosts in brackets: `[::1]:8443`).
-  public struct Address: Sendable, Hashable, CustomStringConvertible {
-    public var host: String
-    public var port: Int
-
-    public init(host: String, port: Int) {
-      self.host = host
-      self.port = port
-    }
-
-    public init?(parsing text: String) {
-      let host: Substring
-      let portText: Substring
-      if text.hasPrefix("[") {
-        guard let close = text.firstIndex(of: "]"), text[text.index(after: close)...].hasPrefix(":") else { return nil }
-        host = text[text.index(after: text.startIndex)..<close]
-        portText = text[text.index(close, offsetBy: 2)...]
-      } else {
-        guard let colon = text.lastIndex(of: ":") else { return nil }
-        host = text[..<colon]
-        portText = text[text.index(after: colon)...]
-        if host.contains(":") { return nil }
-      }
-      guard !host.isEmpty, let port = Int(portText), (0...65535).contains(port) else { return nil }
-      self.init(host: String(host), port: port)
-    }
-
-    public var description: String { host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)" }
-  }
+  /// A `HOST:PORT` address.
+  public typealias Address = HostPort
 
   public var listen: Address
   public var tlsCertificatePath: String

@@ -5,7 +5,7 @@ import NIOCore
 public import ServiceLifecycle
 public import UnixSignals
 public import TollgateCore
-import TollgateModel
+public import TollgateModel
 import TollgateProtos
 public import TollgateStore
 import TollgateTenancy

@@ -5,6 +5,7 @@ import NIOPosix
 import ServiceLifecycle
 import Synchronization
 import TollgateCore
+import TollgateModel
 
 /// Serves `GET /metrics` (Prometheus text format) over plain HTTP/1.1 on `--metrics-listen`.
 /// Plain text on purpose: scrapers rarely hold client certificates, and the data is aggregate

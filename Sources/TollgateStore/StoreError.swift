@@ -20,7 +20,9 @@ public enum StoreError: Error, Sendable {
       switch psql.code {
       case .server:
         let state = psql.serverInfo?[.sqlState] ?? ""
-        if state == "23505" { return .alreadyExists(psql.serverInfo?[.message] ?? "duplicate key") }
+        // Repositories report expected conflicts in their own words; Postgres's text names
+        // constraints and columns, which must not reach a client.
+        if state == "23505" { return .alreadyExists("a record with the same identity already exists") }
         // 08xxx connection exceptions, 57P01-57P03 admin shutdown / cannot connect now.
         if state.hasPrefix("08") || state.hasPrefix("57P") { return .unavailable("database: \(state)") }
         return .unexpected("sqlstate \(state): \(psql.serverInfo?[.message] ?? "")")

@@ -56,14 +56,11 @@ enum TenantMapping {
     }
   }
 
-  /// The quota a request asks for, laid over `base`: listed classes replace base's, unlisted keep
-  /// base's, zero max_concurrent_calls keeps base's. Every problem is reported, not just the first.
-  static func quotaSettings(
-    from wire: Tollgate_V1_Quota,
-    over base: QuotaSettings,
-    field: String
-  ) throws(TollgateError) -> QuotaSettings {
-    var settings = base
+  /// The quota a request asks for, laid over the defaults: listed classes replace the default
+  /// limits, unlisted ones keep them, zero max_concurrent_calls keeps the default. Every problem
+  /// is reported, not just the first.
+  static func quotaSettings(from wire: Tollgate_V1_Quota, field: String) throws(TollgateError) -> QuotaSettings {
+    var settings = QuotaSettings.defaults
     var violations: [TollgateError.FieldViolation] = []
     var seen: Set<QuotaClass> = []
     for (i, limit) in wire.rateLimits.enumerated() {

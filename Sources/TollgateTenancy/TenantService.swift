@@ -67,7 +67,7 @@ extension TenantService: Tollgate_V1_TenantService.SimpleServiceProtocol {
         throw TollgateError.invalidField("tenant_id", error.description)
       }
       let name = try TenantMapping.text(request.displayName, field: "display_name", max: 200)
-      let quota = try TenantMapping.quotaSettings(from: request.quota, over: .defaults, field: "quota")
+      let quota = try TenantMapping.quotaSettings(from: request.quota, field: "quota")
       let record = try await repository.create(
         id: id,
         displayName: name.isEmpty ? id.rawValue : name,
@@ -119,9 +119,9 @@ extension TenantService: Tollgate_V1_TenantService.SimpleServiceProtocol {
     try await handling("UpdateQuota") {
       let tenant = try CallScope.required().resolveTenant(requested: request.tenantID)
       guard request.hasQuota else { throw TollgateError.invalidField("quota", "is required") }
-      // Validate against defaults first so a bad request fails before touching the database;
-      // the stored quota replaces the tenant's as a whole (unlisted classes get defaults).
-      let quota = try TenantMapping.quotaSettings(from: request.quota, over: .defaults, field: "quota")
+      // The stored quota replaces the tenant's as a whole (unlisted classes get defaults), and a
+      // bad request fails before touching the database.
+      let quota = try TenantMapping.quotaSettings(from: request.quota, field: "quota")
       let record = try await repository.updateQuota(tenant, quota: quota, logger: logger)
       return .with { $0.tenant = TenantMapping.tenant(record) }
     }

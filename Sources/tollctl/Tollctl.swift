@@ -4,6 +4,7 @@ import GRPCCore
 import GRPCNIOTransportHTTP2
 import SwiftProtobuf
 import TollgateClient
+import TollgateModel
 import TollgateProtos
 
 @main
@@ -27,11 +28,9 @@ struct ConnectionOptions: ParsableArguments {
   func connection() throws -> GatewayConnection {
     let env = ProcessInfo.processInfo.environment
     let address = gateway ?? env["TOLLCTL_GATEWAY"] ?? "127.0.0.1:8443"
-    guard let colon = address.lastIndex(of: ":"), let port = Int(address[address.index(after: colon)...]) else {
-      throw ValidationError("--gateway is '\(address)'; expected HOST:PORT")
+    guard let target = HostPort(parsing: address) else {
+      throw ValidationError("--gateway is '\(address)'; expected HOST:PORT such as 127.0.0.1:8443 or [::1]:8443")
     }
-    var host = String(address[..<colon])
-    if host.hasPrefix("[") && host.hasSuffix("]") { host = String(host.dropFirst().dropLast()) }
     guard let dir = identity ?? env["TOLLCTL_IDENTITY"] else {
       throw ValidationError("--identity (or TOLLCTL_IDENTITY) is required: a folder with cert.pem, key.pem and ca.pem")
     }
@@ -43,8 +42,8 @@ struct ConnectionOptions: ParsableArguments {
       return Array(data)
     }
     return GatewayConnection(
-      host: host,
-      port: port,
+      host: target.host,
+      port: target.port,
       certificatePEM: try read("cert.pem"),
       privateKeyPEM: try read("key.pem"),
       serverCAPEM: try read("ca.pem")

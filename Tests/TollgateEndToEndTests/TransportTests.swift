@@ -57,7 +57,7 @@ import TollgateProtos
     #expect(status == .serving)
   }
 
-  @Test func expiredOrForeignDomainCertificatesAreUnauthenticated() async throws {
+  @Test func foreignDomainAndServerCertificatesAreRefused() async throws {
     try await TestGateway.run { gw in
       // Same CA, wrong trust domain in the SPIFFE ID: TLS accepts it, identity does not.
       let foreign = try gw.pki.issue(.principal(SPIFFEID(operatorNamed: "alice", trustDomain: "elsewhere.org")))

@@ -31,6 +31,8 @@ def test_no_client_certificate_fails_at_handshake(seeded, pki, channel_for, stub
     ch = channel_for(None, creds)
     err = code_of(lambda: stubs.tenant_grpc.TenantServiceStub(ch).GetTenant(stubs.tenant.GetTenantRequest(), timeout=TIMEOUT))
     assert err.code() == grpc.StatusCode.UNAVAILABLE
+    # The connection itself failed (TLS), as opposed to a status sent by the server.
+    assert "failed to connect" in err.details()
     # The server is fine afterwards.
     ok = stubs.tenant_grpc.TenantServiceStub(channel_for(pki.principal("acme", "partner", "billing")))
     assert ok.GetTenant(stubs.tenant.GetTenantRequest(), timeout=TIMEOUT).tenant.tenant_id == "acme"
@@ -42,6 +44,7 @@ def test_certificate_from_another_ca_fails(seeded, pki, channel_for, stubs):
     stub = stubs.tenant_grpc.TenantServiceStub(channel_for(None, creds))
     err = code_of(lambda: stub.ListTenants(stubs.tenant.ListTenantsRequest(), timeout=TIMEOUT))
     assert err.code() == grpc.StatusCode.UNAVAILABLE
+    assert "failed to connect" in err.details()
 
 
 def test_partner_of_a_is_denied_tenant_b(seeded, pki, tenants, stubs):
