@@ -170,10 +170,16 @@ public struct ConfigResolver: Sendable {
     return path
   }
 
+  /// A listen address: HOST:PORT whose host is an IP literal, or `localhost` (taken as 127.0.0.1),
+  /// since listeners bind addresses, not names.
   func address(_ setting: ConfigSetting, default fallback: String?) throws(ConfigError) -> GatewayConfig.Address? {
     guard let text = value(setting) ?? fallback else { return nil }
-    guard let address = GatewayConfig.Address(parsing: text) else {
+    guard var address = GatewayConfig.Address(parsing: text) else {
       throw ConfigError(setting, "is '\(text)'; expected HOST:PORT such as 127.0.0.1:8443 or [::1]:8443")
+    }
+    if address.host == "localhost" { address.host = "127.0.0.1" }
+    guard Self.isIPLiteral(address.host) else {
+      throw ConfigError(setting, "host '\(address.host)' must be an IP address (e.g. 0.0.0.0, 127.0.0.1, [::]) or localhost")
     }
     return address
   }
@@ -204,11 +210,7 @@ public struct ConfigResolver: Sendable {
 
   /// The full, validated configuration of `tollgate serve`.
   public func gatewayConfig() throws(ConfigError) -> GatewayConfig {
-    var listen = try address(.listen, default: "127.0.0.1:8443")!
-    if listen.host == "localhost" { listen.host = "127.0.0.1" }
-    guard Self.isIPLiteral(listen.host) else {
-      throw ConfigError(.listen, "host '\(listen.host)' must be an IP address (e.g. 0.0.0.0, 127.0.0.1, [::]) or localhost")
-    }
+    let listen = try address(.listen, default: "127.0.0.1:8443")!
     let cert = try readableFile(.tlsCert)
     let key = try readableFile(.tlsKey)
     let ca = try readableFile(.clientCA)
@@ -218,9 +220,6 @@ public struct ConfigResolver: Sendable {
     }
     let database = try databaseURL()
     let metrics = try address(.metricsListen, default: nil)
-    if let metrics, metrics.host != "localhost", !Self.isIPLiteral(metrics.host) {
-      throw ConfigError(.metricsListen, "host '\(metrics.host)' must be an IP address or localhost")
-    }
     let migrate: Bool
     switch value(.migrate)?.lowercased() {
     case nil, "true", "1", "yes": migrate = true

@@ -52,6 +52,7 @@ import TollgateModel
     ("listen", "8443", "--listen"),
     ("listen", "example.com:8443", "--listen"),
     ("listen", "127.0.0.1:99999", "--listen"),
+    ("metrics-listen", "example.com:9090", "--metrics-listen"),
     ("tls-cert", "/nonexistent/cert.pem", "--tls-cert"),
     ("trust-domain", "Example.ORG", "--trust-domain"),
     ("database-url", "mysql://x@y/z", "--database-url"),
@@ -78,6 +79,15 @@ import TollgateModel
     #expect(try resolver.gatewayConfig().listen.description == "[::1]:3")
     resolver.flags["trust-domain"] = nil
     #expect(try resolver.gatewayConfig().trustDomain == "file.org")
+  }
+
+  @Test func localhostListenersBindLoopback() throws {
+    var flags = complete
+    flags["listen"] = "localhost:8443"
+    flags["metrics-listen"] = "localhost:9090"
+    let config = try ConfigResolver(flags: flags, environment: [:]).gatewayConfig()
+    #expect(config.listen.description == "127.0.0.1:8443")
+    #expect(config.metricsListen?.description == "127.0.0.1:9090")
   }
 
   @Test func configFileRejectsUnknownKeys() throws {
