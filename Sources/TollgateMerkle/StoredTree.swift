@@ -1,0 +1,116 @@
+/// A perfect subtree of an RFC 6962 tree: the node at `level` covering leaves
+/// `[index << level, (index + 1) << level)`. Level 0 nodes are leaf hashes.
+public struct NodeAddress: Hashable, Sendable {
+  public var level: Int
+  public var index: UInt64
+
+  public init(level: Int, index: UInt64) {
+    self.level = level
+    self.index = index
+  }
+}
+
+/// The right edge of a growing tree: the roots of its perfect subtrees, largest (leftmost) first,
+/// one per set bit of `size`. Enough to append leaves and to compute the root, so an appender
+/// needs neither the leaves nor the stored nodes.
+public struct CompactRange: Sendable, Hashable {
+  public private(set) var size: UInt64
+  public private(set) var hashes: [MerkleTree.Hash]
+
+  public init() {
+    self.size = 0
+    self.hashes = []
+  }
+
+  /// Restores a range read back from storage; nil if the hash count does not match `size`.
+  public init?(size: UInt64, hashes: [MerkleTree.Hash]) {
+    guard size.nonzeroBitCount == hashes.count, hashes.allSatisfy({ $0.count == 32 }) else { return nil }
+    self.size = size
+    self.hashes = hashes
+  }
+
+  /// Appends one leaf hash and returns every perfect subtree it completes, the leaf itself first.
+  public mutating func append(leafHash: MerkleTree.Hash) -> [(NodeAddress, MerkleTree.Hash)] {
+    var node = leafHash
+    var address = NodeAddress(level: 0, index: size)
+    var completed = [(address, node)]
+    // Each trailing one bit of the new leaf's index merges it with a left neighbour.
+    while address.index & 1 == 1 {
+      node = MerkleTree.nodeHash(hashes.removeLast(), node)
+      address = NodeAddress(level: address.level + 1, index: address.index >> 1)
+      completed.append((address, node))
+    }
+    hashes.append(node)
+    size += 1
+    return completed
+  }
+
+  /// The RFC 6962 root of the tree of `size` leaves.
+  public var root: MerkleTree.Hash {
+    guard var root = hashes.last else { return MerkleTree.root([]) }
+    for hash in hashes.dropLast().reversed() { root = MerkleTree.nodeHash(hash, root) }
+    return root
+  }
+}
+
+extension MerkleTree {
+  /// Proofs computed from stored perfect-subtree hashes instead of all leaves: every hash in an
+  /// RFC 6962 proof is the hash of a range `[lo, hi)` whose left part splits into perfect
+  /// subtrees, so O(log² n) stored nodes answer any proof of a tree of n leaves.
+  ///
+  /// `node` must return the stored hash of a perfect subtree. ``nodesNeeded(_:)`` lists the
+  /// addresses a proof will ask for, so a store can fetch them in one query first.
+  public static func rangeHash(_ lo: UInt64, _ hi: UInt64, node: (NodeAddress) -> Hash) -> Hash {
+    let n = hi - lo
+    precondition(n > 0, "empty range")
+    if n & (n - 1) == 0 && lo % n == 0 {
+      return node(NodeAddress(level: n.trailingZeroBitCount, index: lo / n))
+    }
+    let k = UInt64(largestPowerOfTwo(below: Int(n)))
+    return nodeHash(rangeHash(lo, lo + k, node: node), rangeHash(lo + k, hi, node: node))
+  }
+
+  /// The root of the first `treeSize` leaves from stored nodes.
+  public static func root(treeSize: UInt64, node: (NodeAddress) -> Hash) -> Hash {
+    treeSize == 0 ? root([]) : rangeHash(0, treeSize, node: node)
+  }
+
+  /// RFC 6962 PATH(index, D[0:treeSize]) from stored nodes.
+  public static func inclusionProof(index: UInt64, treeSize: UInt64, node: (NodeAddress) -> Hash) -> [Hash] {
+    precondition(index < treeSize, "index out of range")
+    func path(_ m: UInt64, _ lo: UInt64, _ hi: UInt64) -> [Hash] {
+      let n = hi - lo
+      if n == 1 { return [] }
+      let k = UInt64(largestPowerOfTwo(below: Int(n)))
+      if m < lo + k { return path(m, lo, lo + k) + [rangeHash(lo + k, hi, node: node)] }
+      return path(m, lo + k, hi) + [rangeHash(lo, lo + k, node: node)]
+    }
+    return path(index, 0, treeSize)
+  }
+
+  /// RFC 6962 PROOF(oldSize, D[0:newSize]) from stored nodes.
+  public static func consistencyProof(oldSize: UInt64, newSize: UInt64, node: (NodeAddress) -> Hash) -> [Hash] {
+    precondition(oldSize <= newSize, "old size beyond new size")
+    if oldSize == 0 || oldSize == newSize { return [] }
+    func subproof(_ m: UInt64, _ lo: UInt64, _ hi: UInt64, _ complete: Bool) -> [Hash] {
+      let n = hi - lo
+      if m == n { return complete ? [] : [rangeHash(lo, hi, node: node)] }
+      let k = UInt64(largestPowerOfTwo(below: Int(n)))
+      if m <= k { return subproof(m, lo, lo + k, complete) + [rangeHash(lo + k, hi, node: node)] }
+      return subproof(m - k, lo + k, hi, false) + [rangeHash(lo, lo + k, node: node)]
+    }
+    return subproof(oldSize, 0, newSize, true)
+  }
+
+  /// The stored nodes `compute` will read, found by running it once without hashing real data
+  /// (the shape of a proof depends only on sizes and indices, never on hash values).
+  public static func nodesNeeded(_ compute: ((NodeAddress) -> Hash) -> Void) -> Set<NodeAddress> {
+    var needed = Set<NodeAddress>()
+    let placeholder = Hash(repeating: 0, count: 32)
+    compute { address in
+      needed.insert(address)
+      return placeholder
+    }
+    return needed
+  }
+}
