@@ -58,6 +58,7 @@ let package = Package(
         "TollgateProtos",
         .product(name: "GRPCCore", package: "grpc-swift-2"),
         .product(name: "GRPCProtobuf", package: "grpc-swift-protobuf"),
+        .product(name: "SwiftProtobuf", package: "swift-protobuf"),
         .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
         .product(name: "X509", package: "swift-certificates"),
         .product(name: "Crypto", package: "swift-crypto"),
@@ -70,10 +71,21 @@ let package = Package(
     .target(
       name: "TollgateStore",
       dependencies: [
-        "TollgateModel",
+        "TollgateModel", "TollgateMerkle",
         .product(name: "PostgresNIO", package: "postgres-nio"),
+        .product(name: "NIOCore", package: "swift-nio"),
         .product(name: "Logging", package: "swift-log"),
         .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+      ],
+      swiftSettings: swiftSettings
+    ),
+    // What every service handler shares: mapping store failures to client-facing statuses.
+    .target(
+      name: "TollgateServiceSupport",
+      dependencies: [
+        "TollgateCore", "TollgateStore",
+        .product(name: "GRPCCore", package: "grpc-swift-2"),
+        .product(name: "Logging", package: "swift-log"),
       ],
       swiftSettings: swiftSettings
     ),
@@ -81,11 +93,26 @@ let package = Package(
     .target(
       name: "TollgateTenancy",
       dependencies: [
-        "TollgateModel", "TollgateCore", "TollgateStore", "TollgateProtos",
+        "TollgateModel", "TollgateCore", "TollgateStore", "TollgateProtos", "TollgateServiceSupport",
         .product(name: "GRPCCore", package: "grpc-swift-2"),
         .product(name: "GRPCProtobuf", package: "grpc-swift-protobuf"),
         .product(name: "SwiftProtobuf", package: "swift-protobuf"),
         .product(name: "Logging", package: "swift-log"),
+      ],
+      swiftSettings: swiftSettings
+    ),
+    // The audit trail: the audit interceptor, its buffer, checkpoint signing and AuditService.
+    .target(
+      name: "TollgateAudit",
+      dependencies: [
+        "TollgateModel", "TollgateCore", "TollgateStore", "TollgateProtos", "TollgateMerkle", "TollgateServiceSupport",
+        .product(name: "GRPCCore", package: "grpc-swift-2"),
+        .product(name: "GRPCProtobuf", package: "grpc-swift-protobuf"),
+        .product(name: "SwiftProtobuf", package: "swift-protobuf"),
+        .product(name: "NIOCore", package: "swift-nio"),
+        .product(name: "Crypto", package: "swift-crypto"),
+        .product(name: "Logging", package: "swift-log"),
+        .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
       ],
       swiftSettings: swiftSettings
     ),
@@ -110,8 +137,11 @@ let package = Package(
     .target(
       name: "TollgateClient",
       dependencies: [
+        "TollgateMerkle", "TollgateProtos",
         .product(name: "GRPCCore", package: "grpc-swift-2"),
         .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
+        .product(name: "GRPCProtobuf", package: "grpc-swift-protobuf"),
+        .product(name: "SwiftProtobuf", package: "swift-protobuf"),
       ],
       swiftSettings: swiftSettings
     ),
@@ -119,7 +149,7 @@ let package = Package(
     .target(
       name: "TollgateGateway",
       dependencies: [
-        "TollgateModel", "TollgateCore", "TollgateStore", "TollgateProtos", "TollgateTenancy",
+        "TollgateModel", "TollgateCore", "TollgateStore", "TollgateProtos", "TollgateTenancy", "TollgateAudit",
         .product(name: "GRPCCore", package: "grpc-swift-2"),
         .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
         .product(name: "GRPCProtobuf", package: "grpc-swift-protobuf"),
@@ -180,7 +210,7 @@ let package = Package(
       name: "TollgateEndToEndTests",
       dependencies: [
         "TollgateGateway", "TollgateCore", "TollgateStore", "TollgateModel", "TollgateProtos",
-        "TollgateCertificates", "TollgateClient",
+        "TollgateCertificates", "TollgateClient", "TollgateAudit", "TollgateMerkle",
         .product(name: "GRPCCore", package: "grpc-swift-2"),
         .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
         .product(name: "GRPCProtobuf", package: "grpc-swift-protobuf"),

@@ -22,6 +22,10 @@ public struct GatewayConfig: Sendable {
   public var databaseMaxConnections: Int
   /// How long one database operation may take before the call fails with UNAVAILABLE.
   public var databaseTimeout: Duration
+  /// The note signer file whose Ed25519 key signs audit checkpoints.
+  public var auditSigningKeyPath: String
+  /// Read-only calls' audit events that may wait for their batch commit before calls are refused.
+  public var auditBufferCapacity: Int
 
   public init(
     listen: Address,
@@ -34,7 +38,9 @@ public struct GatewayConfig: Sendable {
     migrateOnStart: Bool = true,
     maxRequestMessageBytes: Int = 4 * 1024 * 1024,
     databaseMaxConnections: Int = 20,
-    databaseTimeout: Duration = .seconds(5)
+    databaseTimeout: Duration = .seconds(5),
+    auditSigningKeyPath: String,
+    auditBufferCapacity: Int = 10_000
   ) {
     self.listen = listen
     self.tlsCertificatePath = tlsCertificatePath
@@ -47,6 +53,8 @@ public struct GatewayConfig: Sendable {
     self.maxRequestMessageBytes = maxRequestMessageBytes
     self.databaseMaxConnections = databaseMaxConnections
     self.databaseTimeout = databaseTimeout
+    self.auditSigningKeyPath = auditSigningKeyPath
+    self.auditBufferCapacity = auditBufferCapacity
   }
 }
 
@@ -81,9 +89,19 @@ public struct ConfigSetting: Sendable, Hashable, CustomStringConvertible {
     help: "milliseconds one database operation may take before the call fails UNAVAILABLE (default 5000)"
   )
 
+  public static let auditSigningKey = ConfigSetting(
+    name: "audit-signing-key",
+    help: "file with the Ed25519 note signer that signs audit checkpoints (tollctl certs audit-key)"
+  )
+
+  public static let auditBufferCapacity = ConfigSetting(
+    name: "audit-buffer-capacity",
+    help: "read-only calls' audit events awaiting their batch commit before calls are refused UNAVAILABLE (default 10000)"
+  )
+
   public static let all: [ConfigSetting] = [
     .listen, .tlsCert, .tlsKey, .clientCA, .trustDomain, .databaseURL, .metricsListen, .migrate, .maxMessageBytes,
-    .databaseMaxConnections, .databaseTimeoutMS,
+    .databaseMaxConnections, .databaseTimeoutMS, .auditSigningKey, .auditBufferCapacity,
   ]
 }
 
@@ -237,7 +255,9 @@ public struct ConfigResolver: Sendable {
       migrateOnStart: migrate,
       maxRequestMessageBytes: try integer(.maxMessageBytes, default: 4 * 1024 * 1024, range: 1024...(64 * 1024 * 1024)),
       databaseMaxConnections: try integer(.databaseMaxConnections, default: 20, range: 2...500),
-      databaseTimeout: .milliseconds(try integer(.databaseTimeoutMS, default: 5000, range: 100...600_000))
+      databaseTimeout: .milliseconds(try integer(.databaseTimeoutMS, default: 5000, range: 100...600_000)),
+      auditSigningKeyPath: try readableFile(.auditSigningKey),
+      auditBufferCapacity: try integer(.auditBufferCapacity, default: 10_000, range: 1...10_000_000)
     )
   }
 }

@@ -8,7 +8,10 @@ public import TollgateCore
 public import TollgateModel
 import TollgateProtos
 public import TollgateStore
+public import TollgateAudit
+import TollgateMerkle
 import TollgateTenancy
+import Foundation
 
 /// The assembled gateway: its database, identity directory, the gRPC server with its
 /// interceptors in order, and the services that run them under one `ServiceGroup`.
@@ -28,17 +31,23 @@ public final class Gateway: Sendable {
   let logger: Logger
   public let metrics: GatewayMetrics
   let metricsServer: MetricsServer?
+  public let auditBuffer: AuditBuffer
+  public let checkpointer: Checkpointer
+  let auditNotifier: AuditNotifier
 
   /// Services of the API that work in this build; only these are registered (an unregistered
   /// method gets UNIMPLEMENTED from the server).
   public static let registeredServiceNames = [
     Tollgate_V1_TenantService.descriptor.fullyQualifiedService,
+    Tollgate_V1_AuditService.descriptor.fullyQualifiedService,
     Grpc_Health_V1_Health.descriptor.fullyQualifiedService,
     Grpc_Reflection_V1_ServerReflection.descriptor.fullyQualifiedService,
     Grpc_Reflection_V1alpha_ServerReflection.descriptor.fullyQualifiedService,
   ]
 
-  public init(config: GatewayConfig, logger: Logger) throws(ConfigError) {
+  /// `withoutAudit` assembles the chain without the audit interceptor. It exists only so the
+  /// benchmark can measure what auditing costs; no flag or setting reaches it.
+  public init(config: GatewayConfig, logger: Logger, withoutAudit: Bool = false) throws(ConfigError) {
     self.config = config
     self.logger = logger
     let metrics = GatewayMetrics()
@@ -53,6 +62,17 @@ public final class Gateway: Sendable {
     )
     self.database = database
     let repository = TenantRepository(database: database)
+    let auditRepository = AuditLogRepository(database: database)
+    let signingKey = try Self.loadSigningKey(config.auditSigningKeyPath)
+    self.auditBuffer = AuditBuffer(capacity: config.auditBufferCapacity, repository: auditRepository, logger: logger)
+    self.checkpointer = Checkpointer(
+      repository: auditRepository,
+      key: signingKey,
+      trustDomain: config.trustDomain,
+      logger: logger
+    )
+    let auditNotifier = AuditNotifier()
+    self.auditNotifier = auditNotifier
     let directoryLogger = logger
     let directory = IdentityDirectory { try await repository.identitySnapshot(logger: directoryLogger) }
     self.directory = directory
@@ -78,6 +98,7 @@ public final class Gateway: Sendable {
     let reflection = ReflectionService(registeredServices: Self.registeredServiceNames)
     let services: [any RegistrableRPCService] = [
       TenantService(repository: repository, directory: directory, logger: logger),
+      AuditService(repository: auditRepository, checkpointer: checkpointer, notifier: auditNotifier, logger: logger),
       HealthService(
         services: Set(Self.registeredServiceNames),
         database: database,
@@ -93,23 +114,40 @@ public final class Gateway: Sendable {
       interceptors: Self.interceptors(
         metrics: metrics,
         identity: CertificateIdentity(trustDomain: config.trustDomain),
-        directory: directory
+        directory: directory,
+        audit: withoutAudit
+          ? nil : AuditInterceptor(policy: .standard, buffer: auditBuffer, repository: auditRepository, logger: logger)
       )
     )
   }
 
+  static func loadSigningKey(_ path: String) throws(ConfigError) -> AuditSigningKey {
+    let text: String
+    do { text = try String(contentsOfFile: path, encoding: .utf8) } catch {
+      throw ConfigError(.auditSigningKey, "cannot be read: \(error.localizedDescription)")
+    }
+    do {
+      return try AuditSigningKey(signerText: text)
+    } catch {
+      throw ConfigError(.auditSigningKey, "\(path): \(error.description)")
+    }
+  }
+
   /// The interceptor chain, outermost first. Metrics is outermost so refused calls are counted
   /// and timed too. Identity comes next: everything after it reads the caller's ``CallScope``.
-  /// Authorization follows, so nothing past it (quota, audit, the handler) runs for a caller who
-  /// may not make the call.
-  public static func interceptors(
+  /// Audit follows, ahead of authorization, so every call with a known caller is recorded,
+  /// denied ones included. Authorization comes last, so nothing past it (quota, the handler)
+  /// runs for a caller who may not make the call.
+  static func interceptors(
     metrics: GatewayMetrics,
     identity: CertificateIdentity,
-    directory: IdentityDirectory
+    directory: IdentityDirectory,
+    audit: AuditInterceptor?
   ) -> [any ServerInterceptor] {
     [
       MetricsInterceptor(metrics: metrics),
       IdentityInterceptor(identity: identity, directory: directory),
+    ] + (audit.map { [$0] } ?? []) + [
       AuthorizationInterceptor(policy: .standard, directory: directory),
     ]
   }
@@ -124,12 +162,28 @@ public final class Gateway: Sendable {
     [
       database,
       // Waits for the schema: listening and loading before migrations would fail on a new database.
-      IdentityChangeListener(database: database, logger: logger, waitUntilReady: { [ready] in await ready.wait() }) {
-        [directory, logger] in
+      ChannelListener(
+        channel: TenantRepository.identityChannel,
+        database: database,
+        logger: logger,
+        waitUntilReady: { [ready] in await ready.wait() }
+      ) { [directory, logger] _ in
         // The pool is going away with the process; a reload now would only log a failure.
         guard !Task.isShuttingDownGracefully else { return }
         await directory.refreshLogging(logger)
       },
+      ChannelListener(
+        channel: AuditLogRepository.channel,
+        database: database,
+        logger: logger,
+        waitUntilReady: { [ready] in await ready.wait() }
+      ) { [auditNotifier] payload in
+        auditNotifier.notify(payload: payload)
+      },
+      // Stops after the server (services stop in reverse order), so it commits the events of
+      // calls that finished during the drain.
+      auditBuffer,
+      checkpointer,
       GRPCServerService(gateway: self),
     ] + (metricsServer.map { [$0] } ?? [])
   }

@@ -1,8 +1,7 @@
 import Foundation
-public import GRPCCore
+import GRPCCore
 public import Prometheus
-import SwiftProtobuf
-import TollgateProtos
+import TollgateCore
 
 /// The gateway's Prometheus metrics: per-method call counts and latencies under the names the
 /// gRPC ecosystem uses (go-grpc-prometheus): `grpc_server_started_total`,
@@ -20,37 +19,13 @@ public final class GatewayMetrics: Sendable {
     .seconds(5), .seconds(10),
   ]
 
-  /// `unary`, `client_stream`, `server_stream` or `bidi_stream` for every method of the API, read
-  /// from the embedded descriptors (interceptors are not told a call's type).
-  let callTypes: [String: String]
-
   public init(registry: PrometheusCollectorRegistry = PrometheusCollectorRegistry()) {
     self.registry = registry
-    var types: [String: String] = [:]
-    for file in EmbeddedProtoFiles.all {
-      guard let data = Data(base64Encoded: file.descriptorBase64),
-        let descriptor = try? Google_Protobuf_FileDescriptorProto(serializedBytes: data)
-      else { continue }
-      for service in descriptor.service {
-        let prefix = descriptor.package.isEmpty ? service.name : "\(descriptor.package).\(service.name)"
-        for method in service.method {
-          let type: String
-          switch (method.clientStreaming, method.serverStreaming) {
-          case (false, false): type = "unary"
-          case (true, false): type = "client_stream"
-          case (false, true): type = "server_stream"
-          case (true, true): type = "bidi_stream"
-          }
-          types["\(prefix)/\(method.name)"] = type
-        }
-      }
-    }
-    self.callTypes = types
     registry.makeGauge(name: "tollgate_up", help: "1 while this gateway process runs").set(Double(1))
   }
 
   func callType(_ method: MethodDescriptor) -> String {
-    callTypes[method.fullyQualifiedMethod] ?? "unknown"
+    MethodCatalog.shape(of: method)?.callType ?? "unknown"
   }
 
   static func labels(_ method: MethodDescriptor, type: String) -> [(String, String)] {

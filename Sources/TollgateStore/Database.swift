@@ -64,12 +64,15 @@ public final class Database: Service, Sendable {
 
   /// Runs `body` in a transaction scoped to `tenant`: only that tenant's rows of tenant-owned
   /// tables are visible or writable, whatever the SQL says.
+  ///
+  /// A `mutation` transaction also commits the current call's ``PendingAudit`` event, if any.
   public func withTenant<Result: Sendable>(
     _ tenant: TenantID,
+    mutation: Bool = false,
     logger: Logger,
     _ body: @escaping @Sendable (PostgresConnection) async throws -> Result
   ) async throws(StoreError) -> Result {
-    try await transaction(logger: logger) { connection in
+    try await transaction(mutation: mutation, logger: logger) { connection in
       try await connection.query(
         "SELECT set_config('role', \(Database.tenantRole), true), set_config('tollgate.tenant_id', \(tenant.rawValue), true)",
         logger: logger
@@ -80,10 +83,11 @@ public final class Database: Service, Sendable {
 
   /// Runs `body` in a transaction with platform (operator-wide) privileges.
   public func withPlatform<Result: Sendable>(
+    mutation: Bool = false,
     logger: Logger,
     _ body: @escaping @Sendable (PostgresConnection) async throws -> Result
   ) async throws(StoreError) -> Result {
-    try await transaction(logger: logger) { connection in
+    try await transaction(mutation: mutation, logger: logger) { connection in
       try await connection.query("SELECT set_config('role', \(Database.platformRole), true)", logger: logger)
       return try await body(connection)
     }
@@ -92,7 +96,7 @@ public final class Database: Service, Sendable {
   /// True if a trivial query answers within the operation timeout.
   public func isReachable(logger: Logger) async -> Bool {
     do {
-      try await bounded {
+      _ = try await bounded {
         try await self.client.withConnection { connection in
           try await connection.query("SELECT 1", logger: logger)
         }
@@ -104,20 +108,33 @@ public final class Database: Service, Sendable {
   }
 
   private func transaction<Result: Sendable>(
+    mutation: Bool,
     logger: Logger,
     _ body: @Sendable @escaping (PostgresConnection) async throws -> Result
   ) async throws(StoreError) -> Result {
+    let pending = mutation ? PendingAudit.current : nil
     do {
-      return try await bounded {
+      let result = try await bounded {
         try await self.client.withConnection { connection in
           // A request that timed out while waiting for a connection must not run afterwards.
           try Task.checkCancellation()
           return try await connection.withTransaction(logger: logger) { connection in
-            try await body(connection)
+            let result = try await body(connection)
+            if let entry = pending?.claim() {
+              // The call's log need not be the tenant this transaction is scoped to (an operator's
+              // platform-log event for a change to one tenant), and this is the transaction's last
+              // statement, so it appends with platform rights.
+              try await connection.query("SELECT set_config('role', \(Database.platformRole), true)", logger: logger)
+              try await AuditLogRepository.append([entry], on: connection, logger: logger)
+            }
+            return result
           }
         }
       }
+      pending?.settle(committed: true)
+      return result
     } catch {
+      pending?.settle(committed: false)
       throw StoreError.classify(error)
     }
   }

@@ -160,6 +160,66 @@ public enum Migrator {
         "GRANT SELECT, INSERT, UPDATE ON tenants TO tollgate_platform",
         "GRANT SELECT, INSERT ON certificate_revocations TO tollgate_platform",
       ]
-    )
+    ),
+    Migration(
+      version: 2,
+      name: "per-log audit trees: leaves, perfect-subtree nodes, signed checkpoints",
+      statements: [
+        // One row per log: its size and compact range (the perfect subtree roots of its right
+        // edge, 32 bytes each, largest first). Appenders lock this row, which serialises appends
+        // to one log across every replica and keeps indices gap-free: a transaction that takes
+        // index n commits (or rolls back its claim) before the next appender reads the size.
+        """
+        CREATE TABLE audit_logs (
+          tenant_id text PRIMARY KEY,
+          size bigint NOT NULL DEFAULT 0 CHECK (size >= 0),
+          compact_range bytea NOT NULL DEFAULT ''::bytea
+        )
+        """,
+        // The exact leaf bytes, plus columns copied out of the event for filtering only; the
+        // tree covers `leaf` alone.
+        """
+        CREATE TABLE audit_leaves (
+          tenant_id text NOT NULL,
+          leaf_index bigint NOT NULL CHECK (leaf_index >= 0),
+          leaf bytea NOT NULL,
+          event_time timestamptz NOT NULL,
+          method text NOT NULL,
+          principal text NOT NULL,
+          outcome integer NOT NULL,
+          PRIMARY KEY (tenant_id, leaf_index)
+        )
+        """,
+        // Hashes of every perfect subtree (level 0 = leaf hashes), written once when completed.
+        // Proofs read O(log² n) of these instead of rehashing leaves.
+        """
+        CREATE TABLE audit_nodes (
+          tenant_id text NOT NULL,
+          level smallint NOT NULL CHECK (level >= 0 AND level < 64),
+          node_index bigint NOT NULL CHECK (node_index >= 0),
+          hash bytea NOT NULL CHECK (length(hash) = 32),
+          PRIMARY KEY (tenant_id, level, node_index)
+        )
+        """,
+        // Signed checkpoints, kept forever with the public key that signed them, so a key
+        // rotation leaves every earlier checkpoint verifiable.
+        """
+        CREATE TABLE audit_checkpoints (
+          tenant_id text NOT NULL,
+          tree_size bigint NOT NULL CHECK (tree_size >= 0),
+          root_hash bytea NOT NULL CHECK (length(root_hash) = 32),
+          key_name text NOT NULL,
+          public_key bytea NOT NULL CHECK (length(public_key) = 32),
+          signed_note text NOT NULL,
+          create_time timestamptz NOT NULL DEFAULT now(),
+          PRIMARY KEY (tenant_id, tree_size)
+        )
+        """,
+      ] + tenantOwned("audit_logs") + tenantOwned("audit_leaves") + tenantOwned("audit_nodes")
+        + tenantOwned("audit_checkpoints") + [
+          "GRANT SELECT, INSERT, UPDATE ON audit_logs TO tollgate_tenant, tollgate_platform",
+          "GRANT SELECT, INSERT ON audit_leaves, audit_nodes, audit_checkpoints TO tollgate_tenant, tollgate_platform",
+        ]
+    ),
   ]
 }

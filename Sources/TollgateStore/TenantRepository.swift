@@ -57,7 +57,7 @@ public struct TenantRepository: Sendable {
   ) async throws(StoreError) -> TenantRecord {
     let quotaJSON: String
     do { quotaJSON = try Self.encode(quota) } catch { throw .unexpected("quota encoding: \(error)") }
-    return try await database.withPlatform(logger: logger) { connection in
+    return try await database.withPlatform(mutation: true, logger: logger) { connection in
       let rows = try await connection.query(
         """
         INSERT INTO tenants (tenant_id, display_name, state, quota)
@@ -156,7 +156,7 @@ public struct TenantRepository: Sendable {
     notify: Bool,
     _ update: PostgresQuery
   ) async throws(StoreError) -> TenantRecord {
-    try await database.withPlatform(logger: logger) { connection in
+    try await database.withPlatform(mutation: true, logger: logger) { connection in
       var query = update
       query.sql += " RETURNING \(Self.tenantColumns)"
       let rows = try await connection.query(query, logger: logger)
@@ -205,9 +205,9 @@ public struct TenantRepository: Sendable {
       throw StoreError.unexpected("revocation vanished after insert")
     }
     if let tenant {
-      return try await database.withTenant(tenant, logger: logger, body)
+      return try await database.withTenant(tenant, mutation: true, logger: logger, body)
     }
-    return try await database.withPlatform(logger: logger, body)
+    return try await database.withPlatform(mutation: true, logger: logger, body)
   }
 
   /// Revocations newest first, after revocation id `before` if given. With a tenant, only that

@@ -2,9 +2,10 @@ public import GRPCCore
 import SwiftProtobuf
 public import Logging
 public import TollgateCore
-public import TollgateModel
+import TollgateModel
 public import TollgateProtos
 public import TollgateStore
+import TollgateServiceSupport
 
 /// TenantService: tenant administration, quotas, suspension and certificate revocation.
 ///
@@ -22,29 +23,8 @@ public struct TenantService: Sendable {
     self.logger = logger
   }
 
-  /// Runs `body`, turning store failures into client-actionable errors and logging the rest.
   func handling<T: Sendable>(_ method: String, _ body: () async throws -> T) async throws -> T {
-    do {
-      return try await body()
-    } catch let error as TollgateError {
-      throw error
-    } catch let error as StoreError {
-      switch error {
-      case .notFound(let m): throw TollgateError.notFound(m)
-      case .alreadyExists(let m): throw TollgateError.alreadyExists(m)
-      case .unavailable(let m):
-        logger.warning("database unavailable", metadata: ["method": "\(method)", "error": "\(m)"])
-        throw TollgateError.unavailable("the database is unavailable; retry later")
-      case .unexpected(let m):
-        logger.error("store failure", metadata: ["method": "\(method)", "error": "\(m)"])
-        throw TollgateError.internalError
-      }
-    } catch let error as RPCError {
-      throw error
-    } catch {
-      logger.error("unexpected failure", metadata: ["method": "\(method)", "error": "\(error)"])
-      throw TollgateError.internalError
-    }
+    try await handlingStoreFailures(method, logger: logger, body)
   }
 
   /// After a committed change to who may call: reload this replica's directory before replying,

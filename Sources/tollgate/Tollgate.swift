@@ -44,6 +44,10 @@ struct SettingOptions: ParsableArguments {
   var databaseMaxConnections: String?
   @Option(name: .customLong("database-timeout-ms"), help: ArgumentHelp(ConfigSetting.databaseTimeoutMS.help))
   var databaseTimeoutMS: String?
+  @Option(name: .customLong("audit-signing-key"), help: ArgumentHelp(ConfigSetting.auditSigningKey.help))
+  var auditSigningKey: String?
+  @Option(name: .customLong("audit-buffer-capacity"), help: ArgumentHelp(ConfigSetting.auditBufferCapacity.help))
+  var auditBufferCapacity: String?
   @Option(name: .customLong("log-level"), help: "trace, debug, info (default), notice, warning, error, critical")
   var logLevel: String?
 
@@ -61,6 +65,8 @@ struct SettingOptions: ParsableArguments {
       ConfigSetting.maxMessageBytes.name: maxMessageBytes,
       ConfigSetting.databaseMaxConnections.name: databaseMaxConnections,
       ConfigSetting.databaseTimeoutMS.name: databaseTimeoutMS,
+      ConfigSetting.auditSigningKey.name: auditSigningKey,
+      ConfigSetting.auditBufferCapacity.name: auditBufferCapacity,
     ]
     let file = try (config ?? environment["TOLLGATE_CONFIG"]).map { path throws(ConfigError) in
       try ConfigResolver.loadFile(path)

@@ -7,7 +7,7 @@ import TollgateModel
   let dir: URL = {
     let d = FileManager.default.temporaryDirectory.appendingPathComponent("tollgate-config-\(UUID().uuidString)")
     try! FileManager.default.createDirectory(at: d, withIntermediateDirectories: true)
-    for name in ["cert.pem", "key.pem", "ca.pem"] {
+    for name in ["cert.pem", "key.pem", "ca.pem", "audit.key"] {
       try! Data("x".utf8).write(to: d.appendingPathComponent(name))
     }
     return d
@@ -20,6 +20,7 @@ import TollgateModel
       "client-ca": dir.appendingPathComponent("ca.pem").path,
       "trust-domain": "example.org",
       "database-url": "postgres://tollgate:secret@127.0.0.1:5432/tollgate",
+      "audit-signing-key": dir.appendingPathComponent("audit.key").path,
     ]
   }
 
@@ -39,7 +40,7 @@ import TollgateModel
     #expect(config.database.password == "secret")
   }
 
-  @Test(arguments: ["tls-cert", "tls-key", "client-ca", "trust-domain", "database-url"])
+  @Test(arguments: ["tls-cert", "tls-key", "client-ca", "trust-domain", "database-url", "audit-signing-key"])
   func missingSettingIsNamed(_ name: String) {
     var flags = complete
     flags[name] = nil

@@ -6,7 +6,9 @@ import PostgresNIO
 import ServiceLifecycle
 import Testing
 import TollgateCertificates
+import TollgateMerkle
 import TollgateClient
+import TollgateAudit
 import TollgateCore
 import TollgateGateway
 import TollgateModel
@@ -80,6 +82,8 @@ final class TestPKI: Sendable {
   let serverCert: URL
   let serverKey: URL
   let caFile: URL
+  let auditKeyFile: URL
+  let auditKey: AuditSigningKey
 
   init(trustDomain: String = "example.org") throws {
     ca = try CertificateAuthority.create(trustDomain: trustDomain)
@@ -90,6 +94,9 @@ final class TestPKI: Sendable {
     serverCert = directory.appendingPathComponent("server/cert.pem")
     serverKey = directory.appendingPathComponent("server/key.pem")
     caFile = directory.appendingPathComponent("ca/ca.pem")
+    auditKey = try AuditSigningKey(name: "test-audit")
+    auditKeyFile = directory.appendingPathComponent("audit.key")
+    try PEMFiles.write(auditKey.signerText + "\n", to: auditKeyFile.path, secret: true)
   }
 
   deinit { try? FileManager.default.removeItem(at: directory) }
@@ -134,6 +141,31 @@ struct TestGateway: Sendable {
     try await connection(issued).withClient(body)
   }
 
+  /// Starts a second gateway process-equivalent (own pool, own listener) on the same database,
+  /// runs `body` with it, and shuts it down.
+  func withReplica<T: Sendable>(_ body: (TestGateway) async throws -> T) async throws -> T {
+    var config = gateway.config
+    config.listen = .init(host: "127.0.0.1", port: 0)
+    let replica = try Gateway(config: config, logger: testLogger)
+    let group = ServiceGroup(configuration: .init(services: replica.services, gracefulShutdownSignals: [], logger: testLogger))
+    return try await withThrowingTaskGroup(of: Void.self) { tasks in
+      tasks.addTask { try await group.run() }
+      defer { tasks.cancelAll() }
+      guard let port = try await replica.listeningAddress.ipv4?.port else { throw CancellationError() }
+      let result = try await body(TestGateway(gateway: replica, port: port, pki: pki, database: database))
+      await group.triggerGracefulShutdown()
+      try await tasks.next()
+      return result
+    }
+  }
+
+  /// Runs SQL on this test's database as the superuser (to tamper with it, as an attacker would).
+  func adminSQL(_ statements: String...) async throws {
+    for statement in statements {
+      try await TestDatabase.adminSQL(database.admin, statement, database: database.name)
+    }
+  }
+
   /// Starts a gateway, runs `body`, then shuts the gateway down and drops its database.
   static func run<T: Sendable>(
     configure: (inout GatewayConfig) -> Void = { _ in },
@@ -149,7 +181,8 @@ struct TestGateway: Sendable {
         trustDomain: pki.ca.trustDomain,
         database: database.app,
         databaseMaxConnections: 6,
-        databaseTimeout: .seconds(1)
+        databaseTimeout: .seconds(1),
+        auditSigningKeyPath: pki.auditKeyFile.path
       )
       configure(&config)
       let gateway = try Gateway(config: config, logger: testLogger)

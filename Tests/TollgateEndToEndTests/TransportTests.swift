@@ -202,7 +202,8 @@ import TollgateProtos
       tlsKeyPath: keyPath.path,
       clientCAPath: pki.caFile.path,
       trustDomain: "example.org",
-      database: try DatabaseURL(parsing: "postgres://u@127.0.0.1/db")
+      database: try DatabaseURL(parsing: "postgres://u@127.0.0.1/db"),
+      auditSigningKeyPath: pki.auditKeyFile.path
     )
     #expect {
       _ = try Gateway(config: config, logger: testLogger)

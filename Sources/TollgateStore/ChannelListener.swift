@@ -3,27 +3,31 @@ import PostgresNIO
 import Synchronization
 public import ServiceLifecycle
 
-/// Listens on the `tollgate_identity` channel and calls `onChange` for every notification, and
-/// once after each (re)connect, since changes made while disconnected were not heard.
+/// Listens on one Postgres notification channel and calls `onNotification` with each payload,
+/// and with nil once after each (re)connect, since notifications sent while disconnected were
+/// not heard and anything may have changed.
 ///
 /// Holds one pooled connection while listening. Reconnects with capped exponential backoff when
 /// the connection drops; stops on graceful shutdown.
-public struct IdentityChangeListener: Service {
+public struct ChannelListener: Service {
+  let channel: String
   let database: Database
   let logger: Logger
   let waitUntilReady: @Sendable () async -> Void
-  let onChange: @Sendable () async -> Void
+  let onNotification: @Sendable (String?) async -> Void
 
   public init(
+    channel: String,
     database: Database,
     logger: Logger,
     waitUntilReady: @escaping @Sendable () async -> Void = {},
-    onChange: @escaping @Sendable () async -> Void
+    onNotification: @escaping @Sendable (String?) async -> Void
   ) {
+    self.channel = channel
     self.database = database
     self.logger = logger
     self.waitUntilReady = waitUntilReady
-    self.onChange = onChange
+    self.onNotification = onNotification
   }
 
   public func run() async throws {
@@ -34,11 +38,11 @@ public struct IdentityChangeListener: Service {
       do {
         try await cancelWhenGracefulShutdown {
           try await database.client.withConnection { connection in
-            try await connection.listen(on: TenantRepository.identityChannel) { notifications in
+            try await connection.listen(on: channel) { notifications in
               connected.store(true, ordering: .relaxed)
-              await onChange()
-              for try await _ in notifications {
-                await onChange()
+              await onNotification(nil)
+              for try await notification in notifications {
+                await onNotification(notification.payload)
               }
             }
           }
@@ -46,8 +50,8 @@ public struct IdentityChangeListener: Service {
       } catch {
         if Task.isCancelled || Task.isShuttingDownGracefully { return }
         logger.warning(
-          "identity change listener lost its connection; reconnecting",
-          metadata: ["error": "\(error)", "backoff": "\(backoff)"]
+          "notification listener lost its connection; reconnecting",
+          metadata: ["channel": "\(channel)", "error": "\(error)", "backoff": "\(backoff)"]
         )
       }
       if connected.load(ordering: .relaxed) { backoff = .milliseconds(100) }

@@ -1,0 +1,104 @@
+public import Logging
+public import ServiceLifecycle
+import Synchronization
+public import TollgateStore
+
+/// The bounded queue through which read-only calls are audited, in batches, within a second.
+///
+/// A call reserves its place before it runs (``reserve()``), so when the buffer is full the call
+/// is refused instead of running unaudited, and fills it when it ends (``submit(_:)``). The
+/// flusher appends whatever is queued as soon as it is queued, one transaction per batch; while
+/// the database is down it keeps the events and retries, and the buffer fills. On shutdown it
+/// runs after the server has drained and flushes every remaining event before it returns.
+public final class AuditBuffer: Service, Sendable {
+  public let capacity: Int
+  let repository: AuditLogRepository
+  let logger: Logger
+  let batchLimit = 2_000
+
+  private struct State {
+    var reserved = 0
+    var queued: [AuditEntry] = []
+  }
+  private let state = Mutex(State())
+  private let wake: AsyncStream<Void>
+  private let wakeContinuation: AsyncStream<Void>.Continuation
+
+  public init(capacity: Int, repository: AuditLogRepository, logger: Logger) {
+    self.capacity = capacity
+    self.repository = repository
+    self.logger = logger
+    (wake, wakeContinuation) = AsyncStream.makeStream(of: Void.self, bufferingPolicy: .bufferingNewest(1))
+  }
+
+  /// Takes one place for a call's event; false when the buffer is full.
+  public func reserve() -> Bool {
+    state.withLock { state in
+      guard state.reserved < capacity else { return false }
+      state.reserved += 1
+      return true
+    }
+  }
+
+  /// Queues the event of a call that reserved a place.
+  public func submit(_ entry: AuditEntry) {
+    state.withLock { $0.queued.append(entry) }
+    wakeContinuation.yield()
+  }
+
+  /// Events reserved or queued and not yet committed.
+  public var outstanding: Int { state.withLock { $0.reserved } }
+
+  public func run() async throws {
+    await withGracefulShutdownHandler {
+      for await _ in wake {
+        await flushQueued(giveUpAfter: nil)
+      }
+    } onGracefulShutdown: {
+      self.wakeContinuation.finish()
+    }
+    // The server has drained (it shuts down before this service): everything is queued now.
+    await flushQueued(giveUpAfter: .seconds(10))
+    let lost = state.withLock { $0.queued.count }
+    if lost > 0 {
+      logger.critical("audit events could not be committed before exit", metadata: ["events": "\(lost)"])
+    }
+  }
+
+  /// Appends queued events batch by batch until none are left, retrying failures with backoff:
+  /// until shutdown begins (`giveUpAfter` nil), or for at most that long in a row (the final flush).
+  func flushQueued(giveUpAfter patience: Duration?) async {
+    var backoff: Duration = .milliseconds(50)
+    var failingSince: ContinuousClock.Instant?
+    while true {
+      let batch = state.withLock { state -> [AuditEntry] in
+        let batch = Array(state.queued.prefix(batchLimit))
+        state.queued.removeFirst(batch.count)
+        return batch
+      }
+      if batch.isEmpty { return }
+      do {
+        try await repository.append(batch, logger: logger)
+        state.withLock { $0.reserved -= batch.count }
+        backoff = .milliseconds(50)
+        failingSince = nil
+      } catch {
+        // Put the batch back in front, in order, and wait before retrying.
+        state.withLock { $0.queued.insert(contentsOf: batch, at: 0) }
+        let since = failingSince ?? .now
+        failingSince = since
+        logger.warning(
+          "audit events not committed yet; retrying",
+          metadata: ["events": "\(batch.count)", "error": "\(error)", "backoff": "\(backoff)"]
+        )
+        if let patience {
+          if ContinuousClock.now - since > patience { return }
+        } else if Task.isShuttingDownGracefully {
+          return
+        }
+        try? await Task.sleep(for: backoff)
+        backoff = min(backoff * 2, .seconds(2))
+      }
+    }
+  }
+}

@@ -1,0 +1,299 @@
+import Crypto
+import Foundation
+public import GRPCCore
+public import Logging
+import NIOCore
+import Synchronization
+import SwiftProtobuf
+public import TollgateCore
+import TollgateModel
+import TollgateProtos
+public import TollgateStore
+
+/// Records one ``Tollgate_V1_AuditEvent`` for every call that reaches authorization, refused ones
+/// included. It sits after identity (it needs the principal) and before authorization (so a
+/// denial is recorded).
+///
+/// Durability follows the method table's `mutating` flag:
+/// - a mutating call is not answered before its event is committed. The handler's `mutation`
+///   transaction carries the event (``PendingAudit``), so the change and its record commit
+///   together; a call that fails, or changes nothing, has its event committed here, before the
+///   first response message or the status is sent.
+/// - a read-only call reserves a place in the ``AuditBuffer`` before it runs (refused with
+///   UNAVAILABLE when the buffer is full, never run unaudited) and queues its event when it ends;
+///   the buffer commits it within a second.
+public struct AuditInterceptor: ServerInterceptor {
+  let policy: AuthorizationPolicy
+  let buffer: AuditBuffer
+  let repository: AuditLogRepository
+  let logger: Logger
+
+  public init(policy: AuthorizationPolicy, buffer: AuditBuffer, repository: AuditLogRepository, logger: Logger) {
+    self.policy = policy
+    self.buffer = buffer
+    self.repository = repository
+    self.logger = logger
+  }
+
+  public func intercept<Input: Sendable, Output: Sendable>(
+    request: StreamingServerRequest<Input>,
+    context: ServerContext,
+    next: @Sendable (StreamingServerRequest<Input>, ServerContext) async throws -> StreamingServerResponse<Output>
+  ) async throws -> StreamingServerResponse<Output> {
+    let scope = try CallScope.required()
+    let method = context.descriptor
+    // A method missing from the table is refused by authorization; auditing it as a mutation
+    // costs little and cannot lose it.
+    let mutating = policy.rule(for: method)?.mutating ?? true
+    if !mutating && !buffer.reserve() {
+      logger.warning("audit buffer full; refusing a call", metadata: ["method": "\(method)"])
+      throw RPCError(
+        code: .unavailable,
+        message: "the audit log is not keeping up, and calls are refused rather than run unaudited; retry shortly"
+      )
+    }
+    let call = AuditedCall(
+      scope: scope,
+      method: method,
+      traceID: Self.traceID(request.metadata),
+      mutating: mutating,
+      buffer: buffer,
+      repository: repository,
+      logger: logger
+    )
+    var request = request
+    let messages = request.messages
+    request.messages = RPCAsyncSequence(
+      wrapping: messages.map { message in
+        call.observe(message)
+        return message
+      }
+    )
+
+    let pending = mutating ? PendingAudit { call.entry(code: 0, message: "") } : nil
+    call.pending = pending
+    let response: StreamingServerResponse<Output>
+    do {
+      response = try await PendingAudit.$current.withValue(pending) { try await next(request, context) }
+    } catch {
+      try await call.finish(error)
+      throw error
+    }
+    switch response.accepted {
+    case .failure(let error):
+      try await call.finish(error)
+      return response
+    case .success(var contents):
+      let producer = contents.producer
+      // A single response message is the answer: commit the event before it goes out.
+      let gateFirstWrite = mutating && MethodCatalog.shape(of: method)?.serverStreaming == false
+      contents.producer = { writer in
+        let writer = gateFirstWrite ? RPCWriter(wrapping: GatedWriter(base: writer) { try await call.finish(nil) }) : writer
+        do {
+          let trailers = try await PendingAudit.$current.withValue(pending) { try await producer(writer) }
+          try await call.finish(nil)
+          return trailers
+        } catch {
+          try await call.finish(error)
+          throw error
+        }
+      }
+      var wrapped = response
+      wrapped.accepted = .success(contents)
+      return wrapped
+    }
+  }
+
+  /// The trace id of a valid W3C `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`), if sent.
+  static func traceID(_ metadata: Metadata) -> String {
+    guard let value = metadata[stringValues: "traceparent"].first(where: { _ in true }) else { return "" }
+    let parts = value.split(separator: "-")
+    guard parts.count >= 4, parts[1].count == 32, parts[1].allSatisfy(\.isHexDigit),
+      parts[1] != String(repeating: "0", count: 32)
+    else { return "" }
+    return parts[1].lowercased()
+  }
+}
+
+/// Runs `before` once, ahead of the first message.
+struct GatedWriter<Element: Sendable>: RPCWriterProtocol {
+  let base: RPCWriter<Element>
+  let before: @Sendable () async throws -> Void
+
+  func write(_ element: Element) async throws {
+    try await before()
+    try await base.write(element)
+  }
+
+  func write(contentsOf elements: some Sequence<Element>) async throws {
+    try await before()
+    try await base.write(contentsOf: elements)
+  }
+}
+
+/// One call's audit record in the making; recorded exactly once.
+final class AuditedCall: Sendable {
+  let scope: CallScope
+  let method: MethodDescriptor
+  let traceID: String
+  let mutating: Bool
+  let buffer: AuditBuffer
+  let repository: AuditLogRepository
+  let logger: Logger
+  let time = Date()
+  let start = ContinuousClock.now
+
+  private struct State {
+    var digest: [UInt8] = []
+    var resource = ""
+    var sawMessage = false
+    var finished = false
+    var pending: PendingAudit?
+  }
+  private let state = Mutex(State())
+
+  init(
+    scope: CallScope,
+    method: MethodDescriptor,
+    traceID: String,
+    mutating: Bool,
+    buffer: AuditBuffer,
+    repository: AuditLogRepository,
+    logger: Logger
+  ) {
+    self.scope = scope
+    self.method = method
+    self.traceID = traceID
+    self.mutating = mutating
+    self.buffer = buffer
+    self.repository = repository
+    self.logger = logger
+  }
+
+  var pending: PendingAudit? {
+    get { state.withLock { $0.pending } }
+    set { state.withLock { $0.pending = newValue } }
+  }
+
+  var log: AuditLogID { scope.tenant.map { .tenant($0) } ?? .platform }
+
+  /// Digests the first request message (the only one of a unary call).
+  func observe<Input>(_ message: Input) {
+    guard !state.withLock({ $0.sawMessage }) else { return }
+    var digest: [UInt8] = []
+    var resource = ""
+    if let message = message as? any SwiftProtobuf.Message {
+      var options = BinaryEncodingOptions()
+      options.useDeterministicOrdering = true
+      if let bytes: [UInt8] = try? message.serializedBytes(options: options) {
+        digest = Array(SHA256.hash(data: bytes))
+      }
+      resource = (message as? any AuditResourceNaming)?.auditResource ?? ""
+    }
+    state.withLock { state in
+      guard !state.sawMessage else { return }
+      state.sawMessage = true
+      state.digest = digest
+      state.resource = resource
+    }
+  }
+
+  func entry(code: Int32, message: String) -> AuditEntry {
+    let (digest, resource) = state.withLock { ($0.digest, $0.resource) }
+    let elapsed = ContinuousClock.now - start
+    var event = Tollgate_V1_AuditEvent()
+    event.time = Google_Protobuf_Timestamp(date: time)
+    event.principal = .with {
+      $0.spiffeID = scope.principal.spiffeID.description
+      $0.role = Tollgate_V1_Role(scope.principal.role)
+      $0.tenantID = scope.principal.tenant?.rawValue ?? ""
+      $0.name = scope.principal.spiffeID.name
+      $0.certificateSha256 = scope.principal.certificateSHA256
+    }
+    event.tenantID = scope.tenant?.rawValue ?? ""
+    event.method = "/" + method.fullyQualifiedMethod
+    event.resource = resource
+    event.outcomeCode = code
+    event.outcomeMessage = message
+    let (seconds, attoseconds) = elapsed.components
+    event.latency = Google_Protobuf_Duration(seconds: seconds, nanos: Int32(attoseconds / 1_000_000_000))
+    event.requestSha256 = Data(digest)
+    event.impersonated = scope.impersonated
+    event.traceID = traceID
+    // Serialized once; these bytes are the leaf, stored and served as they are.
+    let bytes: [UInt8] = (try? event.serializedBytes()) ?? []
+    return AuditEntry(
+      log: log,
+      leaf: ByteBuffer(bytes: bytes),
+      time: time,
+      method: event.method,
+      principal: event.principal.spiffeID,
+      outcome: code
+    )
+  }
+
+  /// Records the call's outcome (`error` nil = OK) unless already recorded. A mutating call's
+  /// event is committed before this returns; if that fails the call fails with UNAVAILABLE
+  /// rather than answer without its record.
+  func finish(_ error: (any Error)?) async throws {
+    let first = state.withLock { state -> Bool in
+      guard !state.finished else { return false }
+      state.finished = true
+      return true
+    }
+    guard first else { return }
+    if pending?.isCommitted == true { return }
+    let (code, message) = Self.outcome(error)
+    let entry = entry(code: code, message: message)
+    if !mutating {
+      buffer.submit(entry)
+      return
+    }
+    do {
+      try await repository.append([entry], logger: logger)
+    } catch {
+      logger.error("could not commit the audit event of a call; failing the call", metadata: ["method": "\(method)", "error": "\(error)"])
+      throw RPCError(code: .unavailable, message: "the call could not be audited; retry later")
+    }
+  }
+
+  static func outcome(_ error: (any Error)?) -> (Int32, String) {
+    guard let error else { return (0, "") }
+    if let rpc = error as? RPCError { return (Int32(rpc.code.rawValue), rpc.message) }
+    if let convertible = error as? any RPCErrorConvertible {
+      return (Int32(convertible.rpcErrorCode.rawValue), convertible.rpcErrorMessage)
+    }
+    if error is CancellationError { return (Int32(RPCError.Code.cancelled.rawValue), "cancelled") }
+    return (Int32(RPCError.Code.unknown.rawValue), "")
+  }
+
+  deinit {
+    // A call the transport dropped before its response ran (the client went away) still holds
+    // its buffer place and owes its record.
+    let unfinished = state.withLock { state -> Bool in
+      defer { state.finished = true }
+      return !state.finished
+    }
+    guard unfinished, pending?.isCommitted != true else { return }
+    let entry = entry(code: Int32(RPCError.Code.cancelled.rawValue), message: "the client went away")
+    if mutating {
+      let repository = repository
+      let logger = logger
+      Task { try? await repository.append([entry], logger: logger) }
+    } else {
+      buffer.submit(entry)
+    }
+  }
+}
+
+extension Tollgate_V1_Role {
+  init(_ role: Role) {
+    switch role {
+    case .operator: self = .operator
+    case .partner: self = .partner
+    case .agent: self = .agent
+    case .auditor: self = .auditor
+    case .worker: self = .worker
+    }
+  }
+}

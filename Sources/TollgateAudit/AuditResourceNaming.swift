@@ -1,0 +1,30 @@
+public import TollgateProtos
+
+/// A request that names the resource it acts on, for the audit record's `resource`.
+public protocol AuditResourceNaming {
+  var auditResource: String { get }
+}
+
+extension Tollgate_V1_CreateTenantRequest: AuditResourceNaming {
+  public var auditResource: String { "tenants/\(tenantID)" }
+}
+extension Tollgate_V1_GetTenantRequest: AuditResourceNaming {
+  public var auditResource: String { tenantID.isEmpty ? "" : "tenants/\(tenantID)" }
+}
+extension Tollgate_V1_UpdateQuotaRequest: AuditResourceNaming {
+  public var auditResource: String { tenantID.isEmpty ? "" : "tenants/\(tenantID)" }
+}
+extension Tollgate_V1_SuspendTenantRequest: AuditResourceNaming {
+  public var auditResource: String { "tenants/\(tenantID)" }
+}
+extension Tollgate_V1_ResumeTenantRequest: AuditResourceNaming {
+  public var auditResource: String { "tenants/\(tenantID)" }
+}
+extension Tollgate_V1_RevokeCertificateRequest: AuditResourceNaming {
+  public var auditResource: String {
+    !serialHex.isEmpty ? "certificates/serial/\(serialHex)" : "certificates/sha256/\(sha256Fingerprint)"
+  }
+}
+extension Tollgate_V1_GetInclusionProofRequest: AuditResourceNaming {
+  public var auditResource: String { "audit/leaves/\(index)" }
+}

@@ -1,0 +1,304 @@
+import Foundation
+public import GRPCCore
+import GRPCProtobuf
+public import Logging
+public import NIOCore
+import ServiceLifecycle
+import SwiftProtobuf
+import TollgateCore
+import TollgateMerkle
+import TollgateModel
+public import TollgateProtos
+import TollgateServiceSupport
+public import TollgateStore
+
+/// AuditService: streams a log's records and serves its checkpoints and proofs.
+///
+/// The log read is the caller's scope: an auditor's own tenant, an operator's `tollgate-tenant`,
+/// or the platform log for an operator naming none. Records go out exactly as stored: the leaf
+/// bytes are never re-serialized.
+public struct AuditService: RegistrableRPCService {
+  let repository: AuditLogRepository
+  let checkpointer: Checkpointer
+  let notifier: AuditNotifier
+  let logger: Logger
+  /// Records per database read of a stream.
+  let pageSize = 5_000
+  /// Least time between the checkpoints a following stream sends.
+  let followCheckpointInterval: Duration = .seconds(1)
+
+  public init(repository: AuditLogRepository, checkpointer: Checkpointer, notifier: AuditNotifier, logger: Logger) {
+    self.repository = repository
+    self.checkpointer = checkpointer
+    self.notifier = notifier
+    self.logger = logger
+  }
+
+  public func registerMethods<Transport: ServerTransport>(with router: inout RPCRouter<Transport>) {
+    // StreamEvents writes records with a serializer that frames the stored bytes directly.
+    router.registerHandler(
+      forMethod: Tollgate_V1_AuditService.Method.StreamEvents.descriptor,
+      deserializer: ProtobufDeserializer<Tollgate_V1_StreamEventsRequest>(),
+      serializer: AuditStreamSerializer(),
+      handler: { request, context in
+        let message = try await ServerRequest(stream: request).message
+        return StreamingServerResponse { writer in
+          try await handling("StreamEvents") { try await self.streamEvents(message, writer: writer) }
+          return [:]
+        }
+      }
+    )
+    registerUnary(Tollgate_V1_AuditService.Method.GetCheckpoint.descriptor, with: &router) {
+      (_: Tollgate_V1_GetCheckpointRequest) in
+      let checkpoint = try await checkpointer.current(try log())
+      return Tollgate_V1_GetCheckpointResponse.with { $0.checkpoint = Self.proto(checkpoint) }
+    }
+    registerUnary(Tollgate_V1_AuditService.Method.GetInclusionProof.descriptor, with: &router) {
+      try await inclusionProof($0)
+    }
+    registerUnary(Tollgate_V1_AuditService.Method.GetConsistencyProof.descriptor, with: &router) {
+      try await consistencyProof($0)
+    }
+  }
+
+  private func registerUnary<Transport: ServerTransport, Request: SwiftProtobuf.Message, Response: SwiftProtobuf.Message>(
+    _ method: MethodDescriptor,
+    with router: inout RPCRouter<Transport>,
+    _ body: @escaping @Sendable (Request) async throws -> Response
+  ) {
+    router.registerHandler(
+      forMethod: method,
+      deserializer: ProtobufDeserializer<Request>(),
+      serializer: ProtobufSerializer<Response>(),
+      handler: { request, context in
+        let message = try await ServerRequest(stream: request).message
+        let response = try await handling(method.method) { try await body(message) }
+        return StreamingServerResponse(single: ServerResponse(message: response))
+      }
+    )
+  }
+
+  func handling<T: Sendable>(_ method: String, _ body: () async throws -> T) async throws -> T {
+    try await handlingStoreFailures(method, logger: logger, body)
+  }
+
+  /// The log the caller reads.
+  func log() throws(TollgateError) -> AuditLogID {
+    try CallScope.required().tenant.map { .tenant($0) } ?? .platform
+  }
+
+  // MARK: Proofs
+
+  /// A checkpoint covering at least `size` records, or the current one when `size` is 0.
+  func checkpoint(covering size: UInt64, _ log: AuditLogID, field: String) async throws -> StoredCheckpoint {
+    let current = try await checkpointer.current(log)
+    guard size <= current.treeSize else {
+      throw TollgateError.invalidField(field, "is \(size) but the log has \(current.treeSize) records")
+    }
+    return current
+  }
+
+  func inclusionProof(_ request: Tollgate_V1_GetInclusionProofRequest) async throws -> Tollgate_V1_GetInclusionProofResponse {
+    let log = try log()
+    let size = request.treeSize == 0 ? try await checkpointer.current(log).treeSize : request.treeSize
+    _ = try await checkpoint(covering: size, log, field: "tree_size")
+    guard request.index < size else {
+      throw TollgateError.invalidField("index", "is \(request.index) but must be below tree_size \(size)")
+    }
+    let hashes = try await proof(log) { node in _ = MerkleTree.inclusionProof(index: request.index, treeSize: size, node: node) }
+      compute: { node in MerkleTree.inclusionProof(index: request.index, treeSize: size, node: node) }
+    guard let leaf = try await repository.leaf(log, index: request.index, logger: logger) else {
+      throw StoreError.unexpected("leaf \(request.index) of \(log) is missing below the checkpoint size")
+    }
+    return .with {
+      $0.index = request.index
+      $0.treeSize = size
+      $0.hashes = hashes.map { Data($0) }
+      $0.leaf = Data(leaf.readableBytesView)
+    }
+  }
+
+  func consistencyProof(_ request: Tollgate_V1_GetConsistencyProofRequest) async throws -> Tollgate_V1_GetConsistencyProofResponse {
+    let log = try log()
+    let newSize = request.newSize == 0 ? try await checkpointer.current(log).treeSize : request.newSize
+    _ = try await checkpoint(covering: newSize, log, field: "new_size")
+    guard request.oldSize > 0, request.oldSize <= newSize else {
+      throw TollgateError.invalidField("old_size", "is \(request.oldSize) but must be between 1 and new_size \(newSize)")
+    }
+    let proof = try await consistency(log, from: request.oldSize, to: newSize)
+    return .with { $0.proof = proof }
+  }
+
+  func consistency(_ log: AuditLogID, from old: UInt64, to new: UInt64) async throws -> Tollgate_V1_ConsistencyProof {
+    let hashes = try await proof(log) { node in _ = MerkleTree.consistencyProof(oldSize: old, newSize: new, node: node) }
+      compute: { node in MerkleTree.consistencyProof(oldSize: old, newSize: new, node: node) }
+    return .with {
+      $0.oldSize = old
+      $0.newSize = new
+      $0.hashes = hashes.map { Data($0) }
+    }
+  }
+
+  /// Fetches the stored nodes `compute` reads, in one query, then runs it.
+  func proof(
+    _ log: AuditLogID,
+    shape: ((NodeAddress) -> MerkleTree.Hash) -> Void,
+    compute: ((NodeAddress) -> MerkleTree.Hash) -> [MerkleTree.Hash]
+  ) async throws -> [MerkleTree.Hash] {
+    let nodes = try await repository.nodes(log, MerkleTree.nodesNeeded(shape), logger: logger)
+    return compute { nodes[$0]! }
+  }
+
+  static func proto(_ checkpoint: StoredCheckpoint) -> Tollgate_V1_Checkpoint {
+    .with {
+      $0.body = Checkpoint(
+        origin: String(checkpoint.signedNote.prefix { $0 != "\n" }),
+        treeSize: checkpoint.treeSize,
+        rootHash: checkpoint.rootHash
+      ).body
+      $0.signedNote = checkpoint.signedNote
+      $0.origin = String(checkpoint.signedNote.prefix { $0 != "\n" })
+      $0.treeSize = checkpoint.treeSize
+      $0.rootHash = Data(checkpoint.rootHash)
+      $0.keyName = checkpoint.keyName
+      $0.publicKey = Data(checkpoint.publicKey)
+      $0.createTime = Google_Protobuf_Timestamp(date: checkpoint.createTime)
+    }
+  }
+
+  // MARK: StreamEvents
+
+  static let maxOutcomeCode: Int32 = 16
+
+  func filter(_ request: Tollgate_V1_StreamEventsRequest) throws(TollgateError) -> AuditFilter {
+    var violations: [TollgateError.FieldViolation] = []
+    var filter = AuditFilter()
+    if request.hasRange {
+      if request.range.hasStartTime { filter.from = request.range.startTime.date }
+      if request.range.hasEndTime { filter.until = request.range.endTime.date }
+      if let from = filter.from, let until = filter.until, until <= from {
+        violations.append(.init(field: "range.end_time", description: "must be after range.start_time"))
+      }
+    }
+    filter.methods = request.methods
+    for (i, method) in request.methods.enumerated() where !method.hasPrefix("/") || !method.contains(".") {
+      violations.append(
+        .init(field: "methods[\(i)]", description: "'\(method)' is not a full method name like /tollgate.v1.TenantService/GetTenant")
+      )
+    }
+    filter.principal = request.principalSpiffeID.isEmpty ? nil : request.principalSpiffeID
+    filter.outcomes = request.outcomeCodes
+    for (i, code) in request.outcomeCodes.enumerated() where code < 0 || code > Self.maxOutcomeCode {
+      violations.append(.init(field: "outcome_codes[\(i)]", description: "\(code) is not a gRPC status code (0-16)"))
+    }
+    if !violations.isEmpty { throw .invalidArgument("the stream request has invalid fields", violations) }
+    return filter
+  }
+
+  func streamEvents(_ request: Tollgate_V1_StreamEventsRequest, writer: RPCWriter<AuditStreamItem>) async throws {
+    let log = try log()
+    let filter = try filter(request)
+    // Subscribed before the first read, so a commit between a read and the wait still wakes us.
+    let subscription = request.follow ? notifier.subscribe(log) : nil
+    defer { subscription?.1.finish() }
+    var lastCheckpoint: StoredCheckpoint?
+    var lastCheckpointSent = ContinuousClock.now
+    if request.verifiedTreeSize > 0 {
+      let current = try await checkpoint(covering: request.verifiedTreeSize, log, field: "verified_tree_size")
+      try await writer.write(.message(.with { $0.checkpoint = Self.proto(current) }))
+      let proof = try await consistency(log, from: request.verifiedTreeSize, to: current.treeSize)
+      try await writer.write(.message(.with { $0.consistencyProof = proof }))
+      lastCheckpoint = current
+    }
+    var next = request.startIndex
+    var wakeUps = subscription?.0.makeAsyncIterator()
+    while true {
+      let size = try await repository.head(log, logger: logger).size
+      var sent = false
+      while next < size {
+        let page = try await repository.records(log, from: next, below: size, limit: pageSize, filter: filter, logger: logger)
+        for record in page { try await writer.write(.record(index: record.index, leaf: record.leaf)) }
+        sent = sent || !page.isEmpty
+        next = page.count < pageSize ? size : page[page.count - 1].index + 1
+      }
+      guard request.follow else { return }
+      // A following client gets checkpoints as the log grows, each with the proof from the last,
+      // so the whole feed stays verifiable without extra calls.
+      if sent, let previous = lastCheckpoint ?? nil, ContinuousClock.now - lastCheckpointSent >= followCheckpointInterval {
+        let current = try await checkpointer.current(log)
+        if current.treeSize > previous.treeSize {
+          try await writer.write(.message(.with { $0.checkpoint = Self.proto(current) }))
+          let proof = try await consistency(log, from: previous.treeSize, to: current.treeSize)
+          try await writer.write(.message(.with { $0.consistencyProof = proof }))
+          lastCheckpoint = current
+          lastCheckpointSent = .now
+        }
+      }
+      let woken: Void? = await withGracefulShutdownHandler {
+        await wakeUps?.next()
+      } onGracefulShutdown: { [continuation = subscription?.1] in
+        continuation?.finish()
+      }
+      if Task.isShuttingDownGracefully {
+        throw TollgateError.unavailable("the gateway is shutting down; reconnect with start_index \(next)")
+      }
+      // Ends when the client cancels (the stream's iterator returns nil on cancellation).
+      guard woken != nil else { return }
+    }
+  }
+}
+
+/// One message of StreamEvents: a stored record, framed without decoding it, or any other message.
+public enum AuditStreamItem: Sendable {
+  case record(index: UInt64, leaf: ByteBuffer)
+  case message(Tollgate_V1_StreamEventsResponse)
+}
+
+/// Writes a record as `StreamEventsResponse{record: AuditRecord{index, leaf, event}}` straight
+/// from the stored bytes. The leaf is a serialized AuditEvent, so the same bytes are also the
+/// encoding of the `event` field: the record costs two copies instead of a decode and re-encode.
+struct AuditStreamSerializer: MessageSerializer {
+  func serialize<Bytes: GRPCContiguousBytes>(_ item: AuditStreamItem) throws -> Bytes {
+    switch item {
+    case .message(let message):
+      return try ProtobufSerializer<Tollgate_V1_StreamEventsResponse>().serialize(message)
+    case .record(let index, let leaf):
+      let leafLength = leaf.readableBytes
+      // AuditRecord: field 1 varint, field 2 bytes, field 3 message (the same bytes).
+      let recordLength =
+        1 + Self.varintSize(index) + 2 * (1 + Self.varintSize(UInt64(leafLength)) + leafLength)
+      let total = 1 + Self.varintSize(UInt64(recordLength)) + recordLength
+      var out = [UInt8]()
+      out.reserveCapacity(total)
+      out.append(0x0A)  // StreamEventsResponse.record = 1, length-delimited
+      Self.appendVarint(UInt64(recordLength), to: &out)
+      out.append(0x08)  // AuditRecord.index = 1, varint
+      Self.appendVarint(index, to: &out)
+      for tag: UInt8 in [0x12, 0x1A] {  // AuditRecord.leaf = 2, AuditRecord.event = 3
+        out.append(tag)
+        Self.appendVarint(UInt64(leafLength), to: &out)
+        out.append(contentsOf: leaf.readableBytesView)
+      }
+      return Bytes(out)
+    }
+  }
+
+  static func varintSize(_ value: UInt64) -> Int {
+    var value = value
+    var size = 1
+    while value >= 0x80 {
+      value >>= 7
+      size += 1
+    }
+    return size
+  }
+
+  static func appendVarint(_ value: UInt64, to out: inout [UInt8]) {
+    var value = value
+    while value >= 0x80 {
+      out.append(UInt8(value & 0x7F) | 0x80)
+      value >>= 7
+    }
+    out.append(UInt8(value))
+  }
+}

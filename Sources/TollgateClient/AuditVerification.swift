@@ -1,0 +1,179 @@
+import Foundation
+public import GRPCCore
+import GRPCProtobuf
+import SwiftProtobuf
+public import TollgateMerkle
+public import TollgateProtos
+
+/// Why an audit log did not verify. ``firstBadIndex`` names the first record that is wrong
+/// when it can be known.
+public enum AuditVerificationFailure: Error, CustomStringConvertible, Equatable, Sendable {
+  /// The checkpoint's signature or body does not check out with the key.
+  case checkpoint(String)
+  /// Record `index` is absent: the records jump from `index - 1` to a later one.
+  case missing(index: UInt64)
+  /// A record arrived with an index at or before one already seen.
+  case outOfOrder(index: UInt64)
+  /// The records re-hash to a different tree; the first `index` records are provably intact and
+  /// record `index` is not (found with consistency proofs against the signed root).
+  case altered(index: UInt64)
+  /// Fewer records than the checkpoint covers.
+  case short(records: UInt64, checkpointSize: UInt64)
+  /// A proof from the gateway does not verify against the signed root.
+  case proof(String)
+
+  public var firstBadIndex: UInt64? {
+    switch self {
+    case .missing(let i), .outOfOrder(let i), .altered(let i): return i
+    case .short(let records, _): return records
+    case .checkpoint, .proof: return nil
+    }
+  }
+
+  public var description: String {
+    switch self {
+    case .checkpoint(let why): return "checkpoint does not verify: \(why)"
+    case .missing(let i): return "record \(i) is missing (first bad index \(i))"
+    case .outOfOrder(let i): return "record \(i) is out of order (first bad index \(i))"
+    case .altered(let i):
+      return "record \(i) was altered, removed or reordered: records 0..<\(i) match the signed tree and \(i) does not (first bad index \(i))"
+    case .short(let n, let size): return "only \(n) records for a checkpoint of \(size) (first bad index \(n))"
+    case .proof(let why): return "proof does not verify: \(why)"
+    }
+  }
+}
+
+/// Checks an audit log without trusting the gateway: only the published verifier key is trusted.
+public struct AuditLogVerifier: Sendable {
+  public let key: AuditVerifierKey
+
+  public init(key: AuditVerifierKey) {
+    self.key = key
+  }
+
+  /// Verifies the signed note and returns the checkpoint it signs.
+  public func checkpoint(note: String) throws(AuditVerificationFailure) -> Checkpoint {
+    let body: String
+    do {
+      body = try NoteSignature.verify(note: note, keyName: key.name, publicKey: key.publicKey)
+    } catch {
+      throw .checkpoint("\(error) (key \(key.name))")
+    }
+    guard let checkpoint = Checkpoint(body: body) else { throw .checkpoint("the body is not a checkpoint") }
+    return checkpoint
+  }
+
+  /// Re-computes the tree from `records` (index and exact leaf bytes, from index 0, in order)
+  /// and checks it against the signed checkpoint. Records past the checkpoint's size are ignored.
+  ///
+  /// When the root differs, `consistencyProof(m, n)` (the gateway's GetConsistencyProof) locates
+  /// the first bad record: a prefix of m records verifies against the signed root only if it is
+  /// intact, so a binary search over m finds the first record that is not.
+  public func verifyLog(
+    records: [(index: UInt64, leaf: [UInt8])],
+    checkpointNote: String,
+    consistencyProof: ((UInt64, UInt64) async throws -> [MerkleTree.Hash])?
+  ) async throws(AuditVerificationFailure) -> Checkpoint {
+    let checkpoint = try checkpoint(note: checkpointNote)
+    let size = checkpoint.treeSize
+    var hashes: [MerkleTree.Hash] = []
+    hashes.reserveCapacity(Int(size))
+    var expected: UInt64 = 0
+    for record in records where record.index < size {
+      if record.index < expected { throw .outOfOrder(index: record.index) }
+      if record.index > expected { throw .missing(index: expected) }
+      hashes.append(MerkleTree.leafHash(record.leaf))
+      expected += 1
+    }
+    guard expected == size else { throw .short(records: expected, checkpointSize: size) }
+    if MerkleTree.root(hashes) == checkpoint.rootHash { return checkpoint }
+    guard let consistencyProof else { throw .altered(index: 0) }
+    // The whole prefix (m = size) is bad; find the smallest bad m in [1, size].
+    var low: UInt64 = 1
+    var high = size
+    while low < high {
+      let m = low + (high - low) / 2
+      let proof: [MerkleTree.Hash]
+      do { proof = try await consistencyProof(m, size) } catch { throw .proof("fetching \(m) -> \(size): \(error)") }
+      let intact = MerkleTree.verifyConsistency(
+        oldSize: m,
+        newSize: size,
+        oldRoot: MerkleTree.root(hashes[..<Int(m)]),
+        newRoot: checkpoint.rootHash,
+        proof: proof
+      )
+      if intact { low = m + 1 } else { high = m }
+    }
+    throw .altered(index: low - 1)
+  }
+
+  /// Checks that `leaf` is record `index` of the checkpointed tree, by an inclusion proof.
+  public func verifyInclusion(
+    index: UInt64,
+    leaf: [UInt8],
+    proof: [MerkleTree.Hash],
+    checkpoint: Checkpoint
+  ) throws(AuditVerificationFailure) {
+    guard MerkleTree.verifyInclusion(
+      index: index,
+      treeSize: checkpoint.treeSize,
+      leafHash: MerkleTree.leafHash(leaf),
+      proof: proof,
+      root: checkpoint.rootHash
+    ) else {
+      throw .altered(index: index)
+    }
+  }
+
+  /// Checks that the tree of `old` is a prefix of the tree of `new`.
+  public func verifyConsistency(old: Checkpoint, new: Checkpoint, proof: [MerkleTree.Hash]) throws(AuditVerificationFailure) {
+    guard MerkleTree.verifyConsistency(
+      oldSize: old.treeSize,
+      newSize: new.treeSize,
+      oldRoot: old.rootHash,
+      newRoot: new.rootHash,
+      proof: proof
+    ) else {
+      throw .proof("checkpoint of size \(old.treeSize) is not a prefix of the checkpoint of size \(new.treeSize)")
+    }
+  }
+}
+
+/// Reading an audit log over the API.
+public struct AuditReader<Transport: ClientTransport>: Sendable {
+  public let client: Tollgate_V1_AuditService.Client<Transport>
+  public let metadata: Metadata
+
+  public init(client: GRPCClient<Transport>, metadata: Metadata = [:]) {
+    self.client = Tollgate_V1_AuditService.Client(wrapping: client)
+    self.metadata = metadata
+  }
+
+  /// The gateway's consistency proof, for ``AuditLogVerifier/verifyLog(records:checkpointNote:consistencyProof:)``.
+  public func consistencyProof(old: UInt64, new: UInt64) async throws -> [MerkleTree.Hash] {
+    let request = Tollgate_V1_GetConsistencyProofRequest.with {
+      $0.oldSize = old
+      $0.newSize = new
+    }
+    let response = try await client.getConsistencyProof(request, metadata: metadata)
+    return response.proof.hashes.map { Array($0) }
+  }
+
+  public func checkpoint() async throws -> Tollgate_V1_Checkpoint {
+    try await client.getCheckpoint(Tollgate_V1_GetCheckpointRequest(), metadata: metadata).checkpoint
+  }
+
+  /// Streams records (and any checkpoint messages) to `handle` until the stream ends or `handle`
+  /// returns false.
+  public func stream(
+    _ request: Tollgate_V1_StreamEventsRequest,
+    options: CallOptions = .defaults,
+    _ handle: @escaping @Sendable (Tollgate_V1_StreamEventsResponse) async throws -> Bool
+  ) async throws {
+    try await client.streamEvents(request, metadata: metadata, options: options) { response in
+      for try await message in response.messages {
+        if try await !handle(message) { return }
+      }
+    }
+  }
+}

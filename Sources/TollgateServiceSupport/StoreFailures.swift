@@ -1,0 +1,35 @@
+public import GRPCCore
+public import Logging
+public import TollgateCore
+public import TollgateStore
+
+/// Runs a handler's `body`, turning store failures into client-actionable errors and logging the
+/// rest: shared by every service so a database outage reads the same everywhere and no SQL text
+/// or internal detail reaches a client.
+public func handlingStoreFailures<T: Sendable>(
+  _ method: String,
+  logger: Logger,
+  _ body: () async throws -> T
+) async throws -> T {
+  do {
+    return try await body()
+  } catch let error as TollgateError {
+    throw error
+  } catch let error as StoreError {
+    switch error {
+    case .notFound(let m): throw TollgateError.notFound(m)
+    case .alreadyExists(let m): throw TollgateError.alreadyExists(m)
+    case .unavailable(let m):
+      logger.warning("database unavailable", metadata: ["method": "\(method)", "error": "\(m)"])
+      throw TollgateError.unavailable("the database is unavailable; retry later")
+    case .unexpected(let m):
+      logger.error("store failure", metadata: ["method": "\(method)", "error": "\(m)"])
+      throw TollgateError.internalError
+    }
+  } catch let error as RPCError {
+    throw error
+  } catch {
+    logger.error("unexpected failure", metadata: ["method": "\(method)", "error": "\(error)"])
+    throw TollgateError.internalError
+  }
+}

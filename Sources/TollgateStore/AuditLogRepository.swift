@@ -1,0 +1,359 @@
+public import Foundation
+public import Logging
+public import NIOCore
+import PostgresNIO
+public import TollgateMerkle
+public import TollgateModel
+
+/// One audit event ready to append: the exact leaf bytes and the columns copied out of it for
+/// filtering.
+public struct AuditEntry: Sendable {
+  public var log: AuditLogID
+  public var leaf: ByteBuffer
+  public var time: Date
+  public var method: String
+  public var principal: String
+  public var outcome: Int32
+
+  public init(log: AuditLogID, leaf: ByteBuffer, time: Date, method: String, principal: String, outcome: Int32) {
+    self.log = log
+    self.leaf = leaf
+    self.time = time
+    self.method = method
+    self.principal = principal
+    self.outcome = outcome
+  }
+}
+
+/// Which records of a log a reader wants; empty fields match everything.
+public struct AuditFilter: Sendable {
+  public var from: Date?
+  public var until: Date?
+  public var methods: [String] = []
+  public var principal: String?
+  public var outcomes: [Int32] = []
+
+  public init(from: Date? = nil, until: Date? = nil, methods: [String] = [], principal: String? = nil, outcomes: [Int32] = []) {
+    self.from = from
+    self.until = until
+    self.methods = methods
+    self.principal = principal
+    self.outcomes = outcomes
+  }
+}
+
+/// A signed checkpoint as stored.
+public struct StoredCheckpoint: Sendable, Hashable {
+  public var log: AuditLogID
+  public var treeSize: UInt64
+  public var rootHash: [UInt8]
+  public var keyName: String
+  public var publicKey: [UInt8]
+  public var signedNote: String
+  public var createTime: Date
+
+  public init(
+    log: AuditLogID,
+    treeSize: UInt64,
+    rootHash: [UInt8],
+    keyName: String,
+    publicKey: [UInt8],
+    signedNote: String,
+    createTime: Date
+  ) {
+    self.log = log
+    self.treeSize = treeSize
+    self.rootHash = rootHash
+    self.keyName = keyName
+    self.publicKey = publicKey
+    self.signedNote = signedNote
+    self.createTime = createTime
+  }
+}
+
+/// The per-log Merkle trees of the audit trail: appends, records, stored nodes and checkpoints.
+///
+/// An append locks its log's row in `audit_logs`, reads the size and compact range, writes the
+/// leaves and every perfect subtree they complete, and advances the row, all in the caller's
+/// transaction. Appends to one log are therefore serialised across every replica and commit in
+/// index order: a reader never sees index n+1 without n, and a rolled-back append gives its
+/// indices back. Each append notifies `tollgate_audit` with the log's key, delivered on commit.
+public struct AuditLogRepository: Sendable {
+  public static let channel = "tollgate_audit"
+
+  let database: Database
+
+  public init(database: Database) {
+    self.database = database
+  }
+
+  /// Appends `entries` in the transaction of `connection`; returns each log's new index range.
+  /// Logs are locked in key order, so two appenders of overlapping logs cannot deadlock.
+  @discardableResult
+  static func append(
+    _ entries: [AuditEntry],
+    on connection: PostgresConnection,
+    logger: Logger
+  ) async throws -> [AuditLogID: Range<UInt64>] {
+    var byLog: [AuditLogID: [AuditEntry]] = [:]
+    for entry in entries { byLog[entry.log, default: []].append(entry) }
+    var appended: [AuditLogID: Range<UInt64>] = [:]
+    for log in byLog.keys.sorted() {
+      let batch = byLog[log]!
+      // Creates the log on first use and takes its row lock in one round trip.
+      let rows = try await connection.query(
+        """
+        INSERT INTO audit_logs AS l (tenant_id) VALUES (\(log.rawValue))
+        ON CONFLICT (tenant_id) DO UPDATE SET size = l.size
+        RETURNING size, compact_range
+        """,
+        logger: logger
+      )
+      var head: (Int64, ByteBuffer)?
+      for try await row in rows.decode((Int64, ByteBuffer).self) { head = row }
+      guard let (size, rangeBytes) = head, var range = Self.compactRange(size: size, bytes: rangeBytes) else {
+        throw StoreError.unexpected("audit log \(log.rawValue) has a corrupt compact range")
+      }
+      let first = range.size
+      var levels: [Int16] = []
+      var nodeIndices: [Int64] = []
+      var hashes: [ByteBuffer] = []
+      levels.reserveCapacity(batch.count * 2)
+      nodeIndices.reserveCapacity(batch.count * 2)
+      hashes.reserveCapacity(batch.count * 2)
+      for entry in batch {
+        for (address, hash) in range.append(leafHash: MerkleTree.leafHash(entry.leaf.readableBytesView)) {
+          levels.append(Int16(address.level))
+          nodeIndices.append(Int64(address.index))
+          hashes.append(ByteBuffer(bytes: hash))
+        }
+      }
+      let indices = (0..<batch.count).map { Int64(first) + Int64($0) }
+      var rangeOut = ByteBuffer()
+      for hash in range.hashes { rangeOut.writeBytes(hash) }
+      // Leaves, nodes, the new head and the wake-up for followers in one statement.
+      try await connection.query(
+        """
+        WITH leaves AS (
+          INSERT INTO audit_leaves (tenant_id, leaf_index, leaf, event_time, method, principal, outcome)
+          SELECT \(log.rawValue), * FROM unnest(
+            \(indices)::bigint[], \(batch.map(\.leaf))::bytea[], \(batch.map(\.time))::timestamptz[],
+            \(batch.map(\.method))::text[], \(batch.map(\.principal))::text[], \(batch.map(\.outcome))::integer[])
+        ), nodes AS (
+          INSERT INTO audit_nodes (tenant_id, level, node_index, hash)
+          SELECT \(log.rawValue), * FROM unnest(\(levels)::smallint[], \(nodeIndices)::bigint[], \(hashes)::bytea[])
+        ), head AS (
+          UPDATE audit_logs SET size = \(Int64(range.size)), compact_range = \(rangeOut)
+          WHERE tenant_id = \(log.rawValue)
+        )
+        SELECT pg_notify(\(channel), \(log.rawValue))
+        """,
+        logger: logger
+      )
+      appended[log] = first..<range.size
+    }
+    return appended
+  }
+
+  static func compactRange(size: Int64, bytes: ByteBuffer) -> CompactRange? {
+    guard size >= 0, bytes.readableBytes % 32 == 0 else { return nil }
+    var bytes = bytes
+    var hashes: [MerkleTree.Hash] = []
+    while let hash = bytes.readBytes(length: 32) { hashes.append(hash) }
+    return CompactRange(size: UInt64(size), hashes: hashes)
+  }
+
+  /// Appends `entries` (of any logs) in a transaction of their own, committed on return.
+  @discardableResult
+  public func append(_ entries: [AuditEntry], logger: Logger) async throws(StoreError) -> [AuditLogID: Range<UInt64>] {
+    guard !entries.isEmpty else { return [:] }
+    return try await database.withPlatform(logger: logger) { connection in
+      try await Self.append(entries, on: connection, logger: logger)
+    }
+  }
+
+  /// Runs `body` in the scope that may read `log`: its tenant's, or platform-wide.
+  func reading<Result: Sendable>(
+    _ log: AuditLogID,
+    logger: Logger,
+    _ body: @escaping @Sendable (PostgresConnection) async throws -> Result
+  ) async throws(StoreError) -> Result {
+    switch log {
+    case .tenant(let id): return try await database.withTenant(id, logger: logger, body)
+    case .platform: return try await database.withPlatform(logger: logger, body)
+    }
+  }
+
+  /// The committed size and compact range of `log` (empty if it has no events yet).
+  public func head(_ log: AuditLogID, logger: Logger) async throws(StoreError) -> CompactRange {
+    try await reading(log, logger: logger) { connection in
+      let rows = try await connection.query(
+        "SELECT size, compact_range FROM audit_logs WHERE tenant_id = \(log.rawValue)",
+        logger: logger
+      )
+      for try await (size, bytes) in rows.decode((Int64, ByteBuffer).self) {
+        guard let range = Self.compactRange(size: size, bytes: bytes) else {
+          throw StoreError.unexpected("audit log \(log.rawValue) has a corrupt compact range")
+        }
+        return range
+      }
+      return CompactRange()
+    }
+  }
+
+  /// Up to `limit` records of `log` from index `from` on, in index order, matching `filter`.
+  public func records(
+    _ log: AuditLogID,
+    from: UInt64,
+    below: UInt64,
+    limit: Int,
+    filter: AuditFilter,
+    logger: Logger
+  ) async throws(StoreError) -> [(index: UInt64, leaf: ByteBuffer)] {
+    try await reading(log, logger: logger) { connection in
+      let rows = try await connection.query(
+        """
+        SELECT leaf_index, leaf FROM audit_leaves
+        WHERE tenant_id = \(log.rawValue) AND leaf_index >= \(Int64(from)) AND leaf_index < \(Int64(below))
+          AND (\(filter.from)::timestamptz IS NULL OR event_time >= \(filter.from))
+          AND (\(filter.until)::timestamptz IS NULL OR event_time < \(filter.until))
+          AND (cardinality(\(filter.methods)::text[]) = 0 OR method = ANY(\(filter.methods)))
+          AND (\(filter.principal)::text IS NULL OR principal = \(filter.principal))
+          AND (cardinality(\(filter.outcomes)::integer[]) = 0 OR outcome = ANY(\(filter.outcomes)))
+        ORDER BY leaf_index
+        LIMIT \(limit)
+        """,
+        logger: logger
+      )
+      var out: [(index: UInt64, leaf: ByteBuffer)] = []
+      out.reserveCapacity(limit)
+      for try await (index, leaf) in rows.decode((Int64, ByteBuffer).self) { out.append((UInt64(index), leaf)) }
+      return out
+    }
+  }
+
+  /// The stored leaf at `index`, if present.
+  public func leaf(_ log: AuditLogID, index: UInt64, logger: Logger) async throws(StoreError) -> ByteBuffer? {
+    try await reading(log, logger: logger) { connection in
+      let rows = try await connection.query(
+        "SELECT leaf FROM audit_leaves WHERE tenant_id = \(log.rawValue) AND leaf_index = \(Int64(index))",
+        logger: logger
+      )
+      for try await leaf in rows.decode(ByteBuffer.self) { return leaf }
+      return nil
+    }
+  }
+
+  /// Stored perfect-subtree hashes; fails if any is missing (a damaged store).
+  public func nodes(
+    _ log: AuditLogID,
+    _ addresses: Set<NodeAddress>,
+    logger: Logger
+  ) async throws(StoreError) -> [NodeAddress: MerkleTree.Hash] {
+    guard !addresses.isEmpty else { return [:] }
+    let wanted = Array(addresses)
+    let found = try await reading(log, logger: logger) { connection in
+      let rows = try await connection.query(
+        """
+        SELECT n.level, n.node_index, n.hash FROM audit_nodes n
+        JOIN unnest(\(wanted.map { Int16($0.level) })::smallint[], \(wanted.map { Int64($0.index) })::bigint[])
+          AS w(level, node_index) ON n.level = w.level AND n.node_index = w.node_index
+        WHERE n.tenant_id = \(log.rawValue)
+        """,
+        logger: logger
+      )
+      var found: [NodeAddress: MerkleTree.Hash] = [:]
+      for try await (level, index, hash) in rows.decode((Int16, Int64, ByteBuffer).self) {
+        found[NodeAddress(level: Int(level), index: UInt64(index))] = Array(hash.readableBytesView)
+      }
+      return found
+    }
+    guard found.count == addresses.count else {
+      throw .unexpected("audit log \(log.rawValue) is missing \(addresses.count - found.count) tree nodes")
+    }
+    return found
+  }
+
+  static let checkpointColumns = "tree_size, root_hash, key_name, public_key, signed_note, create_time"
+  typealias CheckpointRow = (Int64, ByteBuffer, String, ByteBuffer, String, Date)
+
+  static func decode(_ log: AuditLogID, _ row: CheckpointRow) -> StoredCheckpoint {
+    StoredCheckpoint(
+      log: log,
+      treeSize: UInt64(row.0),
+      rootHash: Array(row.1.readableBytesView),
+      keyName: row.2,
+      publicKey: Array(row.3.readableBytesView),
+      signedNote: row.4,
+      createTime: row.5
+    )
+  }
+
+  /// The checkpoint of the largest tree size, or of exactly `treeSize` if given.
+  public func checkpoint(_ log: AuditLogID, treeSize: UInt64? = nil, logger: Logger) async throws(StoreError)
+    -> StoredCheckpoint?
+  {
+    let size = treeSize.map { Int64($0) }
+    return try await reading(log, logger: logger) { connection in
+      let rows = try await connection.query(
+        """
+        SELECT \(unescaped: Self.checkpointColumns) FROM audit_checkpoints
+        WHERE tenant_id = \(log.rawValue) AND (\(size)::bigint IS NULL OR tree_size = \(size))
+        ORDER BY tree_size DESC LIMIT 1
+        """,
+        logger: logger
+      )
+      for try await row in rows.decode(CheckpointRow.self) { return Self.decode(log, row) }
+      return nil
+    }
+  }
+
+  /// Stores a checkpoint; if one of that size exists already (another replica signed it first)
+  /// that one is kept and returned.
+  public func saveCheckpoint(_ checkpoint: StoredCheckpoint, logger: Logger) async throws(StoreError) -> StoredCheckpoint {
+    let log = checkpoint.log
+    return try await database.withPlatform(logger: logger) { connection in
+      try await connection.query(
+        """
+        INSERT INTO audit_checkpoints (tenant_id, tree_size, root_hash, key_name, public_key, signed_note)
+        VALUES (\(log.rawValue), \(Int64(checkpoint.treeSize)), \(ByteBuffer(bytes: checkpoint.rootHash)),
+                \(checkpoint.keyName), \(ByteBuffer(bytes: checkpoint.publicKey)), \(checkpoint.signedNote))
+        ON CONFLICT (tenant_id, tree_size) DO NOTHING
+        """,
+        logger: logger
+      )
+      let rows = try await connection.query(
+        """
+        SELECT \(unescaped: Self.checkpointColumns) FROM audit_checkpoints
+        WHERE tenant_id = \(log.rawValue) AND tree_size = \(Int64(checkpoint.treeSize))
+        """,
+        logger: logger
+      )
+      for try await row in rows.decode(CheckpointRow.self) { return Self.decode(log, row) }
+      throw StoreError.unexpected("checkpoint vanished after insert")
+    }
+  }
+
+  /// Every log that has grown past its latest checkpoint, with its current head.
+  public func logsBehindCheckpoint(logger: Logger) async throws(StoreError) -> [(AuditLogID, CompactRange)] {
+    try await database.withPlatform(logger: logger) { connection in
+      let rows = try await connection.query(
+        """
+        SELECT l.tenant_id, l.size, l.compact_range FROM audit_logs l
+        WHERE l.size > coalesce(
+          (SELECT max(c.tree_size) FROM audit_checkpoints c WHERE c.tenant_id = l.tenant_id), 0)
+        """,
+        logger: logger
+      )
+      var out: [(AuditLogID, CompactRange)] = []
+      for try await (key, size, bytes) in rows.decode((String, Int64, ByteBuffer).self) {
+        guard let log = AuditLogID(rawValue: key), let range = Self.compactRange(size: size, bytes: bytes) else {
+          logger.error("audit log row is corrupt; not checkpointing it", metadata: ["log": "\(key)"])
+          continue
+        }
+        out.append((log, range))
+      }
+      return out
+    }
+  }
+}

@@ -1,0 +1,356 @@
+import Crypto
+import Foundation
+import GRPCCore
+import GRPCNIOTransportHTTP2
+import GRPCProtobuf
+import Synchronization
+import SwiftProtobuf
+import Testing
+import TollgateCertificates
+import TollgateClient
+import TollgateMerkle
+import TollgateModel
+import TollgateProtos
+
+/// The audit trail end to end: what is recorded, when it is committed, and that a verifier holding
+/// only the public key detects every kind of tampering done directly in Postgres.
+@Suite(.timeLimit(.minutes(3))) struct AuditTests {
+  static let createTenant = "/tollgate.v1.TenantService/CreateTenant"
+  static let updateQuota = "/tollgate.v1.TenantService/UpdateQuota"
+  static let listTenants = "/tollgate.v1.TenantService/ListTenants"
+
+  /// Everything a StreamEvents call returns without following.
+  static func records(
+    _ gw: TestGateway,
+    as issued: CertificateAuthority.Issued,
+    metadata: Metadata = [:],
+    _ configure: (inout Tollgate_V1_StreamEventsRequest) -> Void = { _ in }
+  ) async throws -> [Tollgate_V1_AuditRecord] {
+    var request = Tollgate_V1_StreamEventsRequest()
+    configure(&request)
+    let out = Mutex<[Tollgate_V1_AuditRecord]>([])
+    try await gw.withClient(issued) { client async throws in
+      try await AuditReader(client: client, metadata: metadata).stream(request) { message in
+        if case .record(let record) = message.item { out.withLock { $0.append(record) } }
+        return true
+      }
+    }
+    return out.withLock { $0 }
+  }
+
+  static func createTenant(_ gw: TestGateway, _ id: String) async throws {
+    try await gw.withClient(try gw.pki.issueOperator()) { client async throws in
+      _ = try await Tollgate_V1_TenantService.Client(wrapping: client).createTenant(.with { $0.tenantID = id })
+    }
+  }
+
+  /// `count` UpdateQuota calls by an operator acting on `tenant`: mutations, so each is in the
+  /// tenant's log when its reply arrives.
+  static func mutate(_ gw: TestGateway, _ tenant: String, count: Int, concurrently: Bool = false) async throws {
+    try await gw.withClient(try gw.pki.issueOperator()) { client async throws in
+      let tenants = Tollgate_V1_TenantService.Client(wrapping: client)
+      try await withThrowingTaskGroup(of: Void.self) { group in
+        for i in 0..<count {
+          let call: @Sendable () async throws -> Void = {
+            _ = try await tenants.updateQuota(
+              .with { $0.quota.monthlyUsageEvents = UInt64(1000 + i) },
+              metadata: actingOn(tenant)
+            )
+          }
+          if concurrently { group.addTask(operation: call) } else { try await call() }
+        }
+        try await group.waitForAll()
+      }
+    }
+  }
+
+  /// Streams the whole log, fetches a checkpoint and verifies, pinpointing with the gateway's proofs.
+  static func verify(_ gw: TestGateway, tenant: String) async throws(AuditVerificationFailure) -> Checkpoint {
+    let op: CertificateAuthority.Issued
+    let records: [Tollgate_V1_AuditRecord]
+    let note: String
+    do {
+      // Checkpoint first: reading is audited too, so the log grows while it is read, and the
+      // verifier ignores records past the checkpoint.
+      op = try gw.pki.issueOperator()
+      note = try await gw.withClient(op) { client async throws in
+        try await AuditReader(client: client, metadata: actingOn(tenant)).checkpoint().signedNote
+      }
+      records = try await Self.records(gw, as: op, metadata: actingOn(tenant))
+    } catch {
+      Issue.record("reading the log failed: \(error)")
+      throw .proof("\(error)")
+    }
+    let verifier = AuditLogVerifier(key: AuditVerifierKey(name: gw.pki.auditKey.name, publicKey: gw.pki.auditKey.publicKey))
+    return try await verifier.verifyLog(
+      records: records.map { ($0.index, Array($0.leaf)) },
+      checkpointNote: note
+    ) { old, new in
+      try await gw.withClient(op) { client async throws in
+        try await AuditReader(client: client, metadata: actingOn(tenant)).consistencyProof(old: old, new: new)
+      }
+    }
+  }
+
+  @Test func mutatingCallIsInTheLogWhenItsReplyArrives() async throws {
+    try await TestGateway.run { gw in
+      let request = Tollgate_V1_CreateTenantRequest.with {
+        $0.tenantID = "acme"
+        $0.displayName = "Acme"
+      }
+      let op = try gw.pki.issueOperator("alice")
+      _ = try await gw.withClient(op) { client async throws in
+        try await Tollgate_V1_TenantService.Client(wrapping: client).createTenant(request)
+      }
+      // No waiting: the event committed with the tenant row.
+      let platform = try await Self.records(gw, as: op)
+      let created = try #require(platform.first { $0.event.method == Self.createTenant })
+      #expect(created.event.outcomeCode == 0)
+      #expect(created.event.resource == "tenants/acme")
+      #expect(created.event.tenantID == "")
+      #expect(created.event.principal.spiffeID == "spiffe://example.org/operator/alice")
+      #expect(created.event.principal.role == .operator)
+      #expect(created.event.principal.certificateSha256.count == 64)
+      var options = BinaryEncodingOptions()
+      options.useDeterministicOrdering = true
+      let requestBytes: [UInt8] = try request.serializedBytes(options: options)
+      #expect(created.event.requestSha256 == Data(SHA256.hash(data: requestBytes)))
+      // The decoded event is exactly the stored leaf.
+      #expect(try Tollgate_V1_AuditEvent(serializedBytes: created.leaf) == created.event)
+      #expect(platform.map(\.index) == Array(0..<UInt64(platform.count)))
+
+      // A failed mutation is recorded with its status, also before its reply.
+      let again = await statusCode {
+        try await gw.withClient(op) { client async throws in
+          try await Tollgate_V1_TenantService.Client(wrapping: client).createTenant(request)
+        }
+      }
+      #expect(again == .alreadyExists)
+      let after = try await Self.records(gw, as: op) { $0.methods = [Self.createTenant] }
+      #expect(after.map(\.event.outcomeCode) == [0, Int32(RPCError.Code.alreadyExists.rawValue)])
+
+      // An operator acting on a tenant is recorded in that tenant's log, marked impersonated.
+      try await Self.mutate(gw, "acme", count: 1)
+      let acme = try await Self.records(gw, as: op, metadata: actingOn("acme"))
+      #expect(acme.count == 1)
+      #expect(acme.first?.event.impersonated == true)
+      #expect(acme.first?.event.tenantID == "acme")
+    }
+  }
+
+  @Test func deniedReadIsRecordedAndFollowersSeeItWithoutPolling() async throws {
+    try await TestGateway.run { gw in
+      try await Self.createTenant(gw, "acme")
+      let auditor = try gw.pki.issue(tenant: "acme", role: .auditor, name: "compliance")
+      let partner = try gw.pki.issue(tenant: "acme", role: .partner)
+      let (followerReady, ready) = AsyncStream.makeStream(of: Void.self)
+      let found = try await withThrowingTaskGroup(of: Tollgate_V1_AuditEvent?.self) { group in
+        group.addTask {
+          // Follows the log and ends once the denied call appears; the suite's time limit bounds it.
+          let seen = Mutex<Tollgate_V1_AuditEvent?>(nil)
+          try await gw.withClient(auditor) { client async throws in
+            let request = Tollgate_V1_StreamEventsRequest.with {
+              $0.follow = true
+              $0.methods = [Self.listTenants]
+            }
+            ready.yield()
+            try await AuditReader(client: client).stream(request) { message in
+              guard case .record(let record) = message.item else { return true }
+              seen.withLock { $0 = record.event }
+              return false
+            }
+          }
+          return seen.withLock { $0 }
+        }
+        var iterator = followerReady.makeAsyncIterator()
+        await iterator.next()
+        let denied = await statusCode {
+          try await gw.withClient(partner) { client async throws in
+            try await Tollgate_V1_TenantService.Client(wrapping: client).listTenants(.init())
+          }
+        }
+        #expect(denied == .permissionDenied)
+        return try await group.next() ?? nil
+      }
+      let event = try #require(found)
+      #expect(event.outcomeCode == Int32(RPCError.Code.permissionDenied.rawValue))
+      #expect(event.outcomeMessage.contains("may not call"))
+      #expect(event.principal.role == .partner)
+      #expect(event.tenantID == "acme")
+
+      // An auditor reads only its own tenant's log; a partner may not read audit at all.
+      let foreign = await statusCode {
+        try await gw.withClient(auditor) { client async throws in
+          try await AuditReader(client: client, metadata: actingOn("other")).checkpoint()
+        }
+      }
+      #expect(foreign == .permissionDenied)
+      let byPartner = await statusCode {
+        try await gw.withClient(partner) { client async throws in try await AuditReader(client: client).checkpoint() }
+      }
+      #expect(byPartner == .permissionDenied)
+    }
+  }
+
+  @Test func verifierDetectsAlteredDeletedAndSwappedRecords() async throws {
+    try await TestGateway.run { gw in
+      try await Self.createTenant(gw, "acme")
+      try await Self.mutate(gw, "acme", count: 12)
+      let checkpoint = try await Self.verify(gw, tenant: "acme")
+      #expect(checkpoint.treeSize >= 12)
+      #expect(checkpoint.origin == "tollgate/example.org/acme")
+
+      // One byte of a stored leaf (inside the request digest, so the event still decodes).
+      try await gw.adminSQL(
+        """
+        UPDATE audit_leaves SET leaf = set_byte(leaf, length(leaf) - 40, (get_byte(leaf, length(leaf) - 40) + 1) % 256)
+        WHERE tenant_id = 'acme' AND leaf_index = 5
+        """
+      )
+      await #expect(throws: AuditVerificationFailure.altered(index: 5)) { try await Self.verify(gw, tenant: "acme") }
+      try await gw.adminSQL(
+        """
+        UPDATE audit_leaves SET leaf = set_byte(leaf, length(leaf) - 40, (get_byte(leaf, length(leaf) - 40) + 255) % 256)
+        WHERE tenant_id = 'acme' AND leaf_index = 5
+        """
+      )
+      _ = try await Self.verify(gw, tenant: "acme")
+
+      // A deleted row.
+      try await gw.adminSQL(
+        "CREATE TABLE saved AS SELECT * FROM audit_leaves WHERE tenant_id = 'acme' AND leaf_index = 7",
+        "DELETE FROM audit_leaves WHERE tenant_id = 'acme' AND leaf_index = 7"
+      )
+      await #expect(throws: AuditVerificationFailure.missing(index: 7)) { try await Self.verify(gw, tenant: "acme") }
+      try await gw.adminSQL("INSERT INTO audit_leaves SELECT * FROM saved", "DROP TABLE saved")
+      _ = try await Self.verify(gw, tenant: "acme")
+
+      // Two rows swapped.
+      try await gw.adminSQL(
+        """
+        UPDATE audit_leaves a SET leaf = b.leaf FROM audit_leaves b
+        WHERE a.tenant_id = 'acme' AND b.tenant_id = 'acme'
+          AND ((a.leaf_index = 3 AND b.leaf_index = 9) OR (a.leaf_index = 9 AND b.leaf_index = 3))
+        """
+      )
+      await #expect(throws: AuditVerificationFailure.altered(index: 3)) { try await Self.verify(gw, tenant: "acme") }
+    }
+  }
+
+  @Test func proofsVerifyAgainstSignedCheckpoints() async throws {
+    try await TestGateway.run { gw in
+      try await Self.createTenant(gw, "acme")
+      let op = try gw.pki.issueOperator()
+      let verifier = AuditLogVerifier(key: AuditVerifierKey(name: gw.pki.auditKey.name, publicKey: gw.pki.auditKey.publicKey))
+      try await Self.mutate(gw, "acme", count: 5)
+      try await gw.withClient(op) { client async throws in
+        let reader = AuditReader(client: client, metadata: actingOn("acme"))
+        // Every read here is itself audited in acme's log, so sizes only grow by at least the
+        // mutations made.
+        let first = try verifier.checkpoint(note: try await reader.checkpoint().signedNote)
+        #expect(first.treeSize >= 5)
+        try await Self.mutate(gw, "acme", count: 6)
+        let second = try verifier.checkpoint(note: try await reader.checkpoint().signedNote)
+        #expect(second.treeSize >= first.treeSize + 6)
+        try verifier.verifyConsistency(
+          old: first,
+          new: second,
+          proof: try await reader.consistencyProof(old: first.treeSize, new: second.treeSize)
+        )
+        for index in UInt64(0)..<second.treeSize {
+          let proof = try await reader.client.getInclusionProof(.with {
+            $0.index = index
+            $0.treeSize = second.treeSize
+          }, metadata: actingOn("acme"))
+          try verifier.verifyInclusion(index: index, leaf: Array(proof.leaf), proof: proof.hashes.map { Array($0) }, checkpoint: second)
+        }
+        let beyond = await statusCode {
+          try await reader.client.getInclusionProof(.with {
+            $0.index = 3
+            $0.treeSize = 500
+          }, metadata: actingOn("acme"))
+        }
+        #expect(beyond == .invalidArgument)
+
+        // A client resuming from its verified checkpoint gets a newer one and the proof first.
+        try await Self.mutate(gw, "acme", count: 2)
+        let head = Mutex<[Tollgate_V1_StreamEventsResponse]>([])
+        try await reader.stream(.with {
+          $0.startIndex = second.treeSize
+          $0.verifiedTreeSize = second.treeSize
+        }) { message in
+          head.withLock { $0.append(message) }
+          return true
+        }
+        let messages = head.withLock { $0 }
+        guard case .checkpoint(let newer) = messages.first?.item, case .consistencyProof(let proof) = messages.dropFirst().first?.item
+        else {
+          Issue.record("stream did not start with a checkpoint and its proof: \(messages.prefix(2))")
+          return
+        }
+        let third = try verifier.checkpoint(note: newer.signedNote)
+        #expect(third.treeSize >= second.treeSize + 2)
+        try verifier.verifyConsistency(old: second, new: third, proof: proof.hashes.map { Array($0) })
+        let indices: [UInt64] = messages.dropFirst(2).compactMap {
+          if case .record(let r) = $0.item { return r.index }
+          return nil
+        }
+        #expect(indices.first == second.treeSize)
+        #expect(indices == Array(second.treeSize..<(second.treeSize + UInt64(indices.count))))
+        #expect(indices.count >= 2)
+      }
+    }
+  }
+
+  @Test func concurrentAppendsFromTwoReplicasStayGapFreeAndUnforked() async throws {
+    // Mutations of one tenant serialise on its row and its log; 80 at once on a loaded 2-core
+    // machine can queue past the 1 s test default.
+    try await TestGateway.run(configure: { $0.databaseTimeout = .seconds(10) }) { gw in
+      try await Self.createTenant(gw, "acme")
+      let partner = try gw.pki.issue(tenant: "acme", role: .partner)
+      try await gw.withReplica { replica in
+        try await withThrowingTaskGroup(of: Void.self) { group in
+          group.addTask { try await Self.mutate(gw, "acme", count: 40, concurrently: true) }
+          group.addTask { try await Self.mutate(replica, "acme", count: 40, concurrently: true) }
+          // Reads go through each replica's batch buffer.
+          for target in [gw, replica] {
+            group.addTask {
+              try await target.withClient(partner) { client async throws in
+                try await withThrowingTaskGroup(of: Void.self) { reads in
+                  for _ in 0..<30 {
+                    reads.addTask { _ = try await Tollgate_V1_TenantService.Client(wrapping: client).getTenant(.init()) }
+                  }
+                  try await reads.waitForAll()
+                }
+              }
+            }
+          }
+          try await group.waitForAll()
+        }
+        // Both replicas' checkpoints describe one history: the replica's is verifiable too.
+        let fromReplica = try await Self.verify(replica, tenant: "acme")
+        #expect(fromReplica.treeSize >= 80)
+      }
+      // The replica flushed its reads on shutdown; this gateway's are committed within a second,
+      // so follow until the 80 mutations and 60 reads are all there (the suite's limit bounds it).
+      let op = try gw.pki.issueOperator()
+      let calls: Set<String> = [Self.updateQuota, "/tollgate.v1.TenantService/GetTenant"]
+      try await gw.withClient(op) { client async throws in
+        let counted = Mutex(0)
+        try await AuditReader(client: client, metadata: actingOn("acme")).stream(.with {
+          $0.follow = true
+          $0.methods = Array(calls)
+        }) { message in
+          guard case .record = message.item else { return true }
+          return counted.withLock { $0 += 1; return $0 < 140 }
+        }
+      }
+      let checkpoint = try await Self.verify(gw, tenant: "acme")
+      let records = try await Self.records(gw, as: op, metadata: actingOn("acme"))
+      #expect(checkpoint.treeSize >= 140)
+      #expect(records.map(\.index) == Array(0..<UInt64(records.count)))
+      #expect(records.filter { $0.event.method == Self.updateQuota }.count == 80)
+      #expect(records.filter { $0.event.method == "/tollgate.v1.TenantService/GetTenant" }.count == 60)
+    }
+  }
+}
