@@ -182,6 +182,7 @@ let package = Package(
     .executableTarget(
       name: "tollctl",
       dependencies: [
+        "TollgateMerkle",
         "TollgateModel", "TollgateProtos", "TollgateCertificates", "TollgateClient",
         .product(name: "X509", package: "swift-certificates"),
         .product(name: "GRPCCore", package: "grpc-swift-2"),

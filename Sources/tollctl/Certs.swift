@@ -1,14 +1,36 @@
 import ArgumentParser
 import Foundation
 import TollgateCertificates
+import TollgateMerkle
 import TollgateModel
 import X509
 
 struct Certs: AsyncParsableCommand {
   static let configuration = CommandConfiguration(
     abstract: "Make a certificate authority and issue gateway and principal certificates (no openssl needed).",
-    subcommands: [InitCA.self, Issue.self]
+    subcommands: [InitCA.self, Issue.self, AuditKey.self]
   )
+
+  struct AuditKey: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+      commandName: "audit-key",
+      abstract: "Make the Ed25519 key that signs audit checkpoints: writes FILE (0600, for --audit-signing-key) and FILE.pub (publish it)."
+    )
+    @Option(help: "File to write the signing key to; the verifier key goes to FILE.pub") var out: String
+    @Option(help: "Key name shown in checkpoint signatures") var name: String = "tollgate-audit"
+    @Flag(help: "Replace an existing key (earlier checkpoints stay verifiable with the old .pub)") var force = false
+
+    func run() async throws {
+      if FileManager.default.fileExists(atPath: out) && !force {
+        throw ValidationError("\(out) exists; pass --force to replace it (keep the old .pub to verify older checkpoints)")
+      }
+      let key: AuditSigningKey
+      do { key = try AuditSigningKey(name: name) } catch { throw ValidationError("--name: \(error.description)") }
+      try PEMFiles.write(key.signerText + "\n", to: out, secret: true)
+      try PEMFiles.write(key.verifierText + "\n", to: out + ".pub")
+      print(key.verifierText)
+    }
+  }
 
   struct InitCA: AsyncParsableCommand {
     static let configuration = CommandConfiguration(

@@ -12,7 +12,7 @@ struct Tollctl: AsyncParsableCommand {
   static let configuration = CommandConfiguration(
     commandName: "tollctl",
     abstract: "Tollgate's admin and client CLI.",
-    subcommands: [Certs.self, Tenants.self, Health.self]
+    subcommands: [Certs.self, Tenants.self, Audit.self, Health.self]
   )
 }
 
@@ -54,6 +54,19 @@ struct ConnectionOptions: ParsableArguments {
     var m: Metadata = [:]
     if let tenant { m.addString(tenant, forKey: "tollgate-tenant") }
     return m
+  }
+
+  /// Runs `body` with a client; a gRPC failure prints its status and exits non-zero.
+  func withClient<T: Sendable>(
+    _ body: (GRPCClient<HTTP2ClientTransport.Posix>, Metadata) async throws -> T
+  ) async throws -> T {
+    let connection = try connection()
+    do {
+      return try await connection.withClient { client in try await body(client, metadata) }
+    } catch let error as RPCError {
+      printError(error)
+      throw ExitCode(2)
+    }
   }
 
   /// Runs `body` with a TenantService client; a gRPC failure prints its status and exits non-zero.

@@ -8,6 +8,7 @@ import SwiftProtobuf
 import Testing
 import TollgateCertificates
 import TollgateClient
+import TollgateCore
 import TollgateMerkle
 import TollgateModel
 import TollgateProtos

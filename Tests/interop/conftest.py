@@ -51,12 +51,14 @@ def stubs(work_dir):
     )
     assert rc == 0, "protoc failed"
     sys.path.insert(0, str(out))
-    from tollgate.v1 import common_pb2, tenant_service_pb2, tenant_service_pb2_grpc
+    from tollgate.v1 import audit_service_pb2, audit_service_pb2_grpc, common_pb2, tenant_service_pb2, tenant_service_pb2_grpc
 
     class Stubs:
         common = common_pb2
         tenant = tenant_service_pb2
         tenant_grpc = tenant_service_pb2_grpc
+        audit = audit_service_pb2
+        audit_grpc = audit_service_pb2_grpc
 
     return Stubs
 
@@ -73,6 +75,9 @@ class PKI:
                 "--out", str(root / "server"))
         # A second CA the gateway does not trust.
         tollctl("certs", "init-ca", "--out", str(root / "other-ca"), "--trust-domain", TRUST_DOMAIN)
+        # The checkpoint signing key; the audit tests verify with audit.key.pub only.
+        tollctl("certs", "audit-key", "--out", str(root / "audit.key"), "--name", "interop-audit")
+        self.audit_verifier_key = (root / "audit.key.pub").read_text().strip()
 
     def issue(self, name, *args, ca="ca"):
         out = self.root / name
@@ -124,7 +129,7 @@ def gateway(pki, work_dir):
          "--tls-cert", str(server / "cert.pem"), "--tls-key", str(server / "key.pem"),
          "--client-ca", str(pki.root / "ca" / "ca.pem"), "--trust-domain", TRUST_DOMAIN,
          "--database-url", app_url, "--database-timeout-ms", "2000", "--max-message-bytes", "65536",
-         "--metrics-listen", "127.0.0.1:0"],
+         "--metrics-listen", "127.0.0.1:0", "--audit-signing-key", str(pki.root / "audit.key")],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
     lines = queue.Queue()

@@ -1,0 +1,285 @@
+import ArgumentParser
+import Foundation
+import GRPCCore
+import GRPCNIOTransportHTTP2
+import Synchronization
+import SwiftProtobuf
+import TollgateClient
+import TollgateMerkle
+import TollgateProtos
+
+struct Audit: AsyncParsableCommand {
+  static let configuration = CommandConfiguration(
+    abstract: "Read, export and verify a tenant's audit log (auditors: their own; operators: --tenant, or the platform log).",
+    subcommands: [Tail.self, Export.self, Verify.self]
+  )
+
+  struct Filters: ParsableArguments {
+    @Option(help: "First record index") var start: UInt64 = 0
+    @Option(help: "Only this method, e.g. /tollgate.v1.TenantService/GetTenant (repeatable)") var method: [String] = []
+    @Option(help: "Only calls by this SPIFFE ID") var principal: String?
+    @Option(help: "Only calls that ended with this gRPC status code, e.g. 7 (repeatable)") var outcome: [Int32] = []
+    @Option(help: "Only calls at or after this ISO 8601 time") var since: String?
+    @Option(help: "Only calls before this ISO 8601 time") var until: String?
+
+    func request() throws -> Tollgate_V1_StreamEventsRequest {
+      func time(_ text: String?, _ flag: String) throws -> Google_Protobuf_Timestamp? {
+        guard let text else { return nil }
+        guard let date = ISO8601DateFormatter().date(from: text) else {
+          throw ValidationError("\(flag) '\(text)' is not an ISO 8601 time such as 2026-11-22T10:00:00Z")
+        }
+        return Google_Protobuf_Timestamp(date: date)
+      }
+      let from = try time(since, "--since")
+      let to = try time(until, "--until")
+      return .with {
+        $0.startIndex = start
+        $0.methods = method
+        $0.principalSpiffeID = principal ?? ""
+        $0.outcomeCodes = outcome
+        if from != nil || to != nil {
+          $0.range = .with { range in
+            if let from { range.startTime = from }
+            if let to { range.endTime = to }
+          }
+        }
+      }
+    }
+  }
+
+  struct Tail: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Print audit records, one line each (or JSON lines).")
+    @OptionGroup var connection: ConnectionOptions
+    @OptionGroup var filters: Filters
+    @Flag(help: "Keep printing new records as they are committed") var follow = false
+    @Flag(help: "Print each record as a JSON object on one line") var json = false
+
+    func run() async throws {
+      var request = try filters.request()
+      request.follow = follow
+      let json = self.json
+      try await connection.withClient { client, metadata in
+        try await AuditReader(client: client, metadata: metadata).stream(request, options: .streaming) { message in
+          guard case .record(let record) = message.item else { return true }
+          // Written straight to the descriptor so a follower's lines appear as they arrive.
+          FileHandle.standardOutput.write(Data((try Audit.line(record, json: json) + "\n").utf8))
+          return true
+        }
+      }
+    }
+  }
+
+  static func line(_ record: Tollgate_V1_AuditRecord, json: Bool) throws -> String {
+    let event = record.event
+    if json {
+      var options = JSONEncodingOptions()
+      options.preserveProtoFieldNames = true
+      return try record.jsonString(options: options)
+    }
+    let time = ISO8601DateFormatter().string(from: event.time.date)
+    let latency = Double(event.latency.seconds) * 1000 + Double(event.latency.nanos) / 1_000_000
+    let code = Status.Code(rawValue: Int(event.outcomeCode)).map { "\($0)" } ?? "code \(event.outcomeCode)"
+    let outcome = event.outcomeCode == 0 ? "ok" : code
+    return [
+      "\(record.index)", time, event.principal.spiffeID, event.method,
+      event.resource.isEmpty ? "-" : event.resource, outcome, String(format: "%.1fms", latency),
+    ].joined(separator: "  ")
+  }
+
+  /// An export: the checkpoint's signed note, then one record per line, leaf bytes in base64.
+  struct ExportLine: Codable {
+    var checkpoint: String?
+    var index: UInt64?
+    var leaf: String?
+  }
+
+  struct Export: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+      abstract: "Write the log up to its latest checkpoint to a file (JSON lines) that 'audit verify --export' checks offline."
+    )
+    @OptionGroup var connection: ConnectionOptions
+    @Option(help: "File to write") var out: String
+
+    func run() async throws {
+      guard FileManager.default.createFile(atPath: out, contents: nil) else {
+        throw ValidationError("--out: cannot create \(out)")
+      }
+      let handle = try FileHandle(forWritingTo: URL(fileURLWithPath: out))
+      defer { try? handle.close() }
+      let progress = Progress(label: "exported")
+      try await connection.withClient { client, metadata in
+        let reader = AuditReader(client: client, metadata: metadata)
+        // The checkpoint first: records past it are committed later and not covered by it.
+        let checkpoint = try await reader.checkpoint()
+        let size = checkpoint.treeSize
+        let encoder = JSONEncoder()
+        try handle.write(contentsOf: try encoder.encode(ExportLine(checkpoint: checkpoint.signedNote)) + Data("\n".utf8))
+        progress.total = size
+        guard size > 0 else { return }
+        let buffer = Mutex(Data())
+        let written = Mutex<UInt64>(0)
+        try await reader.stream(.init(), options: .streaming) { message in
+          guard case .record(let record) = message.item, record.index < size else { return true }
+          let line = try encoder.encode(ExportLine(index: record.index, leaf: record.leaf.base64EncodedString()))
+          let count = written.withLock { $0 += 1; return $0 }
+          let chunk = buffer.withLock { data -> Data? in
+            data.append(line)
+            data.append(0x0A)
+            guard data.count > 1 << 20 || count == size else { return nil }
+            defer { data.removeAll(keepingCapacity: true) }
+            return data
+          }
+          if let chunk { try handle.write(contentsOf: chunk) }
+          progress.update(count)
+          return record.index + 1 < size
+        }
+        progress.finish()
+        FileHandle.standardError.write(Data("wrote \(written.withLock { $0 }) records and the checkpoint of size \(size) to \(out)\n".utf8))
+      }
+    }
+  }
+
+  struct Verify: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+      abstract: "Verify a log with only the published key: re-compute the tree, check the checkpoint signature, and check proofs.",
+      discussion: """
+        From the gateway (default) or from an 'audit export' file (--export). A log read from index 0
+        is re-hashed whole and compared with the signed root; a range starting later (--start) is
+        checked record by record with inclusion proofs. When something is wrong the first bad index
+        is named, located with the gateway's consistency proofs (each checked against the signed root).
+        Exit status: 0 verified, 1 tampering found, 2 could not check.
+        """
+    )
+    @OptionGroup var connection: ConnectionOptions
+    @Option(help: "Verifier key: the text 'name+id+key' or a file holding it (the .pub from 'certs audit-key')") var key: String
+    @Option(help: "Verify this export file instead of streaming from the gateway") var export: String?
+    @Option(help: "Verify records from this index on with inclusion proofs (streamed from the gateway)") var start: UInt64 = 0
+
+    func run() async throws {
+      let keyText = FileManager.default.fileExists(atPath: key) ? try String(contentsOfFile: key, encoding: .utf8) : key
+      let verifierKey: AuditVerifierKey
+      do { verifierKey = try AuditVerifierKey(text: keyText) } catch { throw ValidationError("--key: \(error.description)") }
+      let verifier = AuditLogVerifier(key: verifierKey)
+      do {
+        if let export {
+          try await verifyExport(export, verifier)
+        } else {
+          try await verifyFromGateway(verifier)
+        }
+      } catch let failure as AuditVerificationFailure {
+        FileHandle.standardError.write(Data("tollctl: NOT VERIFIED: \(failure)\n".utf8))
+        throw ExitCode(1)
+      }
+    }
+
+    func verifyExport(_ path: String, _ verifier: AuditLogVerifier) async throws {
+      guard let data = FileManager.default.contents(atPath: path) else { throw ValidationError("--export: cannot read \(path)") }
+      var note: String?
+      var records: [(index: UInt64, leaf: [UInt8])] = []
+      let decoder = JSONDecoder()
+      for (number, line) in data.split(separator: 0x0A).enumerated() {
+        let entry: ExportLine
+        do { entry = try decoder.decode(ExportLine.self, from: line) } catch {
+          throw ValidationError("--export: line \(number + 1) is not an export line")
+        }
+        if let checkpoint = entry.checkpoint { note = checkpoint }
+        if let index = entry.index, let leaf = entry.leaf.flatMap({ Data(base64Encoded: $0) }) {
+          records.append((index, Array(leaf)))
+        }
+      }
+      guard let note else { throw ValidationError("--export: \(path) holds no checkpoint") }
+      // The gateway, if reachable, only helps locate a bad record; every proof it gives is checked.
+      let pinpoint: ((UInt64, UInt64) async throws -> [MerkleTree.Hash])? =
+        (connection.identity ?? ProcessInfo.processInfo.environment["TOLLCTL_IDENTITY"]) == nil ? nil : { old, new in
+          try await connection.withClient { client, metadata in
+            try await AuditReader(client: client, metadata: metadata).consistencyProof(old: old, new: new)
+          }
+        }
+      let checkpoint = try await verifier.verifyLog(records: records, checkpointNote: note, consistencyProof: pinpoint)
+      report(checkpoint, records: checkpoint.treeSize)
+    }
+
+    func verifyFromGateway(_ verifier: AuditLogVerifier) async throws {
+      try await connection.withClient { client, metadata in
+        let reader = AuditReader(client: client, metadata: metadata)
+        let note = try await reader.checkpoint().signedNote
+        let checkpoint = try verifier.checkpoint(note: note)
+        let size = checkpoint.treeSize
+        let records = Mutex<[(index: UInt64, leaf: [UInt8])]>([])
+        if start < size {
+          try await reader.stream(.with { $0.startIndex = start }, options: .streaming) { message in
+            guard case .record(let record) = message.item, record.index < size else { return true }
+            records.withLock { $0.append((record.index, Array(record.leaf))) }
+            return record.index + 1 < size
+          }
+        }
+        let collected = records.withLock { $0 }
+        if start == 0 {
+          _ = try await verifier.verifyLog(records: collected, checkpointNote: note) { old, new in
+            try await reader.consistencyProof(old: old, new: new)
+          }
+        } else {
+          var expected = start
+          for record in collected {
+            if record.index != expected { throw AuditVerificationFailure.missing(index: expected) }
+            let proof = try await reader.client.getInclusionProof(.with {
+              $0.index = record.index
+              $0.treeSize = size
+            }, metadata: metadata)
+            try verifier.verifyInclusion(index: record.index, leaf: record.leaf, proof: proof.hashes.map { Array($0) }, checkpoint: checkpoint)
+            expected += 1
+          }
+          if expected < size { throw AuditVerificationFailure.short(records: expected, checkpointSize: size) }
+        }
+        report(checkpoint, records: size - min(start, size))
+      }
+    }
+
+    func report(_ checkpoint: Checkpoint, records: UInt64) {
+      print("verified \(records) records against the checkpoint of size \(checkpoint.treeSize) (\(checkpoint.origin)), root \(Data(checkpoint.rootHash).base64EncodedString())")
+    }
+  }
+}
+
+extension CallOptions {
+  /// Streams run as long as they need; tollctl's default deadline is for unary calls.
+  static var streaming: CallOptions {
+    var options = CallOptions.defaults
+    options.timeout = nil
+    return options
+  }
+}
+
+/// A one-line progress display on stderr when it is a terminal; silent otherwise.
+final class Progress: Sendable {
+  let label: String
+  let enabled = isatty(STDERR_FILENO) != 0
+  private let state = Mutex<(total: UInt64, shown: ContinuousClock.Instant?)>((0, nil))
+
+  init(label: String) {
+    self.label = label
+  }
+
+  var total: UInt64 {
+    get { state.withLock { $0.total } }
+    set { state.withLock { $0.total = newValue } }
+  }
+
+  func update(_ done: UInt64) {
+    guard enabled else { return }
+    let (total, due) = state.withLock { state -> (UInt64, Bool) in
+      let now = ContinuousClock.now
+      if let shown = state.shown, now - shown < .milliseconds(100) { return (state.total, false) }
+      state.shown = now
+      return (state.total, true)
+    }
+    guard due else { return }
+    let percent = total == 0 ? 100 : Int(done * 100 / total)
+    FileHandle.standardError.write(Data("\r\(label) \(done)/\(total) (\(percent)%)".utf8))
+  }
+
+  func finish() {
+    guard enabled else { return }
+    FileHandle.standardError.write(Data("\r\(label) \(total)/\(total) (100%)\n".utf8))
+  }
+}

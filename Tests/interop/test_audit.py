@@ -1,0 +1,191 @@
+"""Interop: the audit log checked by an independent implementation.
+
+RFC 6962 hashing and proofs, the C2SP signed-note format and Ed25519 are re-implemented here from
+the specifications (hashlib and the `cryptography` package only), so a proof the gateway serves is
+accepted only if a second, unrelated implementation agrees with it.
+"""
+import base64
+import hashlib
+
+import grpc
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+TIMEOUT = 10
+TENANT = "audit-interop"
+
+
+# --- RFC 6962 §2.1, written from the RFC ---------------------------------------------------
+
+def leaf_hash(leaf):
+    return hashlib.sha256(b"\x00" + leaf).digest()
+
+
+def node_hash(left, right):
+    return hashlib.sha256(b"\x01" + left + right).digest()
+
+
+def split(n):
+    k = 1
+    while k * 2 < n:
+        k *= 2
+    return k
+
+
+def mth(leaves):
+    if not leaves:
+        return hashlib.sha256(b"").digest()
+    if len(leaves) == 1:
+        return leaf_hash(leaves[0])
+    k = split(len(leaves))
+    return node_hash(mth(leaves[:k]), mth(leaves[k:]))
+
+
+def path(m, leaves):
+    if len(leaves) == 1:
+        return []
+    k = split(len(leaves))
+    if m < k:
+        return path(m, leaves[:k]) + [mth(leaves[k:])]
+    return path(m - k, leaves[k:]) + [mth(leaves[:k])]
+
+
+def subproof(m, leaves, complete):
+    n = len(leaves)
+    if m == n:
+        return [] if complete else [mth(leaves)]
+    k = split(n)
+    if m <= k:
+        return subproof(m, leaves[:k], complete) + [mth(leaves[k:])]
+    return subproof(m - k, leaves[k:], False) + [mth(leaves[:k])]
+
+
+def root_from_inclusion(index, size, leaf, proof):
+    """Recomputes the root from an audit path (RFC 9162 §2.1.3.2)."""
+    fn, sn, r = index, size - 1, leaf_hash(leaf)
+    for p in proof:
+        assert sn != 0, "proof too long"
+        if fn % 2 == 1 or fn == sn:
+            r = node_hash(p, r)
+            while fn % 2 == 0 and fn != 0:
+                fn >>= 1
+                sn >>= 1
+        else:
+            r = node_hash(r, p)
+        fn >>= 1
+        sn >>= 1
+    assert sn == 0, "proof too short"
+    return r
+
+
+# --- C2SP signed note -------------------------------------------------------------------------
+
+def parse_verifier_key(text):
+    name, key_id, key = text.split("+", 2)
+    raw = base64.b64decode(key)
+    assert raw[0] == 1 and len(raw) == 33
+    assert hashlib.sha256(name.encode() + b"\n" + raw).digest()[:4].hex() == key_id
+    return name, raw[1:]
+
+
+def verify_note(note, name, public_key):
+    """Returns (origin, size, root) if `note` carries a valid Ed25519 signature by the key."""
+    body, _, signatures = note.partition("\n\n")
+    body += "\n"
+    key_id = hashlib.sha256(name.encode() + b"\n\x01" + public_key).digest()[:4]
+    for line in signatures.splitlines():
+        dash, signer, blob = line.split(" ")
+        raw = base64.b64decode(blob)
+        if dash == "\u2014" and signer == name and raw[:4] == key_id:
+            Ed25519PublicKey.from_public_bytes(public_key).verify(raw[4:], body.encode())
+            origin, size, root = body.splitlines()[:3]
+            return origin, int(size), base64.b64decode(root)
+    raise AssertionError("no signature by the verifier key")
+
+
+# --- the test ---------------------------------------------------------------------------------
+
+@pytest.fixture
+def audit_log(gateway, pki, channel_for, stubs):
+    op = channel_for(pki.operator())
+    tenants = stubs.tenant_grpc.TenantServiceStub(op)
+    try:
+        tenants.CreateTenant(stubs.tenant.CreateTenantRequest(tenant_id=TENANT), timeout=TIMEOUT)
+    except grpc.RpcError as e:
+        assert e.code() == grpc.StatusCode.ALREADY_EXISTS
+    acting = [("tollgate-tenant", TENANT)]
+    for i in range(21):
+        request = stubs.tenant.UpdateQuotaRequest(quota=stubs.common.Quota(monthly_usage_events=1000 + i))
+        tenants.UpdateQuota(request, metadata=acting, timeout=TIMEOUT)
+    return stubs.audit_grpc.AuditServiceStub(op), acting
+
+
+def test_log_and_proofs_verify_independently(audit_log, pki, stubs, channel_for):
+    audit, acting = audit_log
+    name, public_key = parse_verifier_key(pki.audit_verifier_key)
+
+    first = audit.GetCheckpoint(stubs.audit.GetCheckpointRequest(), metadata=acting, timeout=TIMEOUT).checkpoint
+    origin, size, root = verify_note(first.signed_note, name, public_key)
+    assert origin == f"tollgate/example.org/{TENANT}"
+    assert size == first.tree_size >= 21
+    assert bytes(first.public_key) == public_key
+
+    records = [m.record for m in audit.StreamEvents(stubs.audit.StreamEventsRequest(), metadata=acting, timeout=TIMEOUT)
+               if m.WhichOneof("item") == "record"]
+    assert [r.index for r in records] == list(range(len(records)))
+    leaves = [bytes(r.leaf) for r in records[:size]]
+    assert mth(leaves) == root
+    for r in records:
+        # The decoded event is the leaf, byte for byte, and the call it records is on this tenant.
+        assert stubs.audit.AuditEvent.FromString(bytes(r.leaf)) == r.event
+        assert r.event.tenant_id == TENANT
+    updates = [r for r in records if r.event.method == "/tollgate.v1.TenantService/UpdateQuota"]
+    assert len(updates) >= 21 and all(r.event.impersonated and r.event.outcome_code == 0 for r in updates)
+
+    for index in range(size):
+        proof = audit.GetInclusionProof(stubs.audit.GetInclusionProofRequest(index=index, tree_size=size),
+                                        metadata=acting, timeout=TIMEOUT)
+        assert bytes(proof.leaf) == leaves[index]
+        assert [bytes(h) for h in proof.hashes] == path(index, leaves)
+        assert root_from_inclusion(index, size, leaves[index], [bytes(h) for h in proof.hashes]) == root
+
+    # The log grows (this test's own reads are audited); the old tree is a prefix of the new one.
+    audit.GetCheckpoint(stubs.audit.GetCheckpointRequest(), metadata=acting, timeout=TIMEOUT)
+    second = audit.GetCheckpoint(stubs.audit.GetCheckpointRequest(), metadata=acting, timeout=TIMEOUT).checkpoint
+    _, new_size, new_root = verify_note(second.signed_note, name, public_key)
+    assert new_size > size
+    records = [m.record for m in audit.StreamEvents(stubs.audit.StreamEventsRequest(), metadata=acting, timeout=TIMEOUT)
+               if m.WhichOneof("item") == "record"]
+    all_leaves = [bytes(r.leaf) for r in records[:new_size]]
+    assert all_leaves[:size] == leaves
+    assert mth(all_leaves) == new_root
+    for old in (1, size // 2, size, new_size - 1):
+        proof = audit.GetConsistencyProof(stubs.audit.GetConsistencyProofRequest(old_size=old, new_size=new_size),
+                                          metadata=acting, timeout=TIMEOUT).proof
+        assert [bytes(h) for h in proof.hashes] == subproof(old, all_leaves, True)
+
+
+def test_denied_call_is_in_the_log_and_auditors_read_only_their_tenant(audit_log, pki, stubs, channel_for):
+    partner = stubs.tenant_grpc.TenantServiceStub(channel_for(pki.principal(TENANT, "partner", "p")))
+    with pytest.raises(grpc.RpcError) as info:
+        partner.ListTenants(stubs.tenant.ListTenantsRequest(), timeout=TIMEOUT)
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+    auditor = stubs.audit_grpc.AuditServiceStub(channel_for(pki.principal(TENANT, "auditor", "compliance")))
+    # Follow until the denial (a read, committed by the batch within a second) arrives.
+    stream = auditor.StreamEvents(
+        stubs.audit.StreamEventsRequest(follow=True, methods=["/tollgate.v1.TenantService/ListTenants"]),
+        timeout=TIMEOUT)
+    first = next(m for m in stream if m.WhichOneof("item") == "record")
+    stream.cancel()
+    assert first.record.event.outcome_code == grpc.StatusCode.PERMISSION_DENIED.value[0]
+    assert first.record.event.principal.spiffe_id == f"spiffe://example.org/tenant/{TENANT}/partner/p"
+
+    with pytest.raises(grpc.RpcError) as info:
+        auditor.GetCheckpoint(stubs.audit.GetCheckpointRequest(), metadata=[("tollgate-tenant", "acme")], timeout=TIMEOUT)
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+    with pytest.raises(grpc.RpcError) as info:
+        auditor.GetInclusionProof(stubs.audit.GetInclusionProofRequest(index=10**9, tree_size=10**9 + 1), timeout=TIMEOUT)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "tree_size" in info.value.details()
