@@ -354,4 +354,66 @@ import TollgateProtos
       #expect(records.filter { $0.event.method == "/tollgate.v1.TenantService/GetTenant" }.count == 60)
     }
   }
+
+  /// Opens a following StreamEvents as `auditor`, resumes `body` once the stream is open (its first
+  /// message, a checkpoint, has arrived), and returns how the stream ended.
+  static func whileFollowing(
+    _ gw: TestGateway,
+    _ auditor: CertificateAuthority.Issued,
+    _ body: @Sendable () async throws -> Void
+  ) async throws -> RPCError.Code? {
+    let (opened, open) = AsyncStream.makeStream(of: Void.self)
+    return try await withThrowingTaskGroup(of: RPCError.Code?.self) { group in
+      group.addTask {
+        await statusCode {
+          try await gw.withClient(auditor) { client async throws in
+            try await AuditReader(client: client).stream(.with {
+              $0.follow = true
+              $0.verifiedTreeSize = 1
+            }, options: .noTimeout) { message in
+              if case .checkpoint = message.item { open.yield() }
+              return true
+            }
+          }
+        }
+      }
+      var iterator = opened.makeAsyncIterator()
+      await iterator.next()
+      try await body()
+      return try await group.next() ?? nil
+    }
+  }
+
+  @Test func fullAuditBufferRefusesReadsRatherThanRunThemUnaudited() async throws {
+    try await TestGateway.run(configure: { $0.auditBufferCapacity = 1 }) { gw in
+      try await Self.createTenant(gw, "acme")
+      try await Self.mutate(gw, "acme", count: 1)
+      let auditor = try gw.pki.issue(tenant: "acme", role: .auditor)
+      let partner = try gw.pki.issue(tenant: "acme", role: .partner)
+      // The open follower holds the buffer's only place until it ends.
+      let ended = try await Self.whileFollowing(gw, auditor) {
+        let refused = await statusCode {
+          try await gw.withClient(partner) { client async throws in
+            try await Tollgate_V1_TenantService.Client(wrapping: client).getTenant(.init())
+          }
+        }
+        #expect(refused == .unavailable)
+        // Mutations are committed with their own transaction, so they still run.
+        try await Self.mutate(gw, "acme", count: 1)
+        await gw.beginShutdown()
+      }
+      // Draining ends a following stream with UNAVAILABLE (reconnect elsewhere), and its own
+      // event is committed before the process would exit.
+      #expect(ended == .unavailable)
+    }
+  }
+}
+
+extension CallOptions {
+  /// For a follower that must stay open until the test ends it; the suite's time limit bounds it.
+  static var noTimeout: CallOptions {
+    var options = CallOptions.defaults
+    options.timeout = nil
+    return options
+  }
 }

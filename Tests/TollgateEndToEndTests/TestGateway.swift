@@ -121,6 +121,8 @@ struct TestGateway: Sendable {
   let port: Int
   let pki: TestPKI
   let database: TestDatabase
+  /// Begins this gateway's graceful shutdown (drain), as SIGTERM would.
+  let beginShutdown: @Sendable () async -> Void
 
   func connection(_ issued: CertificateAuthority.Issued, serverCA: [UInt8]? = nil) throws -> GatewayConnection {
     GatewayConnection(
@@ -152,7 +154,9 @@ struct TestGateway: Sendable {
       tasks.addTask { try await group.run() }
       defer { tasks.cancelAll() }
       guard let port = try await replica.listeningAddress.ipv4?.port else { throw CancellationError() }
-      let result = try await body(TestGateway(gateway: replica, port: port, pki: pki, database: database))
+      let result = try await body(
+        TestGateway(gateway: replica, port: port, pki: pki, database: database) { await group.triggerGracefulShutdown() }
+      )
       await group.triggerGracefulShutdown()
       try await tasks.next()
       return result
@@ -194,7 +198,9 @@ struct TestGateway: Sendable {
         defer { tasks.cancelAll() }
         let address = try await gateway.listeningAddress
         guard let port = address.ipv4?.port else { throw CancellationError() }
-        let result = try await body(TestGateway(gateway: gateway, port: port, pki: pki, database: database))
+        let result = try await body(
+          TestGateway(gateway: gateway, port: port, pki: pki, database: database) { await group.triggerGracefulShutdown() }
+        )
         await group.triggerGracefulShutdown()
         try await tasks.next()
         return result
