@@ -179,6 +179,23 @@ let package = Package(
       ],
       swiftSettings: swiftSettings
     ),
+    // Benchmarks (tools/bench): in-process gateway, client and baselines.
+    .executableTarget(
+      name: "tollgate-bench",
+      dependencies: [
+        "TollgateGateway", "TollgateAudit", "TollgateStore", "TollgateClient", "TollgateCertificates", "TollgateCore",
+        "TollgateMerkle", "TollgateModel", "TollgateProtos",
+        .product(name: "ArgumentParser", package: "swift-argument-parser"),
+        .product(name: "GRPCCore", package: "grpc-swift-2"),
+        .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
+        .product(name: "Logging", package: "swift-log"),
+        .product(name: "NIOCore", package: "swift-nio"),
+        .product(name: "PostgresNIO", package: "postgres-nio"),
+        .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+        .product(name: "SwiftProtobuf", package: "swift-protobuf"),
+      ],
+      swiftSettings: swiftSettings
+    ),
     .executableTarget(
       name: "tollctl",
       dependencies: [

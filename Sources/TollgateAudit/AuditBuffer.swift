@@ -5,10 +5,12 @@ public import TollgateStore
 
 /// The bounded queue through which read-only calls are audited, in batches, within a second.
 ///
-/// A call reserves its place before it runs (``reserve()``), so when the buffer is full the call
-/// is refused instead of running unaudited, and fills it when it ends (``submit(_:)``). The
-/// flusher appends whatever is queued as soon as it is queued, one transaction per batch; while
-/// the database is down it keeps the events and retries, and the buffer fills. On shutdown it
+/// A read-only call may start only while fewer than `capacity` events are waiting to be committed
+/// (``admitsCalls``); otherwise it is refused instead of running unaudited. A call queues its
+/// event when it ends (``submit(_:)``), always, so the queue can exceed `capacity` by the calls
+/// already running, never more. Long streams therefore hold no place while they run. The flusher
+/// appends whatever is queued as soon as it is queued, one transaction per batch; while the
+/// database is down or slow it keeps the events and retries, and the queue fills. On shutdown it
 /// runs after the server has drained and flushes every remaining event before it returns.
 public final class AuditBuffer: Service, Sendable {
   public let capacity: Int
@@ -17,7 +19,8 @@ public final class AuditBuffer: Service, Sendable {
   let batchLimit = 2_000
 
   private struct State {
-    var reserved = 0
+    /// Events queued or being appended, not yet committed.
+    var outstanding = 0
     var queued: [AuditEntry] = []
   }
   private let state = Mutex(State())
@@ -31,23 +34,20 @@ public final class AuditBuffer: Service, Sendable {
     (wake, wakeContinuation) = AsyncStream.makeStream(of: Void.self, bufferingPolicy: .bufferingNewest(1))
   }
 
-  /// Takes one place for a call's event; false when the buffer is full.
-  public func reserve() -> Bool {
-    state.withLock { state in
-      guard state.reserved < capacity else { return false }
-      state.reserved += 1
-      return true
-    }
-  }
+  /// False while `capacity` events are waiting for their commit: new read-only calls are refused.
+  public var admitsCalls: Bool { state.withLock { $0.outstanding < capacity } }
 
-  /// Queues the event of a call that reserved a place.
+  /// Queues the event of a finished call.
   public func submit(_ entry: AuditEntry) {
-    state.withLock { $0.queued.append(entry) }
+    state.withLock { state in
+      state.queued.append(entry)
+      state.outstanding += 1
+    }
     wakeContinuation.yield()
   }
 
-  /// Events reserved or queued and not yet committed.
-  public var outstanding: Int { state.withLock { $0.reserved } }
+  /// Events queued or being appended and not yet committed.
+  public var outstanding: Int { state.withLock { $0.outstanding } }
 
   public func run() async throws {
     await withGracefulShutdownHandler {
@@ -79,7 +79,7 @@ public final class AuditBuffer: Service, Sendable {
       if batch.isEmpty { return }
       do {
         try await repository.append(batch, logger: logger)
-        state.withLock { $0.reserved -= batch.count }
+        state.withLock { $0.outstanding -= batch.count }
         backoff = .milliseconds(50)
         failingSince = nil
       } catch {

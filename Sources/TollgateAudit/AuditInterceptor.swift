@@ -19,9 +19,9 @@ public import TollgateStore
 ///   transaction carries the event (``PendingAudit``), so the change and its record commit
 ///   together; a call that fails, or changes nothing, has its event committed here, before the
 ///   first response message or the status is sent.
-/// - a read-only call reserves a place in the ``AuditBuffer`` before it runs (refused with
-///   UNAVAILABLE when the buffer is full, never run unaudited) and queues its event when it ends;
-///   the buffer commits it within a second.
+/// - a read-only call may start only while the ``AuditBuffer`` has room (otherwise it is refused
+///   with UNAVAILABLE, never run unaudited) and queues its event when it ends; the buffer commits
+///   it within a second.
 public struct AuditInterceptor: ServerInterceptor {
   let policy: AuthorizationPolicy
   let buffer: AuditBuffer
@@ -45,7 +45,7 @@ public struct AuditInterceptor: ServerInterceptor {
     // A method missing from the table is refused by authorization; auditing it as a mutation
     // costs little and cannot lose it.
     let mutating = policy.rule(for: method)?.mutating ?? true
-    if !mutating && !buffer.reserve() {
+    if !mutating && !buffer.admitsCalls {
       logger.warning("audit buffer full; refusing a call", metadata: ["method": "\(method)"])
       throw RPCError(
         code: .unavailable,
@@ -268,8 +268,8 @@ final class AuditedCall: Sendable {
   }
 
   deinit {
-    // A call the transport dropped before its response ran (the client went away) still holds
-    // its buffer place and owes its record.
+    // A call the transport dropped before its response ran (the client went away) still owes
+    // its record.
     let unfinished = state.withLock { state -> Bool in
       defer { state.finished = true }
       return !state.finished

@@ -214,22 +214,19 @@ public struct AuditService: RegistrableRPCService {
     var wakeUps = subscription?.0.makeAsyncIterator()
     while true {
       let size = try await repository.head(log, logger: logger).size
-      var sent = false
-      while next < size {
-        let page = try await repository.records(log, from: next, below: size, limit: pageSize, filter: filter, logger: logger)
-        for record in page { try await writer.write(.record(index: record.index, leaf: record.leaf)) }
-        sent = sent || !page.isEmpty
-        next = page.count < pageSize ? size : page[page.count - 1].index + 1
-      }
+      let sent = next < size
+      next = try await send(log, from: next, below: size, filter: filter, to: writer)
       guard request.follow else { return }
-      // A following client gets checkpoints as the log grows, each with the proof from the last,
-      // so the whole feed stays verifiable without extra calls.
-      if sent, let previous = lastCheckpoint ?? nil, ContinuousClock.now - lastCheckpointSent >= followCheckpointInterval {
+      // A following client gets checkpoints as the log grows (at most one a second), each after
+      // the first with the proof from the one before, so the feed stays verifiable by itself.
+      if sent, lastCheckpoint == nil || ContinuousClock.now - lastCheckpointSent >= followCheckpointInterval {
         let current = try await checkpointer.current(log)
-        if current.treeSize > previous.treeSize {
+        if current.treeSize > lastCheckpoint?.treeSize ?? 0 {
           try await writer.write(.message(.with { $0.checkpoint = Self.proto(current) }))
-          let proof = try await consistency(log, from: previous.treeSize, to: current.treeSize)
-          try await writer.write(.message(.with { $0.consistencyProof = proof }))
+          if let previous = lastCheckpoint, previous.treeSize > 0 {
+            let proof = try await consistency(log, from: previous.treeSize, to: current.treeSize)
+            try await writer.write(.message(.with { $0.consistencyProof = proof }))
+          }
           lastCheckpoint = current
           lastCheckpointSent = .now
         }
@@ -245,6 +242,37 @@ public struct AuditService: RegistrableRPCService {
       // Ends when the client cancels (the stream's iterator returns nil on cancellation).
       guard woken != nil else { return }
     }
+  }
+}
+
+extension AuditService {
+  /// Writes the records of `[from, below)` that match `filter`, a page per database read, reading
+  /// the next page while the current one is written. Returns `below`.
+  func send(
+    _ log: AuditLogID,
+    from: UInt64,
+    below size: UInt64,
+    filter: AuditFilter,
+    to writer: RPCWriter<AuditStreamItem>
+  ) async throws -> UInt64 {
+    guard from < size else { return max(from, size) }
+    let repository = self.repository
+    let logger = self.logger
+    let pageSize = self.pageSize
+    let fetch: @Sendable (UInt64) async throws -> [(index: UInt64, leaf: ByteBuffer)] = { start in
+      try await repository.records(log, from: start, below: size, limit: pageSize, filter: filter, logger: logger)
+    }
+    var pending: Task<[(index: UInt64, leaf: ByteBuffer)], any Error>? = Task { try await fetch(from) }
+    defer { pending?.cancel() }
+    while let current = pending {
+      let page = try await current.value
+      let after = page.count < pageSize ? size : page[page.count - 1].index + 1
+      pending = after < size ? Task { try await fetch(after) } : nil
+      if !page.isEmpty {
+        try await writer.write(contentsOf: page.map { AuditStreamItem.record(index: $0.index, leaf: $0.leaf) })
+      }
+    }
+    return size
   }
 }
 

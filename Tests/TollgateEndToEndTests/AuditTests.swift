@@ -1,4 +1,5 @@
 import Crypto
+import PostgresNIO
 import Foundation
 import GRPCCore
 import GRPCNIOTransportHTTP2
@@ -6,9 +7,11 @@ import GRPCProtobuf
 import Synchronization
 import SwiftProtobuf
 import Testing
+import TollgateAudit
 import TollgateCertificates
 import TollgateClient
 import TollgateCore
+import TollgateGateway
 import TollgateMerkle
 import TollgateModel
 import TollgateProtos
@@ -303,6 +306,42 @@ import TollgateProtos
     }
   }
 
+  @Test func rotatedKeyLeavesEarlierCheckpointsVerifiable() async throws {
+    try await TestGateway.run { gw in
+      try await Self.createTenant(gw, "acme")
+      try await Self.mutate(gw, "acme", count: 3)
+      let op = try gw.pki.issueOperator()
+      let oldKey = AuditVerifierKey(name: gw.pki.auditKey.name, publicKey: gw.pki.auditKey.publicKey)
+      let oldNote = try await gw.withClient(op) { client async throws in
+        try await AuditReader(client: client, metadata: actingOn("acme")).checkpoint().signedNote
+      }
+      let newKey = try AuditSigningKey(name: "test-audit-2026")
+      let newKeyFile = gw.pki.directory.appendingPathComponent("audit-2026.key")
+      try PEMFiles.write(newKey.signerText + "\n", to: newKeyFile.path, secret: true)
+      // A replica started with the new key signs the checkpoints from now on.
+      try await gw.withReplica(configure: { $0.auditSigningKeyPath = newKeyFile.path }) { replica in
+        try await Self.mutate(replica, "acme", count: 2)
+        try await replica.withClient(op) { client async throws in
+          let reader = AuditReader(client: client, metadata: actingOn("acme"))
+          let latest = try await reader.checkpoint()
+          #expect(latest.keyName == "test-audit-2026")
+          #expect(Array(latest.publicKey) == newKey.publicKey)
+          let newVerifier = AuditLogVerifier(key: AuditVerifierKey(name: newKey.name, publicKey: newKey.publicKey))
+          let oldVerifier = AuditLogVerifier(key: oldKey)
+          let new = try newVerifier.checkpoint(note: latest.signedNote)
+          let old = try oldVerifier.checkpoint(note: oldNote)
+          // The old checkpoint still verifies under the old key, and the new tree extends it.
+          try newVerifier.verifyConsistency(
+            old: old,
+            new: new,
+            proof: try await reader.consistencyProof(old: old.treeSize, new: new.treeSize)
+          )
+          #expect(throws: AuditVerificationFailure.self) { try oldVerifier.checkpoint(note: latest.signedNote) }
+        }
+      }
+    }
+  }
+
   @Test func concurrentAppendsFromTwoReplicasStayGapFreeAndUnforked() async throws {
     // Mutations of one tenant serialise on its row and its log; 80 at once on a loaded 2-core
     // machine can queue past the 1 s test default.
@@ -385,25 +424,58 @@ import TollgateProtos
   }
 
   @Test func fullAuditBufferRefusesReadsRatherThanRunThemUnaudited() async throws {
-    try await TestGateway.run(configure: { $0.auditBufferCapacity = 1 }) { gw in
+    try await TestGateway.run(configure: { $0.auditBufferCapacity = 2 }) { gw in
       try await Self.createTenant(gw, "acme")
       try await Self.mutate(gw, "acme", count: 1)
-      let auditor = try gw.pki.issue(tenant: "acme", role: .auditor)
       let partner = try gw.pki.issue(tenant: "acme", role: .partner)
-      // The open follower holds the buffer's only place until it ends.
-      let ended = try await Self.whileFollowing(gw, auditor) {
-        let refused = await statusCode {
+      let getTenant: @Sendable () async -> RPCError.Code? = {
+        await statusCode {
           try await gw.withClient(partner) { client async throws in
             try await Tollgate_V1_TenantService.Client(wrapping: client).getTenant(.init())
           }
         }
-        #expect(refused == .unavailable)
-        // Mutations are committed with their own transaction, so they still run.
-        try await Self.mutate(gw, "acme", count: 1)
-        await gw.beginShutdown()
       }
-      // Draining ends a following stream with UNAVAILABLE (reconnect elsewhere), and its own
-      // event is committed before the process would exit.
+      // A stuck database, as far as acme's log is concerned: its head row is locked elsewhere.
+      let config = PostgresConnection.Configuration(
+        host: gw.database.admin.host,
+        port: gw.database.admin.port,
+        username: gw.database.admin.username,
+        password: gw.database.admin.password,
+        database: gw.database.name,
+        tls: .disable
+      )
+      let blocker = try await PostgresConnection.connect(configuration: config, id: 9, logger: testLogger)
+      try await blocker.query("BEGIN", logger: testLogger)
+      try await blocker.query("SELECT 1 FROM audit_logs WHERE tenant_id = 'acme' FOR UPDATE", logger: testLogger)
+      #expect(await getTenant() == nil)  // runs; its event now waits on the lock
+      #expect(await getTenant() == nil)
+      #expect(await getTenant() == .unavailable)  // two events wait: refused, not run
+      #expect(gw.gateway.auditBuffer.outstanding == 2)
+      try await blocker.query("COMMIT", logger: testLogger)
+      try await blocker.close()
+
+      // Once the events commit, reads run again (the follower's own event may still be queued,
+      // which leaves room for one); follow until they are there.
+      let op = try gw.pki.issueOperator()
+      try await gw.withClient(op) { client async throws in
+        try await AuditReader(client: client, metadata: actingOn("acme")).stream(.with {
+          $0.follow = true
+          $0.methods = ["/tollgate.v1.TenantService/GetTenant"]
+        }, options: .noTimeout) { message in
+          if case .record = message.item { return false }
+          return true
+        }
+      }
+      #expect(await getTenant() == nil)
+    }
+  }
+
+  @Test func drainEndsFollowingStreamsWithUnavailable() async throws {
+    try await TestGateway.run { gw in
+      try await Self.createTenant(gw, "acme")
+      try await Self.mutate(gw, "acme", count: 1)
+      let auditor = try gw.pki.issue(tenant: "acme", role: .auditor)
+      let ended = try await Self.whileFollowing(gw, auditor) { await gw.beginShutdown() }
       #expect(ended == .unavailable)
     }
   }

@@ -145,9 +145,13 @@ struct TestGateway: Sendable {
 
   /// Starts a second gateway process-equivalent (own pool, own listener) on the same database,
   /// runs `body` with it, and shuts it down.
-  func withReplica<T: Sendable>(_ body: (TestGateway) async throws -> T) async throws -> T {
+  func withReplica<T: Sendable>(
+    configure: (inout GatewayConfig) -> Void = { _ in },
+    _ body: (TestGateway) async throws -> T
+  ) async throws -> T {
     var config = gateway.config
     config.listen = .init(host: "127.0.0.1", port: 0)
+    configure(&config)
     let replica = try Gateway(config: config, logger: testLogger)
     let group = ServiceGroup(configuration: .init(services: replica.services, gracefulShutdownSignals: [], logger: testLogger))
     return try await withThrowingTaskGroup(of: Void.self) { tasks in
@@ -198,9 +202,17 @@ struct TestGateway: Sendable {
         defer { tasks.cancelAll() }
         let address = try await gateway.listeningAddress
         guard let port = address.ipv4?.port else { throw CancellationError() }
-        let result = try await body(
-          TestGateway(gateway: gateway, port: port, pki: pki, database: database) { await group.triggerGracefulShutdown() }
-        )
+        let result: T
+        do {
+          result = try await body(
+            TestGateway(gateway: gateway, port: port, pki: pki, database: database) { await group.triggerGracefulShutdown() }
+          )
+        } catch {
+          // A failing test still shuts its gateway down the orderly way before the database goes.
+          await group.triggerGracefulShutdown()
+          _ = try? await tasks.next()
+          throw error
+        }
         await group.triggerGracefulShutdown()
         try await tasks.next()
         return result

@@ -106,23 +106,13 @@ def _psql(admin_url, sql):
     )
 
 
-class Gateway:
-    metrics_port = None
-
-
 @pytest.fixture(scope="session")
 def metrics_url(gateway):
     return f"http://127.0.0.1:{Gateway.metrics_port}/metrics"
 
 
-@pytest.fixture(scope="session")
-def gateway(pki, work_dir):
-    """A `tollgate serve` on a free port; yields its port, stops it and drops its database."""
-    admin = _env("TOLLGATE_TEST_DATABASE_URL")
-    db = "interop_" + uuid.uuid4().hex[:12]
-    _psql(admin, f"CREATE DATABASE {db} OWNER tollgate")
-    u = urllib.parse.urlparse(admin)
-    app_url = f"postgres://tollgate:{os.environ.get('TOLLGATE_TEST_APP_PASSWORD', 'tollgate')}@{u.hostname}:{u.port}/{db}?sslmode=disable"
+def start_gateway(pki, app_url):
+    """Starts `tollgate serve` on free ports; returns (process, port, metrics port)."""
     server = pki.root / "server"
     proc = subprocess.Popen(
         [_env("TOLLGATE_BIN"), "serve", "--listen", "127.0.0.1:0",
@@ -153,16 +143,54 @@ def gateway(pki, work_dir):
                 port = int(m.group(1))
             if m and "metrics listening" in line:
                 metrics_port = int(m.group(1))
+    except BaseException:
+        stop_gateway(proc)
+        raise
+    return proc, port, metrics_port
+
+
+def stop_gateway(proc):
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+class Gateway:
+    metrics_port = None
+    app_url = None
+
+
+@pytest.fixture(scope="session")
+def gateway(pki, work_dir):
+    """A `tollgate serve` on a free port; yields its port, stops it and drops its database."""
+    admin = _env("TOLLGATE_TEST_DATABASE_URL")
+    db = "interop_" + uuid.uuid4().hex[:12]
+    _psql(admin, f"CREATE DATABASE {db} OWNER tollgate")
+    u = urllib.parse.urlparse(admin)
+    app_url = f"postgres://tollgate:{os.environ.get('TOLLGATE_TEST_APP_PASSWORD', 'tollgate')}@{u.hostname}:{u.port}/{db}?sslmode=disable"
+    try:
+        proc, port, metrics_port = start_gateway(pki, app_url)
         Gateway.metrics_port = metrics_port
+        Gateway.app_url = app_url
+        try:
+            yield port
+        finally:
+            stop_gateway(proc)
+    finally:
+        _psql(admin, f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
+
+
+@pytest.fixture
+def replica(gateway, pki):
+    """A second `tollgate serve` process on the same database; yields its port."""
+    proc, port, _ = start_gateway(pki, Gateway.app_url)
+    try:
         yield port
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        _psql(admin, f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
+        stop_gateway(proc)
 
 
 def credentials(identity_dir, root_ca=None):

@@ -238,3 +238,45 @@ def test_tollctl_export_verify_and_tamper(audit_log, gateway, pki, work_dir):
     events = [json.loads(line) for line in tail.stdout.splitlines()]
     assert len(events) >= 21
     assert all(e["event"]["method"] == "/tollgate.v1.TenantService/UpdateQuota" for e in events)
+
+
+def test_two_gateway_processes_append_one_unforked_log(audit_log, gateway, replica, pki, stubs):
+    """Two `tollgate serve` processes on one database, called concurrently, build one history."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from conftest import credentials
+
+    tenant = "audit-replicas"
+    acting = [("tollgate-tenant", tenant)]
+    channels = [grpc.secure_channel(f"127.0.0.1:{port}", credentials(pki.operator())) for port in (gateway, replica)]
+    try:
+        stubs_by_process = [stubs.tenant_grpc.TenantServiceStub(ch) for ch in channels]
+        try:
+            stubs_by_process[0].CreateTenant(stubs.tenant.CreateTenantRequest(tenant_id=tenant), timeout=TIMEOUT)
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.ALREADY_EXISTS
+
+        def update(i):
+            request = stubs.tenant.UpdateQuotaRequest(quota=stubs.common.Quota(monthly_usage_events=i + 1))
+            stubs_by_process[i % 2].UpdateQuota(request, metadata=acting, timeout=TIMEOUT)
+
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            list(pool.map(update, range(60)))
+
+        name, public_key = parse_verifier_key(pki.audit_verifier_key)
+        audits = [stubs.audit_grpc.AuditServiceStub(ch) for ch in channels]
+        checkpoints = [a.GetCheckpoint(stubs.audit.GetCheckpointRequest(), metadata=acting, timeout=TIMEOUT).checkpoint
+                       for a in audits]
+        records = [m.record for m in audits[1].StreamEvents(stubs.audit.StreamEventsRequest(), metadata=acting,
+                                                             timeout=TIMEOUT) if m.WhichOneof("item") == "record"]
+        assert [r.index for r in records] == list(range(len(records)))
+        leaves = [bytes(r.leaf) for r in records]
+        assert sum(r.event.method.endswith("/UpdateQuota") for r in records) == 60
+        # Each process's checkpoint is a prefix root of the same single sequence of leaves.
+        for checkpoint in checkpoints:
+            _, size, root = verify_note(checkpoint.signed_note, name, public_key)
+            assert size >= 60
+            assert mth(leaves[:size]) == root
+    finally:
+        for ch in channels:
+            ch.close()

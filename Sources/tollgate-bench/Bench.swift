@@ -1,0 +1,382 @@
+import ArgumentParser
+import Foundation
+import GRPCCore
+import GRPCNIOTransportHTTP2
+import Logging
+import NIOCore
+import PostgresNIO
+import ServiceLifecycle
+import Synchronization
+import SwiftProtobuf
+import TollgateAudit
+import TollgateCertificates
+import TollgateClient
+import TollgateCore
+import TollgateGateway
+import TollgateMerkle
+import TollgateModel
+import TollgateProtos
+import TollgateStore
+
+/// Benchmarks run by `tools/bench`. Figures are ratios against a baseline measured in the same
+/// run, on the same machine and database, since absolute times on shared machines drift.
+@main
+struct TollgateBench: AsyncParsableCommand {
+  static let configuration = CommandConfiguration(
+    commandName: "tollgate-bench",
+    abstract: "Tollgate benchmarks (run through tools/bench, which starts PostgreSQL).",
+    subcommands: [AuditBench.self]
+  )
+}
+
+let benchLogger: Logger = {
+  var logger = Logger(label: "tollgate-bench")
+  logger.logLevel = .error
+  return logger
+}()
+
+/// Certificates, keys and a gateway configuration in a temporary folder.
+struct BenchSetup {
+  let directory: URL
+  let ca: CertificateAuthority
+  let config: GatewayConfig
+
+  init(databaseURL: String) throws {
+    directory = FileManager.default.temporaryDirectory.appendingPathComponent("tollgate-bench-\(UUID().uuidString)")
+    ca = try CertificateAuthority.create(trustDomain: "bench.tollgate.local")
+    try PEMFiles.saveAuthority(ca, to: directory.appendingPathComponent("ca").path)
+    let server = try ca.issue(.server(dnsNames: ["localhost"], ipAddresses: ["127.0.0.1"]))
+    try PEMFiles.saveIssued(server, ca: ca, to: directory.appendingPathComponent("server").path)
+    let key = try AuditSigningKey(name: "bench-audit")
+    let keyPath = directory.appendingPathComponent("audit.key").path
+    try PEMFiles.write(key.signerText + "\n", to: keyPath, secret: true)
+    config = GatewayConfig(
+      listen: .init(host: "127.0.0.1", port: 0),
+      tlsCertificatePath: directory.appendingPathComponent("server/cert.pem").path,
+      tlsKeyPath: directory.appendingPathComponent("server/key.pem").path,
+      clientCAPath: directory.appendingPathComponent("ca/ca.pem").path,
+      trustDomain: ca.trustDomain,
+      database: try DatabaseURL(parsing: databaseURL),
+      databaseMaxConnections: 20,
+      auditSigningKeyPath: keyPath
+    )
+  }
+
+  func connection(port: Int, _ subject: CertificateAuthority.Subject) throws -> GatewayConnection {
+    let issued = try ca.issue(subject)
+    return GatewayConnection(
+      host: "127.0.0.1",
+      port: port,
+      certificatePEM: Array(try PEMFiles.certificatePEM(issued.certificate).utf8),
+      privateKeyPEM: Array(try PEMFiles.privateKeyPEM(issued.privateKey).utf8),
+      serverCAPEM: Array(try PEMFiles.certificatePEM(ca.certificate).utf8),
+      defaultTimeout: .seconds(600)
+    )
+  }
+
+  var `operator`: CertificateAuthority.Subject { .principal(SPIFFEID(operatorNamed: "bench", trustDomain: ca.trustDomain)) }
+
+  func partner(_ tenant: TenantID) -> CertificateAuthority.Subject {
+    .principal(SPIFFEID(tenant: tenant, role: .partner, name: "bench", trustDomain: ca.trustDomain))
+  }
+}
+
+/// Runs `gateway` in a service group while `body` runs; returns `body`'s result after a drain.
+func withRunningGateway<T: Sendable>(_ gateway: Gateway, _ body: (Int) async throws -> T) async throws -> T {
+  let group = ServiceGroup(configuration: .init(services: gateway.services, gracefulShutdownSignals: [], logger: benchLogger))
+  return try await withThrowingTaskGroup(of: Void.self) { tasks in
+    tasks.addTask { try await group.run() }
+    defer { tasks.cancelAll() }
+    guard let port = try await gateway.listeningAddress.ipv4?.port else { throw CancellationError() }
+    let result = try await body(port)
+    await group.triggerGracefulShutdown()
+    try await tasks.next()
+    return result
+  }
+}
+
+func median(_ values: [Double]) -> Double {
+  let sorted = values.sorted()
+  return sorted.isEmpty ? 0 : sorted[sorted.count / 2]
+}
+
+func percentile(_ sorted: [Double], _ p: Double) -> Double {
+  guard !sorted.isEmpty else { return 0 }
+  return sorted[min(sorted.count - 1, Int((Double(sorted.count) * p).rounded(.up)) - 1)]
+}
+
+func elapsedSeconds(_ duration: Duration) -> Double {
+  let (s, atto) = duration.components
+  return Double(s) + Double(atto) / 1e18
+}
+
+struct AuditBench: AsyncParsableCommand {
+  static let configuration = CommandConfiguration(
+    commandName: "audit",
+    abstract: "(a) StreamEvents of stored records vs psql COPY of the same leaves; (b) no-op unary calls with and without the audit interceptor."
+  )
+  @Option(help: "URL the gateway connects with (the database owner, not a superuser)") var databaseURL: String
+  @Option(help: "psql command line prefix for the COPY baseline, e.g. 'psql -h 127.0.0.1 -p 5432 -U tollgate_admin -d tollgate'")
+  var psql: String
+  @Option(help: "Stored records to stream") var records: Int = 1_000_000
+  @Option(help: "Seconds per load phase of (b)") var seconds: Double = 10
+  @Option(help: "Concurrent calls in (b)") var concurrency: Int = 64
+  @Option(help: "Alternating rounds of each measurement") var rounds: Int = 3
+  @Option(help: "JSON results file") var out: String = "bench-results/audit.json"
+  @Flag(help: "Only part (a)") var streamOnly = false
+  @Flag(help: "Only part (b)") var callsOnly = false
+
+  func run() async throws {
+    let setup = try BenchSetup(databaseURL: databaseURL)
+    defer { try? FileManager.default.removeItem(at: setup.directory) }
+    let full = try Gateway(config: setup.config, logger: benchLogger)
+    try await Migrator.migrate(full.database, logger: benchLogger)
+    var results = Results(cores: ProcessInfo.processInfo.activeProcessorCount, date: ISO8601DateFormatter().string(from: Date()))
+    var table: [String] = []
+    if !callsOnly {
+      let stream = try await streamBench(setup, full)
+      results.stream = stream
+      table.append(String(
+        format: "stream %d records: gateway %.0f rec/s, COPY %.0f rec/s, ratio %.2f (target >= 200000 rec/s and >= 0.50)",
+        records, stream.gatewayRecordsPerSecond, stream.copyRecordsPerSecond, stream.ratio
+      ))
+    }
+    if !streamOnly {
+      let calls = try await callsBench(setup, full)
+      results.calls = calls
+      table.append(String(
+        format: "GetTenant x%d: with audit %.0f calls/s (p50 %.2f ms, p99 %.2f ms), without %.0f calls/s (p50 %.2f ms, p99 %.2f ms), ratio %.2f, p99 added %.2f ms (target >= 0.85, <= 1 ms)",
+        concurrency,
+        calls.withAuditCallsPerSecond, calls.withAuditP50Ms, calls.withAuditP99Ms,
+        calls.withoutAuditCallsPerSecond, calls.withoutAuditP50Ms, calls.withoutAuditP99Ms,
+        calls.ratio, calls.p99AddedMs
+      ))
+    }
+    print("tollgate-bench audit on \(ProcessInfo.processInfo.activeProcessorCount) cores (server, client and PostgreSQL share them)")
+    for line in table { print("  " + line) }
+    try FileManager.default.createDirectory(
+      at: URL(fileURLWithPath: out).deletingLastPathComponent(),
+      withIntermediateDirectories: true
+    )
+    let encoder = JSONEncoder()
+    encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+    encoder.keyEncodingStrategy = .convertToSnakeCase
+    try encoder.encode(results).write(to: URL(fileURLWithPath: out))
+    print("results written to \(out)")
+  }
+
+  struct Results: Codable {
+    var cores: Int
+    var date: String
+    var stream: StreamResult?
+    var calls: CallsResult?
+  }
+
+  struct StreamResult: Codable {
+    var records: Int
+    var gatewayRecordsPerSecond: Double
+    var copyRecordsPerSecond: Double
+    var ratio: Double
+    var gatewayRounds: [Double]
+    var copyRounds: [Double]
+  }
+
+  struct CallsResult: Codable {
+    var concurrency: Int
+    var secondsPerPhase: Double
+    var withAuditCallsPerSecond: Double
+    var withAuditP50Ms: Double
+    var withAuditP99Ms: Double
+    var withoutAuditCallsPerSecond: Double
+    var withoutAuditP50Ms: Double
+    var withoutAuditP99Ms: Double
+    var ratio: Double
+    var p99AddedMs: Double
+  }
+
+  // MARK: (a) streaming
+
+  static let streamTenant = try! TenantID(validating: "bench-stream")
+
+  /// Appends realistic events until the log holds `records`.
+  func seed(_ gateway: Gateway) async throws {
+    let repository = AuditLogRepository(database: gateway.database)
+    let log = AuditLogID.tenant(Self.streamTenant)
+    var size = Int(try await repository.head(log, logger: benchLogger).size)
+    if size >= records { return }
+    FileHandle.standardError.write(Data("seeding \(records - size) audit records...\n".utf8))
+    let start = ContinuousClock.now
+    while size < records {
+      let batch = (size..<min(records, size + 5_000)).map { i -> AuditEntry in
+        var event = Tollgate_V1_AuditEvent()
+        event.time = Google_Protobuf_Timestamp(date: Date())
+        event.principal = .with {
+          $0.spiffeID = "spiffe://bench.tollgate.local/tenant/bench-stream/partner/p\(i % 50)"
+          $0.role = .partner
+          $0.tenantID = "bench-stream"
+          $0.name = "p\(i % 50)"
+          $0.certificateSha256 = String(repeating: "ab", count: 32)
+        }
+        event.tenantID = "bench-stream"
+        event.method = "/tollgate.v1.TenantService/GetTenant"
+        event.resource = "tenants/bench-stream"
+        event.latency = .init(seconds: 0, nanos: Int32(100_000 + i % 1000))
+        event.requestSha256 = Data(repeating: UInt8(i % 251), count: 32)
+        let bytes: [UInt8] = try! event.serializedBytes()
+        return AuditEntry(
+          log: log,
+          leaf: ByteBuffer(bytes: bytes),
+          time: Date(),
+          method: event.method,
+          principal: event.principal.spiffeID,
+          outcome: 0
+        )
+      }
+      try await repository.append(batch, logger: benchLogger)
+      size += batch.count
+    }
+    try await gateway.database.withPlatform(logger: benchLogger) { connection in
+      try await connection.query("ANALYZE audit_leaves", logger: benchLogger)
+      try await connection.query("ANALYZE audit_nodes", logger: benchLogger)
+    }
+    FileHandle.standardError.write(Data("seeded in \(ContinuousClock.now - start)\n".utf8))
+  }
+
+  func streamBench(_ setup: BenchSetup, _ gateway: Gateway) async throws -> StreamResult {
+    try await withRunningGateway(gateway) { port in
+      try await seed(gateway)
+      let connection = try setup.connection(port: port, setup.operator)
+      var metadata: Metadata = [:]
+      metadata.addString(Self.streamTenant.rawValue, forKey: CallScope.tenantMetadataKey)
+      var gatewayRates: [Double] = []
+      var copyRates: [Double] = []
+      for round in 1...rounds {
+        let copy = try copyBaseline()
+        copyRates.append(Double(records) / copy)
+        let received = Mutex(0)
+        let start = ContinuousClock.now
+        try await connection.withClient { client in
+          var options = CallOptions.defaults
+          options.timeout = nil
+          try await AuditReader(client: client, metadata: metadata).stream(.init(), options: options) { message in
+            guard case .record(let record) = message.item else { return true }
+            let count = received.withLock { $0 += 1; return $0 }
+            return count < records && record.index + 1 < UInt64(records)
+          }
+        }
+        let elapsed = elapsedSeconds(ContinuousClock.now - start)
+        gatewayRates.append(Double(received.withLock { $0 }) / elapsed)
+        FileHandle.standardError.write(Data(String(
+          format: "round %d: COPY %.2f s, StreamEvents %.2f s (%d records)\n", round, copy, elapsed, received.withLock { $0 }
+        ).utf8))
+      }
+      let gatewayRate = median(gatewayRates)
+      let copyRate = median(copyRates)
+      return StreamResult(
+        records: records,
+        gatewayRecordsPerSecond: gatewayRate,
+        copyRecordsPerSecond: copyRate,
+        ratio: gatewayRate / copyRate,
+        gatewayRounds: gatewayRates,
+        copyRounds: copyRates
+      )
+    }
+  }
+
+  /// Seconds for psql to COPY the same leaves (binary format) to /dev/null.
+  func copyBaseline() throws -> Double {
+    let sql = """
+      COPY (SELECT leaf_index, leaf FROM audit_leaves WHERE tenant_id = '\(Self.streamTenant)' AND leaf_index < \(records) \
+      ORDER BY leaf_index) TO STDOUT WITH (FORMAT binary)
+      """
+    let process = Process()
+    process.executableURL = URL(fileURLWithPath: "/bin/sh")
+    process.arguments = ["-c", "\(psql) -X -q -v ON_ERROR_STOP=1 -c \"\(sql)\" > /dev/null"]
+    let start = ContinuousClock.now
+    try process.run()
+    process.waitUntilExit()
+    guard process.terminationStatus == 0 else { throw ValidationError("psql COPY failed (exit \(process.terminationStatus))") }
+    return elapsedSeconds(ContinuousClock.now - start)
+  }
+
+  // MARK: (b) cost of auditing
+
+  static let callsTenant = try! TenantID(validating: "bench-calls")
+
+  struct Load {
+    var callsPerSecond: Double
+    var p50: Double
+    var p99: Double
+  }
+
+  func load(_ connection: GatewayConnection) async throws -> Load {
+    let duration = Duration.milliseconds(Int(seconds * 1000))
+    return try await connection.withClient { client in
+      let tenants = Tollgate_V1_TenantService.Client(wrapping: client)
+      // Warm the connection and the pool.
+      for _ in 0..<200 { _ = try await tenants.getTenant(.init()) }
+      let start = ContinuousClock.now
+      let deadline = start + duration
+      let latencies = try await withThrowingTaskGroup(of: [Double].self) { group in
+        for _ in 0..<concurrency {
+          group.addTask {
+            var mine: [Double] = []
+            mine.reserveCapacity(100_000)
+            while ContinuousClock.now < deadline {
+              let t0 = ContinuousClock.now
+              _ = try await tenants.getTenant(.init())
+              mine.append(elapsedSeconds(ContinuousClock.now - t0) * 1000)
+            }
+            return mine
+          }
+        }
+        var all: [Double] = []
+        for try await part in group { all += part }
+        return all.sorted()
+      }
+      let elapsed = elapsedSeconds(ContinuousClock.now - start)
+      return Load(callsPerSecond: Double(latencies.count) / elapsed, p50: percentile(latencies, 0.5), p99: percentile(latencies, 0.99))
+    }
+  }
+
+  func callsBench(_ setup: BenchSetup, _ full: Gateway) async throws -> CallsResult {
+    let bare = try Gateway(config: setup.config, logger: benchLogger, withoutAudit: true)
+    return try await withRunningGateway(full) { fullPort in
+      try await withRunningGateway(bare) { barePort in
+        let op = try setup.connection(port: fullPort, setup.operator)
+        _ = try? await op.withClient { client in
+          try await Tollgate_V1_TenantService.Client(wrapping: client).createTenant(.with { $0.tenantID = Self.callsTenant.rawValue })
+        }
+        var with: [Load] = []
+        var without: [Load] = []
+        for round in 1...rounds {
+          // Alternate, so drift over the run affects both alike.
+          let b = try await load(try setup.connection(port: barePort, setup.partner(Self.callsTenant)))
+          let f = try await load(try setup.connection(port: fullPort, setup.partner(Self.callsTenant)))
+          without.append(b)
+          with.append(f)
+          FileHandle.standardError.write(Data(String(
+            format: "round %d: without audit %.0f calls/s p99 %.2f ms; with audit %.0f calls/s p99 %.2f ms\n",
+            round, b.callsPerSecond, b.p99, f.callsPerSecond, f.p99
+          ).utf8))
+        }
+        let withRate = median(with.map(\.callsPerSecond))
+        let withoutRate = median(without.map(\.callsPerSecond))
+        let withP99 = median(with.map(\.p99))
+        let withoutP99 = median(without.map(\.p99))
+        return CallsResult(
+          concurrency: concurrency,
+          secondsPerPhase: seconds,
+          withAuditCallsPerSecond: withRate,
+          withAuditP50Ms: median(with.map(\.p50)),
+          withAuditP99Ms: withP99,
+          withoutAuditCallsPerSecond: withoutRate,
+          withoutAuditP50Ms: median(without.map(\.p50)),
+          withoutAuditP99Ms: withoutP99,
+          ratio: withRate / withoutRate,
+          p99AddedMs: withP99 - withoutP99
+        )
+      }
+    }
+  }
+}
