@@ -24,6 +24,8 @@ public struct AuditService: RegistrableRPCService {
   let logger: Logger
   /// Records per database read of a stream.
   let pageSize = 5_000
+  /// Target size of one message of records (clients accept 4 MiB by default).
+  static let batchBytes = 1 << 20
   /// Least time between the checkpoints a following stream sends.
   let followCheckpointInterval: Duration = .seconds(1)
 
@@ -246,8 +248,13 @@ public struct AuditService: RegistrableRPCService {
 }
 
 extension AuditService {
-  /// Writes the records of `[from, below)` that match `filter`, a page per database read, reading
-  /// the next page while the current one is written. Returns `below`.
+  /// Writes the records of `[from, below)` that match `filter`, one window of `pageSize` indices
+  /// per database read, reading the next window while the current one is written. Returns `below`.
+  ///
+  /// Indices are gap-free, so a window bounds the rows a read can return (at most `pageSize`)
+  /// without a LIMIT: each read scans a fixed slice of the primary key, whatever the planner's
+  /// statistics say. (A `LIMIT` over the open range let a stale estimate pick a sort of the whole
+  /// remaining range per page, quadratic over a long stream.)
   func send(
     _ log: AuditLogID,
     from: UInt64,
@@ -258,54 +265,82 @@ extension AuditService {
     guard from < size else { return max(from, size) }
     let repository = self.repository
     let logger = self.logger
-    let pageSize = self.pageSize
+    let window = UInt64(pageSize)
     let fetch: @Sendable (UInt64) async throws -> [(index: UInt64, leaf: ByteBuffer)] = { start in
-      try await repository.records(log, from: start, below: size, limit: pageSize, filter: filter, logger: logger)
+      try await repository.records(
+        log,
+        from: start,
+        below: min(start + window, size),
+        limit: Int(window),
+        filter: filter,
+        logger: logger
+      )
     }
+    var start = from
     var pending: Task<[(index: UInt64, leaf: ByteBuffer)], any Error>? = Task { try await fetch(from) }
     defer { pending?.cancel() }
     while let current = pending {
       let page = try await current.value
-      let after = page.count < pageSize ? size : page[page.count - 1].index + 1
-      pending = after < size ? Task { try await fetch(after) } : nil
-      if !page.isEmpty {
-        try await writer.write(contentsOf: page.map { AuditStreamItem.record(index: $0.index, leaf: $0.leaf) })
+      start = min(start + window, size)
+      let nextStart = start
+      pending = nextStart < size ? Task { try await fetch(nextStart) } : nil
+      // Batches of about 1 MiB: one gRPC message per record costs more than the record itself.
+      var batches: [AuditStreamItem] = []
+      var batch: [(index: UInt64, leaf: ByteBuffer)] = []
+      var bytes = 0
+      for record in page {
+        if !batch.isEmpty && bytes + 2 * record.leaf.readableBytes > Self.batchBytes {
+          batches.append(.records(batch))
+          batch = []
+          bytes = 0
+        }
+        batch.append(record)
+        bytes += 2 * record.leaf.readableBytes + 16
       }
+      if !batch.isEmpty { batches.append(.records(batch)) }
+      if !batches.isEmpty { try await writer.write(contentsOf: batches) }
     }
     return size
   }
 }
 
-/// One message of StreamEvents: a stored record, framed without decoding it, or any other message.
+/// One message of StreamEvents: stored records, framed without decoding them, or any other message.
 public enum AuditStreamItem: Sendable {
-  case record(index: UInt64, leaf: ByteBuffer)
+  case records([(index: UInt64, leaf: ByteBuffer)])
   case message(Tollgate_V1_StreamEventsResponse)
 }
 
-/// Writes a record as `StreamEventsResponse{record: AuditRecord{index, leaf, event}}` straight
-/// from the stored bytes. The leaf is a serialized AuditEvent, so the same bytes are also the
-/// encoding of the `event` field: the record costs two copies instead of a decode and re-encode.
+/// Writes records as `StreamEventsResponse{records: AuditRecordBatch{records: [AuditRecord{index,
+/// leaf, event}]}}` straight from the stored bytes. The leaf is a serialized AuditEvent, so the
+/// same bytes are also the encoding of the `event` field: a record costs two copies instead of a
+/// decode and a re-encode.
 struct AuditStreamSerializer: MessageSerializer {
   func serialize<Bytes: GRPCContiguousBytes>(_ item: AuditStreamItem) throws -> Bytes {
     switch item {
     case .message(let message):
       return try ProtobufSerializer<Tollgate_V1_StreamEventsResponse>().serialize(message)
-    case .record(let index, let leaf):
-      let leafLength = leaf.readableBytes
-      // AuditRecord: field 1 varint, field 2 bytes, field 3 message (the same bytes).
-      let recordLength =
-        1 + Self.varintSize(index) + 2 * (1 + Self.varintSize(UInt64(leafLength)) + leafLength)
-      let total = 1 + Self.varintSize(UInt64(recordLength)) + recordLength
+    case .records(let records):
+      // AuditRecord: index = 1 (varint), leaf = 2 (bytes), event = 3 (message, the same bytes).
+      let recordLengths = records.map { record in
+        let leaf = record.leaf.readableBytes
+        return 1 + Self.varintSize(record.index) + 2 * (1 + Self.varintSize(UInt64(leaf)) + leaf)
+      }
+      // AuditRecordBatch.records = 1, each length-delimited.
+      let batchLength = recordLengths.reduce(0) { $0 + 1 + Self.varintSize(UInt64($1)) + $1 }
       var out = [UInt8]()
-      out.reserveCapacity(total)
-      out.append(0x0A)  // StreamEventsResponse.record = 1, length-delimited
-      Self.appendVarint(UInt64(recordLength), to: &out)
-      out.append(0x08)  // AuditRecord.index = 1, varint
-      Self.appendVarint(index, to: &out)
-      for tag: UInt8 in [0x12, 0x1A] {  // AuditRecord.leaf = 2, AuditRecord.event = 3
-        out.append(tag)
-        Self.appendVarint(UInt64(leafLength), to: &out)
-        out.append(contentsOf: leaf.readableBytesView)
+      out.reserveCapacity(1 + Self.varintSize(UInt64(batchLength)) + batchLength)
+      out.append(0x22)  // StreamEventsResponse.records = 4, length-delimited
+      Self.appendVarint(UInt64(batchLength), to: &out)
+      for (record, length) in zip(records, recordLengths) {
+        out.append(0x0A)
+        Self.appendVarint(UInt64(length), to: &out)
+        out.append(0x08)
+        Self.appendVarint(record.index, to: &out)
+        for tag: UInt8 in [0x12, 0x1A] {
+          out.append(tag)
+          Self.appendVarint(UInt64(record.leaf.readableBytes), to: &out)
+          out.append(contentsOf: record.leaf.readableBytesView)
+        }
       }
       return Bytes(out)
     }

@@ -163,8 +163,22 @@ public struct AuditReader<Transport: ClientTransport>: Sendable {
     try await client.getCheckpoint(Tollgate_V1_GetCheckpointRequest(), metadata: metadata).checkpoint
   }
 
-  /// Streams records (and any checkpoint messages) to `handle` until the stream ends or `handle`
-  /// returns false.
+  /// Streams records one by one to `handle` (checkpoint messages are skipped) until the stream
+  /// ends or `handle` returns false.
+  public func records(
+    _ request: Tollgate_V1_StreamEventsRequest,
+    options: CallOptions = .defaults,
+    _ handle: @escaping @Sendable (Tollgate_V1_AuditRecord) async throws -> Bool
+  ) async throws {
+    try await stream(request, options: options) { message in
+      guard case .records(let batch) = message.item else { return true }
+      for record in batch.records where try await !handle(record) { return false }
+      return true
+    }
+  }
+
+  /// Streams every message (record batches, checkpoints, proofs) to `handle` until the stream
+  /// ends or `handle` returns false.
   public func stream(
     _ request: Tollgate_V1_StreamEventsRequest,
     options: CallOptions = .defaults,

@@ -256,7 +256,21 @@ public nonisolated struct Tollgate_V1_ConsistencyProof: Sendable {
   public init() {}
 }
 
-/// A message of StreamEvents: a record, or a checkpoint with its proof.
+/// Consecutive records of a log (those matching the request's filters), in index order.
+public nonisolated struct Tollgate_V1_AuditRecordBatch: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  /// At least one record; a batch holds up to about 1 MiB.
+  public var records: [Tollgate_V1_AuditRecord] = []
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+/// A message of StreamEvents: a batch of records, or a checkpoint with its proof.
 public nonisolated struct Tollgate_V1_StreamEventsResponse: Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
@@ -265,13 +279,13 @@ public nonisolated struct Tollgate_V1_StreamEventsResponse: Sendable {
   /// Exactly one item per message.
   public var item: Tollgate_V1_StreamEventsResponse.OneOf_Item? = nil
 
-  /// A log record.
-  public var record: Tollgate_V1_AuditRecord {
+  /// Records, batched so a long log streams at storage speed rather than one message per record.
+  public var records: Tollgate_V1_AuditRecordBatch {
     get {
-      if case .record(let v)? = item {return v}
-      return Tollgate_V1_AuditRecord()
+      if case .records(let v)? = item {return v}
+      return Tollgate_V1_AuditRecordBatch()
     }
-    set {item = .record(newValue)}
+    set {item = .records(newValue)}
   }
 
   /// A newer checkpoint; sent first when `verified_tree_size` was given, and periodically when following.
@@ -296,8 +310,8 @@ public nonisolated struct Tollgate_V1_StreamEventsResponse: Sendable {
 
   /// Exactly one item per message.
   public nonisolated enum OneOf_Item: Equatable, Sendable {
-    /// A log record.
-    case record(Tollgate_V1_AuditRecord)
+    /// Records, batched so a long log streams at storage speed rather than one message per record.
+    case records(Tollgate_V1_AuditRecordBatch)
     /// A newer checkpoint; sent first when `verified_tree_size` was given, and periodically when following.
     case checkpoint(Tollgate_V1_Checkpoint)
     /// Proof from the client's verified size (or the previous checkpoint) to `checkpoint`.
@@ -790,9 +804,9 @@ nonisolated extension Tollgate_V1_ConsistencyProof: SwiftProtobuf.Message, Swift
   }
 }
 
-nonisolated extension Tollgate_V1_StreamEventsResponse: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
-  public static let protoMessageName: String = _protobuf_package + ".StreamEventsResponse"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}record\0\u{1}checkpoint\0\u{3}consistency_proof\0")
+nonisolated extension Tollgate_V1_AuditRecordBatch: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".AuditRecordBatch"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}records\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -800,19 +814,36 @@ nonisolated extension Tollgate_V1_StreamEventsResponse: SwiftProtobuf.Message, S
       // allocates stack space for every case branch when no optimizations are
       // enabled. https://github.com/apple/swift-protobuf/issues/1034
       switch fieldNumber {
-      case 1: try {
-        var v: Tollgate_V1_AuditRecord?
-        var hadOneofValue = false
-        if let current = self.item {
-          hadOneofValue = true
-          if case .record(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.item = .record(v)
-        }
-      }()
+      case 1: try { try decoder.decodeRepeatedMessageField(value: &self.records) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.records.isEmpty {
+      try visitor.visitRepeatedMessageField(value: self.records, fieldNumber: 1)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Tollgate_V1_AuditRecordBatch, rhs: Tollgate_V1_AuditRecordBatch) -> Bool {
+    if lhs.records != rhs.records {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Tollgate_V1_StreamEventsResponse: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".StreamEventsResponse"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{2}\u{2}checkpoint\0\u{3}consistency_proof\0\u{1}records\0\u{c}\u{1}\u{1}")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
       case 2: try {
         var v: Tollgate_V1_Checkpoint?
         var hadOneofValue = false
@@ -839,6 +870,19 @@ nonisolated extension Tollgate_V1_StreamEventsResponse: SwiftProtobuf.Message, S
           self.item = .consistencyProof(v)
         }
       }()
+      case 4: try {
+        var v: Tollgate_V1_AuditRecordBatch?
+        var hadOneofValue = false
+        if let current = self.item {
+          hadOneofValue = true
+          if case .records(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.item = .records(v)
+        }
+      }()
       default: break
       }
     }
@@ -850,10 +894,6 @@ nonisolated extension Tollgate_V1_StreamEventsResponse: SwiftProtobuf.Message, S
     // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
     // https://github.com/apple/swift-protobuf/issues/1182
     switch self.item {
-    case .record?: try {
-      guard case .record(let v)? = self.item else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 1)
-    }()
     case .checkpoint?: try {
       guard case .checkpoint(let v)? = self.item else { preconditionFailure() }
       try visitor.visitSingularMessageField(value: v, fieldNumber: 2)
@@ -861,6 +901,10 @@ nonisolated extension Tollgate_V1_StreamEventsResponse: SwiftProtobuf.Message, S
     case .consistencyProof?: try {
       guard case .consistencyProof(let v)? = self.item else { preconditionFailure() }
       try visitor.visitSingularMessageField(value: v, fieldNumber: 3)
+    }()
+    case .records?: try {
+      guard case .records(let v)? = self.item else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 4)
     }()
     case nil: break
     }

@@ -59,8 +59,7 @@ struct Audit: AsyncParsableCommand {
       request.follow = follow
       let json = self.json
       try await connection.withClient { client, metadata in
-        try await AuditReader(client: client, metadata: metadata).stream(request, options: .streaming) { message in
-          guard case .record(let record) = message.item else { return true }
+        try await AuditReader(client: client, metadata: metadata).records(request, options: .streaming) { record in
           // Written straight to the descriptor so a follower's lines appear as they arrive.
           FileHandle.standardOutput.write(Data((try Audit.line(record, json: json) + "\n").utf8))
           return true
@@ -118,8 +117,8 @@ struct Audit: AsyncParsableCommand {
         guard size > 0 else { return }
         let buffer = Mutex(Data())
         let written = Mutex<UInt64>(0)
-        try await reader.stream(.init(), options: .streaming) { message in
-          guard case .record(let record) = message.item, record.index < size else { return true }
+        try await reader.records(.init(), options: .streaming) { record in
+          guard record.index < size else { return false }
           let line = try encoder.encode(ExportLine(index: record.index, leaf: record.leaf.base64EncodedString()))
           let count = written.withLock { $0 += 1; return $0 }
           let chunk = buffer.withLock { data -> Data? in
@@ -207,8 +206,8 @@ struct Audit: AsyncParsableCommand {
         let size = checkpoint.treeSize
         let records = Mutex<[(index: UInt64, leaf: [UInt8])]>([])
         if start < size {
-          try await reader.stream(.with { $0.startIndex = start }, options: .streaming) { message in
-            guard case .record(let record) = message.item, record.index < size else { return true }
+          try await reader.records(.with { $0.startIndex = start }, options: .streaming) { record in
+            guard record.index < size else { return false }
             records.withLock { $0.append((record.index, Array(record.leaf))) }
             return record.index + 1 < size
           }

@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import GRPCCore
+import GRPCProtobuf
 import GRPCNIOTransportHTTP2
 import Logging
 import NIOCore
@@ -130,7 +131,6 @@ struct AuditBench: AsyncParsableCommand {
     let setup = try BenchSetup(databaseURL: databaseURL)
     defer { try? FileManager.default.removeItem(at: setup.directory) }
     let full = try Gateway(config: setup.config, logger: benchLogger)
-    try await Migrator.migrate(full.database, logger: benchLogger)
     var results = Results(cores: ProcessInfo.processInfo.activeProcessorCount, date: ISO8601DateFormatter().string(from: Date()))
     var table: [String] = []
     if !callsOnly {
@@ -142,7 +142,7 @@ struct AuditBench: AsyncParsableCommand {
       ))
     }
     if !streamOnly {
-      let calls = try await callsBench(setup, full)
+      let calls = try await callsBench(setup, try Gateway(config: setup.config, logger: benchLogger))
       results.calls = calls
       table.append(String(
         format: "GetTenant x%d: with audit %.0f calls/s (p50 %.2f ms, p99 %.2f ms), without %.0f calls/s (p50 %.2f ms, p99 %.2f ms), ratio %.2f, p99 added %.2f ms (target >= 0.85, <= 1 ms)",
@@ -250,6 +250,16 @@ struct AuditBench: AsyncParsableCommand {
       metadata.addString(Self.streamTenant.rawValue, forKey: CallScope.tenantMetadataKey)
       var gatewayRates: [Double] = []
       var copyRates: [Double] = []
+      if ProcessInfo.processInfo.environment["BENCH_DB_ONLY"] != nil {
+        let repository = AuditLogRepository(database: gateway.database)
+        let t0 = ContinuousClock.now
+        var next: UInt64 = 0
+        while next < UInt64(records) {
+          let page = try await repository.records(.tenant(Self.streamTenant), from: next, below: UInt64(records), limit: 5000, filter: AuditFilter(), logger: benchLogger)
+          next = page.last!.index + 1
+        }
+        FileHandle.standardError.write(Data("db only: \(ContinuousClock.now - t0)\n".utf8))
+      }
       for round in 1...rounds {
         let copy = try copyBaseline()
         copyRates.append(Double(records) / copy)
@@ -258,8 +268,22 @@ struct AuditBench: AsyncParsableCommand {
         try await connection.withClient { client in
           var options = CallOptions.defaults
           options.timeout = nil
-          try await AuditReader(client: client, metadata: metadata).stream(.init(), options: options) { message in
-            guard case .record(let record) = message.item else { return true }
+          if ProcessInfo.processInfo.environment["BENCH_RAW_CLIENT"] != nil {
+            try await client.serverStreaming(
+              request: ClientRequest(message: Tollgate_V1_StreamEventsRequest(), metadata: metadata),
+              descriptor: Tollgate_V1_AuditService.Method.StreamEvents.descriptor,
+              serializer: ProtobufSerializer<Tollgate_V1_StreamEventsRequest>(),
+              deserializer: CountingDeserializer(),
+              options: options
+            ) { response in
+              for try await _ in response.messages {
+                let count = received.withLock { $0 += 1; return $0 }
+                if count >= records { return }
+              }
+            }
+            return
+          }
+          try await AuditReader(client: client, metadata: metadata).records(.init(), options: options) { record in
             let count = received.withLock { $0 += 1; return $0 }
             return count < records && record.index + 1 < UInt64(records)
           }
@@ -378,5 +402,11 @@ struct AuditBench: AsyncParsableCommand {
         )
       }
     }
+  }
+}
+
+struct CountingDeserializer: MessageDeserializer {
+  func deserialize<Bytes: GRPCContiguousBytes>(_ serializedMessageBytes: Bytes) throws -> Int {
+    serializedMessageBytes.count
   }
 }

@@ -34,8 +34,8 @@ import TollgateProtos
     configure(&request)
     let out = Mutex<[Tollgate_V1_AuditRecord]>([])
     try await gw.withClient(issued) { client async throws in
-      try await AuditReader(client: client, metadata: metadata).stream(request) { message in
-        if case .record(let record) = message.item { out.withLock { $0.append(record) } }
+      try await AuditReader(client: client, metadata: metadata).records(request) { record in
+        out.withLock { $0.append(record) }
         return true
       }
     }
@@ -158,8 +158,7 @@ import TollgateProtos
               $0.methods = [Self.listTenants]
             }
             ready.yield()
-            try await AuditReader(client: client).stream(request) { message in
-              guard case .record(let record) = message.item else { return true }
+            try await AuditReader(client: client).records(request) { record in
               seen.withLock { $0 = record.event }
               return false
             }
@@ -295,9 +294,9 @@ import TollgateProtos
         let third = try verifier.checkpoint(note: newer.signedNote)
         #expect(third.treeSize >= second.treeSize + 2)
         try verifier.verifyConsistency(old: second, new: third, proof: proof.hashes.map { Array($0) })
-        let indices: [UInt64] = messages.dropFirst(2).compactMap {
-          if case .record(let r) = $0.item { return r.index }
-          return nil
+        let indices: [UInt64] = messages.dropFirst(2).flatMap {
+          if case .records(let batch) = $0.item { return batch.records.map(\.index) }
+          return []
         }
         #expect(indices.first == second.treeSize)
         #expect(indices == Array(second.treeSize..<(second.treeSize + UInt64(indices.count))))
@@ -377,12 +376,11 @@ import TollgateProtos
       let calls: Set<String> = [Self.updateQuota, "/tollgate.v1.TenantService/GetTenant"]
       try await gw.withClient(op) { client async throws in
         let counted = Mutex(0)
-        try await AuditReader(client: client, metadata: actingOn("acme")).stream(.with {
+        try await AuditReader(client: client, metadata: actingOn("acme")).records(.with {
           $0.follow = true
           $0.methods = Array(calls)
-        }) { message in
-          guard case .record = message.item else { return true }
-          return counted.withLock { $0 += 1; return $0 < 140 }
+        }) { _ in
+          counted.withLock { $0 += 1; return $0 < 140 }
         }
       }
       let checkpoint = try await Self.verify(gw, tenant: "acme")
@@ -458,13 +456,10 @@ import TollgateProtos
       // which leaves room for one); follow until they are there.
       let op = try gw.pki.issueOperator()
       try await gw.withClient(op) { client async throws in
-        try await AuditReader(client: client, metadata: actingOn("acme")).stream(.with {
+        try await AuditReader(client: client, metadata: actingOn("acme")).records(.with {
           $0.follow = true
           $0.methods = ["/tollgate.v1.TenantService/GetTenant"]
-        }, options: .noTimeout) { message in
-          if case .record = message.item { return false }
-          return true
-        }
+        }, options: .noTimeout) { _ in false }
       }
       #expect(await getTenant() == nil)
     }

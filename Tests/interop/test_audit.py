@@ -105,6 +105,11 @@ def verify_note(note, name, public_key):
 
 # --- the test ---------------------------------------------------------------------------------
 
+def stream_records(responses):
+    """The records of a StreamEvents response stream, in order (checkpoint messages skipped)."""
+    return [r for m in responses if m.WhichOneof("item") == "records" for r in m.records.records]
+
+
 @pytest.fixture
 def audit_log(gateway, pki, channel_for, stubs):
     op = channel_for(pki.operator())
@@ -130,8 +135,7 @@ def test_log_and_proofs_verify_independently(audit_log, pki, stubs, channel_for)
     assert size == first.tree_size >= 21
     assert bytes(first.public_key) == public_key
 
-    records = [m.record for m in audit.StreamEvents(stubs.audit.StreamEventsRequest(), metadata=acting, timeout=TIMEOUT)
-               if m.WhichOneof("item") == "record"]
+    records = stream_records(audit.StreamEvents(stubs.audit.StreamEventsRequest(), metadata=acting, timeout=TIMEOUT))
     assert [r.index for r in records] == list(range(len(records)))
     leaves = [bytes(r.leaf) for r in records[:size]]
     assert mth(leaves) == root
@@ -154,8 +158,7 @@ def test_log_and_proofs_verify_independently(audit_log, pki, stubs, channel_for)
     second = audit.GetCheckpoint(stubs.audit.GetCheckpointRequest(), metadata=acting, timeout=TIMEOUT).checkpoint
     _, new_size, new_root = verify_note(second.signed_note, name, public_key)
     assert new_size > size
-    records = [m.record for m in audit.StreamEvents(stubs.audit.StreamEventsRequest(), metadata=acting, timeout=TIMEOUT)
-               if m.WhichOneof("item") == "record"]
+    records = stream_records(audit.StreamEvents(stubs.audit.StreamEventsRequest(), metadata=acting, timeout=TIMEOUT))
     all_leaves = [bytes(r.leaf) for r in records[:new_size]]
     assert all_leaves[:size] == leaves
     assert mth(all_leaves) == new_root
@@ -176,10 +179,10 @@ def test_denied_call_is_in_the_log_and_auditors_read_only_their_tenant(audit_log
     stream = auditor.StreamEvents(
         stubs.audit.StreamEventsRequest(follow=True, methods=["/tollgate.v1.TenantService/ListTenants"]),
         timeout=TIMEOUT)
-    first = next(m for m in stream if m.WhichOneof("item") == "record")
+    first = next(m for m in stream if m.WhichOneof("item") == "records").records.records[0]
     stream.cancel()
-    assert first.record.event.outcome_code == grpc.StatusCode.PERMISSION_DENIED.value[0]
-    assert first.record.event.principal.spiffe_id == f"spiffe://example.org/tenant/{TENANT}/partner/p"
+    assert first.event.outcome_code == grpc.StatusCode.PERMISSION_DENIED.value[0]
+    assert first.event.principal.spiffe_id == f"spiffe://example.org/tenant/{TENANT}/partner/p"
 
     with pytest.raises(grpc.RpcError) as info:
         auditor.GetCheckpoint(stubs.audit.GetCheckpointRequest(), metadata=[("tollgate-tenant", "acme")], timeout=TIMEOUT)
@@ -267,8 +270,8 @@ def test_two_gateway_processes_append_one_unforked_log(audit_log, gateway, repli
         audits = [stubs.audit_grpc.AuditServiceStub(ch) for ch in channels]
         checkpoints = [a.GetCheckpoint(stubs.audit.GetCheckpointRequest(), metadata=acting, timeout=TIMEOUT).checkpoint
                        for a in audits]
-        records = [m.record for m in audits[1].StreamEvents(stubs.audit.StreamEventsRequest(), metadata=acting,
-                                                             timeout=TIMEOUT) if m.WhichOneof("item") == "record"]
+        records = stream_records(audits[1].StreamEvents(stubs.audit.StreamEventsRequest(), metadata=acting,
+                                                        timeout=TIMEOUT))
         assert [r.index for r in records] == list(range(len(records)))
         leaves = [bytes(r.leaf) for r in records]
         assert sum(r.event.method.endswith("/UpdateQuota") for r in records) == 60
