@@ -327,22 +327,40 @@ struct AuditStreamSerializer: MessageSerializer {
       }
       // AuditRecordBatch.records = 1, each length-delimited.
       let batchLength = recordLengths.reduce(0) { $0 + 1 + Self.varintSize(UInt64($1)) + $1 }
-      var out = [UInt8]()
-      out.reserveCapacity(1 + Self.varintSize(UInt64(batchLength)) + batchLength)
-      out.append(0x22)  // StreamEventsResponse.records = 4, length-delimited
-      Self.appendVarint(UInt64(batchLength), to: &out)
-      for (record, length) in zip(records, recordLengths) {
-        out.append(0x0A)
-        Self.appendVarint(UInt64(length), to: &out)
-        out.append(0x08)
-        Self.appendVarint(record.index, to: &out)
-        for tag: UInt8 in [0x12, 0x1A] {
-          out.append(tag)
-          Self.appendVarint(UInt64(record.leaf.readableBytes), to: &out)
-          out.append(contentsOf: record.leaf.readableBytesView)
+      // Written in place into the transport's buffer: one copy of each leaf per field, no more.
+      var bytes = Bytes(repeating: 0, count: 1 + Self.varintSize(UInt64(batchLength)) + batchLength)
+      bytes.withUnsafeMutableBytes { out in
+        var at = 0
+        func byte(_ value: UInt8) {
+          out[at] = value
+          at += 1
+        }
+        func varint(_ value: UInt64) {
+          var value = value
+          while value >= 0x80 {
+            byte(UInt8(value & 0x7F) | 0x80)
+            value >>= 7
+          }
+          byte(UInt8(value))
+        }
+        byte(0x22)  // StreamEventsResponse.records = 4, length-delimited
+        varint(UInt64(batchLength))
+        for (record, length) in zip(records, recordLengths) {
+          byte(0x0A)
+          varint(UInt64(length))
+          byte(0x08)
+          varint(record.index)
+          for tag: UInt8 in [0x12, 0x1A] {
+            byte(tag)
+            varint(UInt64(record.leaf.readableBytes))
+            record.leaf.withUnsafeReadableBytes { leaf in
+              UnsafeMutableRawBufferPointer(rebasing: out[at..<(at + leaf.count)]).copyMemory(from: leaf)
+              at += leaf.count
+            }
+          }
         }
       }
-      return Bytes(out)
+      return bytes
     }
   }
 
@@ -354,14 +372,5 @@ struct AuditStreamSerializer: MessageSerializer {
       size += 1
     }
     return size
-  }
-
-  static func appendVarint(_ value: UInt64, to out: inout [UInt8]) {
-    var value = value
-    while value >= 0x80 {
-      out.append(UInt8(value & 0x7F) | 0x80)
-      value >>= 7
-    }
-    out.append(UInt8(value))
   }
 }

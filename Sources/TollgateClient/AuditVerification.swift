@@ -142,10 +142,12 @@ public struct AuditLogVerifier: Sendable {
 /// Reading an audit log over the API.
 public struct AuditReader<Transport: ClientTransport>: Sendable {
   public let client: Tollgate_V1_AuditService.Client<Transport>
+  let grpcClient: GRPCClient<Transport>
   public let metadata: Metadata
 
   public init(client: GRPCClient<Transport>, metadata: Metadata = [:]) {
     self.client = Tollgate_V1_AuditService.Client(wrapping: client)
+    self.grpcClient = client
     self.metadata = metadata
   }
 
@@ -187,6 +189,118 @@ public struct AuditReader<Transport: ClientTransport>: Sendable {
     try await client.streamEvents(request, metadata: metadata, options: options) { response in
       for try await message in response.messages {
         if try await !handle(message) { return }
+      }
+    }
+  }
+}
+
+/// A StreamEvents message as a verifier needs it: each record's index and exact leaf bytes, read
+/// straight off the wire without decoding the events (the bulk of the work for a long log).
+public enum AuditStreamMessage: Sendable {
+  case leaves([(index: UInt64, leaf: [UInt8])])
+  case other(Tollgate_V1_StreamEventsResponse)
+}
+
+/// Reads `records` batches field by field (index and leaf only); anything else is decoded whole.
+public struct AuditLeafDeserializer: MessageDeserializer {
+  public init() {}
+
+  public struct Malformed: Error, CustomStringConvertible {
+    public let description: String
+  }
+
+  public func deserialize<Bytes: GRPCContiguousBytes>(_ bytes: Bytes) throws -> AuditStreamMessage {
+    let leaves = try bytes.withUnsafeBytes { buffer -> [(index: UInt64, leaf: [UInt8])]? in
+      var reader = WireReader(buffer)
+      // A records batch is the message's only field when present (oneof).
+      guard let (field, type) = try reader.tag(), field == 4, type == 2 else { return nil }
+      var batch = WireReader(try reader.lengthDelimited())
+      guard reader.isAtEnd else { return nil }
+      var out: [(index: UInt64, leaf: [UInt8])] = []
+      while let (field, type) = try batch.tag() {
+        guard field == 1, type == 2 else { try batch.skip(type); continue }
+        var record = WireReader(try batch.lengthDelimited())
+        var index: UInt64 = 0
+        var leaf: [UInt8] = []
+        while let (field, type) = try record.tag() {
+          switch (field, type) {
+          case (1, 0): index = try record.varint()
+          case (2, 2): leaf = Array(try record.lengthDelimited())
+          default: try record.skip(type)
+          }
+        }
+        out.append((index, leaf))
+      }
+      return out
+    }
+    if let leaves { return .leaves(leaves) }
+    return .other(try ProtobufDeserializer<Tollgate_V1_StreamEventsResponse>().deserialize(bytes))
+  }
+}
+
+/// Just enough of the protobuf wire format to walk fields.
+struct WireReader {
+  var bytes: UnsafeRawBufferPointer.SubSequence
+  init(_ bytes: UnsafeRawBufferPointer) { self.bytes = bytes[...] }
+  init(_ bytes: UnsafeRawBufferPointer.SubSequence) { self.bytes = bytes }
+
+  var isAtEnd: Bool { bytes.isEmpty }
+
+  mutating func varint() throws -> UInt64 {
+    var value: UInt64 = 0
+    var shift: UInt64 = 0
+    while let byte = bytes.first {
+      bytes = bytes.dropFirst()
+      value |= UInt64(byte & 0x7F) << shift
+      if byte & 0x80 == 0 { return value }
+      shift += 7
+      if shift > 63 { break }
+    }
+    throw AuditLeafDeserializer.Malformed(description: "bad varint")
+  }
+
+  mutating func tag() throws -> (UInt64, UInt64)? {
+    if bytes.isEmpty { return nil }
+    let key = try varint()
+    return (key >> 3, key & 7)
+  }
+
+  mutating func lengthDelimited() throws -> UnsafeRawBufferPointer.SubSequence {
+    let length = Int(try varint())
+    guard length <= bytes.count else { throw AuditLeafDeserializer.Malformed(description: "truncated field") }
+    defer { bytes = bytes.dropFirst(length) }
+    return bytes.prefix(length)
+  }
+
+  mutating func skip(_ type: UInt64) throws {
+    switch type {
+    case 0: _ = try varint()
+    case 1: guard bytes.count >= 8 else { throw AuditLeafDeserializer.Malformed(description: "truncated") }; bytes = bytes.dropFirst(8)
+    case 2: _ = try lengthDelimited()
+    case 5: guard bytes.count >= 4 else { throw AuditLeafDeserializer.Malformed(description: "truncated") }; bytes = bytes.dropFirst(4)
+    default: throw AuditLeafDeserializer.Malformed(description: "unsupported wire type \(type)")
+    }
+  }
+}
+
+extension AuditReader {
+  /// Streams records as (index, exact leaf bytes), without decoding events, until the stream
+  /// ends or `handle` returns false. What exports and verifiers need, at the speed of the wire.
+  public func leaves(
+    _ request: Tollgate_V1_StreamEventsRequest,
+    options: CallOptions = .defaults,
+    _ handle: @escaping @Sendable ([(index: UInt64, leaf: [UInt8])]) async throws -> Bool
+  ) async throws {
+    try await grpcClient.serverStreaming(
+      request: ClientRequest(message: request, metadata: metadata),
+      descriptor: Tollgate_V1_AuditService.Method.StreamEvents.descriptor,
+      serializer: ProtobufSerializer<Tollgate_V1_StreamEventsRequest>(),
+      deserializer: AuditLeafDeserializer(),
+      options: options
+    ) { response in
+      for try await message in response.messages {
+        guard case .leaves(let batch) = message else { continue }
+        if try await !handle(batch) { return }
       }
     }
   }

@@ -115,22 +115,19 @@ struct Audit: AsyncParsableCommand {
         try handle.write(contentsOf: try encoder.encode(ExportLine(checkpoint: checkpoint.signedNote)) + Data("\n".utf8))
         progress.total = size
         guard size > 0 else { return }
-        let buffer = Mutex(Data())
         let written = Mutex<UInt64>(0)
-        try await reader.records(.init(), options: .streaming) { record in
-          guard record.index < size else { return false }
-          let line = try encoder.encode(ExportLine(index: record.index, leaf: record.leaf.base64EncodedString()))
-          let count = written.withLock { $0 += 1; return $0 }
-          let chunk = buffer.withLock { data -> Data? in
-            data.append(line)
-            data.append(0x0A)
-            guard data.count > 1 << 20 || count == size else { return nil }
-            defer { data.removeAll(keepingCapacity: true) }
-            return data
+        try await reader.leaves(.init(), options: .streaming) { batch in
+          var chunk = Data()
+          var last: UInt64 = 0
+          for record in batch where record.index < size {
+            chunk.append(try encoder.encode(ExportLine(index: record.index, leaf: Data(record.leaf).base64EncodedString())))
+            chunk.append(0x0A)
+            last = record.index
           }
-          if let chunk { try handle.write(contentsOf: chunk) }
+          try handle.write(contentsOf: chunk)
+          let count = written.withLock { $0 += UInt64(batch.count { $0.index < size }); return $0 }
           progress.update(count)
-          return record.index + 1 < size
+          return last + 1 < size
         }
         progress.finish()
         FileHandle.standardError.write(Data("wrote \(written.withLock { $0 }) records and the checkpoint of size \(size) to \(out)\n".utf8))
@@ -206,10 +203,10 @@ struct Audit: AsyncParsableCommand {
         let size = checkpoint.treeSize
         let records = Mutex<[(index: UInt64, leaf: [UInt8])]>([])
         if start < size {
-          try await reader.records(.with { $0.startIndex = start }, options: .streaming) { record in
-            guard record.index < size else { return false }
-            records.withLock { $0.append((record.index, Array(record.leaf))) }
-            return record.index + 1 < size
+          try await reader.leaves(.with { $0.startIndex = start }, options: .streaming) { batch in
+            let within = batch.filter { $0.index < size }
+            records.withLock { $0.append(contentsOf: within) }
+            return within.count == batch.count && (within.last.map { $0.index + 1 < size } ?? true)
           }
         }
         let collected = records.withLock { $0 }

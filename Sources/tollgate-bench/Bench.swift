@@ -125,6 +125,7 @@ struct AuditBench: AsyncParsableCommand {
   @Option(help: "Alternating rounds of each measurement") var rounds: Int = 3
   @Option(help: "JSON results file") var out: String = "bench-results/audit.json"
   @Flag(help: "Only part (a)") var streamOnly = false
+  @Flag(help: "In (a), decode every event with SwiftProtobuf instead of reading index and leaf bytes") var decodeEvents = false
   @Flag(help: "Only part (b)") var callsOnly = false
 
   func run() async throws {
@@ -250,16 +251,6 @@ struct AuditBench: AsyncParsableCommand {
       metadata.addString(Self.streamTenant.rawValue, forKey: CallScope.tenantMetadataKey)
       var gatewayRates: [Double] = []
       var copyRates: [Double] = []
-      if ProcessInfo.processInfo.environment["BENCH_DB_ONLY"] != nil {
-        let repository = AuditLogRepository(database: gateway.database)
-        let t0 = ContinuousClock.now
-        var next: UInt64 = 0
-        while next < UInt64(records) {
-          let page = try await repository.records(.tenant(Self.streamTenant), from: next, below: UInt64(records), limit: 5000, filter: AuditFilter(), logger: benchLogger)
-          next = page.last!.index + 1
-        }
-        FileHandle.standardError.write(Data("db only: \(ContinuousClock.now - t0)\n".utf8))
-      }
       for round in 1...rounds {
         let copy = try copyBaseline()
         copyRates.append(Double(records) / copy)
@@ -268,18 +259,11 @@ struct AuditBench: AsyncParsableCommand {
         try await connection.withClient { client in
           var options = CallOptions.defaults
           options.timeout = nil
-          if ProcessInfo.processInfo.environment["BENCH_RAW_CLIENT"] != nil {
-            try await client.serverStreaming(
-              request: ClientRequest(message: Tollgate_V1_StreamEventsRequest(), metadata: metadata),
-              descriptor: Tollgate_V1_AuditService.Method.StreamEvents.descriptor,
-              serializer: ProtobufSerializer<Tollgate_V1_StreamEventsRequest>(),
-              deserializer: CountingDeserializer(),
-              options: options
-            ) { response in
-              for try await _ in response.messages {
-                let count = received.withLock { $0 += 1; return $0 }
-                if count >= records { return }
-              }
+          if !decodeEvents {
+            // What an exporter or verifier does: index and exact leaf bytes per record.
+            try await AuditReader(client: client, metadata: metadata).leaves(.init(), options: options) { batch in
+              let count = received.withLock { $0 += batch.count; return $0 }
+              return count < records
             }
             return
           }
@@ -337,8 +321,13 @@ struct AuditBench: AsyncParsableCommand {
     let duration = Duration.milliseconds(Int(seconds * 1000))
     return try await connection.withClient { client in
       let tenants = Tollgate_V1_TenantService.Client(wrapping: client)
+      let health = Grpc_Health_V1_Health.Client(wrapping: client)
+      let useHealth = ProcessInfo.processInfo.environment["BENCH_HEALTH"] != nil
+      let call: @Sendable () async throws -> Void = {
+        if useHealth { _ = try await health.check(.init()) } else { _ = try await tenants.getTenant(.init()) }
+      }
       // Warm the connection and the pool.
-      for _ in 0..<200 { _ = try await tenants.getTenant(.init()) }
+      for _ in 0..<200 { try await call() }
       let start = ContinuousClock.now
       let deadline = start + duration
       let latencies = try await withThrowingTaskGroup(of: [Double].self) { group in
@@ -348,7 +337,7 @@ struct AuditBench: AsyncParsableCommand {
             mine.reserveCapacity(100_000)
             while ContinuousClock.now < deadline {
               let t0 = ContinuousClock.now
-              _ = try await tenants.getTenant(.init())
+              try await call()
               mine.append(elapsedSeconds(ContinuousClock.now - t0) * 1000)
             }
             return mine
@@ -402,11 +391,5 @@ struct AuditBench: AsyncParsableCommand {
         )
       }
     }
-  }
-}
-
-struct CountingDeserializer: MessageDeserializer {
-  func deserialize<Bytes: GRPCContiguousBytes>(_ serializedMessageBytes: Bytes) throws -> Int {
-    serializedMessageBytes.count
   }
 }
