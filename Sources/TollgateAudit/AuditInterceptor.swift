@@ -70,7 +70,8 @@ public struct AuditInterceptor: ServerInterceptor {
       }
     )
 
-    let pending = mutating ? PendingAudit { call.entry(code: 0, message: "") } : nil
+    // Weak: the call holds its PendingAudit, and the call is alive whenever a transaction of it runs.
+    let pending = mutating ? PendingAudit { [weak call] in call?.entry(code: 0, message: "") } : nil
     call.pending = pending
     let response: StreamingServerResponse<Output>
     do {

@@ -16,19 +16,22 @@ public final class Checkpointer: Service, Sendable {
   let trustDomain: String
   let interval: Duration
   let logger: Logger
+  let waitUntilReady: @Sendable () async -> Void
 
   public init(
     repository: AuditLogRepository,
     key: AuditSigningKey,
     trustDomain: String,
     interval: Duration = .seconds(1),
-    logger: Logger
+    logger: Logger,
+    waitUntilReady: @escaping @Sendable () async -> Void = {}
   ) {
     self.repository = repository
     self.key = key
     self.trustDomain = trustDomain
     self.interval = interval
     self.logger = logger
+    self.waitUntilReady = waitUntilReady
   }
 
   /// `tollgate/<trust domain>/<tenant or _platform>`.
@@ -71,6 +74,8 @@ public final class Checkpointer: Service, Sendable {
   }
 
   public func run() async throws {
+    // The tables exist only once migrations ran.
+    await cancelWhenGracefulShutdown { await self.waitUntilReady() }
     while !Task.isShuttingDownGracefully {
       do {
         try await checkpointGrownLogs()

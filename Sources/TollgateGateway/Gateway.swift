@@ -27,7 +27,7 @@ public final class Gateway: Sendable {
   let transport: HTTP2ServerTransport.Posix
   /// Set when graceful shutdown begins, so health turns NOT_SERVING before the listener closes.
   let draining = AtomicFlag()
-  let ready = ReadinessGate()
+  let ready: ReadinessGate
   let logger: Logger
   public let metrics: GatewayMetrics
   let metricsServer: MetricsServer?
@@ -65,11 +65,14 @@ public final class Gateway: Sendable {
     let auditRepository = AuditLogRepository(database: database)
     let signingKey = try Self.loadSigningKey(config.auditSigningKeyPath)
     self.auditBuffer = AuditBuffer(capacity: config.auditBufferCapacity, repository: auditRepository, logger: logger)
+    let ready = ReadinessGate()
+    self.ready = ready
     self.checkpointer = Checkpointer(
       repository: auditRepository,
       key: signingKey,
       trustDomain: config.trustDomain,
-      logger: logger
+      logger: logger,
+      waitUntilReady: { await ready.wait() }
     )
     let auditNotifier = AuditNotifier()
     self.auditNotifier = auditNotifier

@@ -18,9 +18,9 @@ public final class PendingAudit: Sendable {
 
   private let state = Mutex(State.waiting)
   /// Builds the event as of the moment it is appended (outcome OK: the transaction is about to commit).
-  let makeEntry: @Sendable () -> AuditEntry
+  let makeEntry: @Sendable () -> AuditEntry?
 
-  public init(makeEntry: @escaping @Sendable () -> AuditEntry) {
+  public init(makeEntry: @escaping @Sendable () -> AuditEntry?) {
     self.makeEntry = makeEntry
   }
 
@@ -34,7 +34,12 @@ public final class PendingAudit: Sendable {
       state = .inTransaction
       return true
     }
-    return claimed ? makeEntry() : nil
+    guard claimed else { return nil }
+    guard let entry = makeEntry() else {
+      settle(committed: false)
+      return nil
+    }
+    return entry
   }
 
   /// The carrying transaction committed (`true`) or did not (`false`, the event is waiting again).
