@@ -267,14 +267,7 @@ extension AuditService {
     let logger = self.logger
     let window = UInt64(pageSize)
     let fetch: @Sendable (UInt64) async throws -> [(index: UInt64, leaf: ByteBuffer)] = { start in
-      try await repository.records(
-        log,
-        from: start,
-        below: min(start + window, size),
-        limit: Int(window),
-        filter: filter,
-        logger: logger
-      )
+      try await repository.records(log, from: start, below: min(start + window, size), filter: filter, logger: logger)
     }
     var start = from
     var pending: Task<[(index: UInt64, leaf: ByteBuffer)], any Error>? = Task { try await fetch(from) }

@@ -317,7 +317,9 @@ import TollgateProtos
       let newKey = try AuditSigningKey(name: "test-audit-2026")
       let newKeyFile = gw.pki.directory.appendingPathComponent("audit-2026.key")
       try PEMFiles.write(newKey.signerText + "\n", to: newKeyFile.path, secret: true)
-      // A replica started with the new key signs the checkpoints from now on.
+      // The gateway restarts with the new key (stopped first: while both run, either may sign a
+      // given size, which is fine for verifiers but would make this test's key check a race).
+      await gw.stop()
       try await gw.withReplica(configure: { $0.auditSigningKeyPath = newKeyFile.path }) { replica in
         try await Self.mutate(replica, "acme", count: 2)
         try await replica.withClient(op) { client async throws in

@@ -123,6 +123,8 @@ struct TestGateway: Sendable {
   let database: TestDatabase
   /// Begins this gateway's graceful shutdown (drain), as SIGTERM would.
   let beginShutdown: @Sendable () async -> Void
+  /// Shuts this gateway down and returns once every one of its services has stopped.
+  let stop: @Sendable () async -> Void
 
   func connection(_ issued: CertificateAuthority.Issued, serverCA: [UInt8]? = nil) throws -> GatewayConnection {
     GatewayConnection(
@@ -154,12 +156,23 @@ struct TestGateway: Sendable {
     configure(&config)
     let replica = try Gateway(config: config, logger: testLogger)
     let group = ServiceGroup(configuration: .init(services: replica.services, gracefulShutdownSignals: [], logger: testLogger))
+    let (stopped, stoppedContinuation) = AsyncStream.makeStream(of: Void.self)
     return try await withThrowingTaskGroup(of: Void.self) { tasks in
-      tasks.addTask { try await group.run() }
+      tasks.addTask {
+        defer { stoppedContinuation.finish() }
+        try await group.run()
+      }
       defer { tasks.cancelAll() }
       guard let port = try await replica.listeningAddress.ipv4?.port else { throw CancellationError() }
       let result = try await body(
-        TestGateway(gateway: replica, port: port, pki: pki, database: database) { await group.triggerGracefulShutdown() }
+        TestGateway(
+          gateway: replica, port: port, pki: pki, database: database,
+          beginShutdown: { await group.triggerGracefulShutdown() },
+          stop: {
+            await group.triggerGracefulShutdown()
+            for await _ in stopped {}
+          }
+        )
       )
       await group.triggerGracefulShutdown()
       try await tasks.next()
@@ -197,15 +210,26 @@ struct TestGateway: Sendable {
       let group = ServiceGroup(
         configuration: .init(services: gateway.services, gracefulShutdownSignals: [], logger: testLogger)
       )
+      let (stopped, stoppedContinuation) = AsyncStream.makeStream(of: Void.self)
       return try await withThrowingTaskGroup(of: Void.self) { tasks in
-        tasks.addTask { try await group.run() }
+        tasks.addTask {
+          defer { stoppedContinuation.finish() }
+          try await group.run()
+        }
         defer { tasks.cancelAll() }
         let address = try await gateway.listeningAddress
         guard let port = address.ipv4?.port else { throw CancellationError() }
         let result: T
         do {
           result = try await body(
-            TestGateway(gateway: gateway, port: port, pki: pki, database: database) { await group.triggerGracefulShutdown() }
+            TestGateway(
+              gateway: gateway, port: port, pki: pki, database: database,
+              beginShutdown: { await group.triggerGracefulShutdown() },
+              stop: {
+                await group.triggerGracefulShutdown()
+                for await _ in stopped {}
+              }
+            )
           )
         } catch {
           // A failing test still shuts its gateway down the orderly way before the database goes.
