@@ -45,7 +45,14 @@ public struct AuditService: RegistrableRPCService {
       handler: { request, context in
         let message = try await ServerRequest(stream: request).message
         return StreamingServerResponse { writer in
-          try await handling("StreamEvents") { try await self.streamEvents(message, writer: writer) }
+          try await handling("StreamEvents") {
+            do {
+              try await self.streamEvents(message, writer: writer)
+            } catch let error as ChannelError where error == .ioOnClosedChannel || error == .alreadyClosed {
+              // The client went away mid-stream: an ordinary end, not a failure to log.
+              throw RPCError(code: .cancelled, message: "the client closed the stream")
+            }
+          }
           return [:]
         }
       }
@@ -267,7 +274,14 @@ extension AuditService {
     let logger = self.logger
     let window = UInt64(pageSize)
     let fetch: @Sendable (UInt64) async throws -> [(index: UInt64, leaf: ByteBuffer)] = { start in
-      try await repository.records(log, from: start, below: min(start + window, size), filter: filter, logger: logger)
+      try await repository.records(
+        log,
+        from: start,
+        below: min(start + window, size),
+        limit: Int(window),
+        filter: filter,
+        logger: logger
+      )
     }
     var start = from
     var pending: Task<[(index: UInt64, leaf: ByteBuffer)], any Error>? = Task { try await fetch(from) }

@@ -201,37 +201,33 @@ public struct AuditLogRepository: Sendable {
     }
   }
 
-  /// The records of `log` with indices in `[from, below)` that match `filter`, in index order.
-  ///
-  /// The window comes back as one row of two arrays rather than a row per record: the per-row
-  /// work of the protocol and the driver cost more than the records on a long stream. Callers keep
-  /// windows small enough for memory (the stream uses 5,000 indices).
+  /// Up to `limit` records of `log` from index `from` on, in index order, matching `filter`.
   public func records(
     _ log: AuditLogID,
     from: UInt64,
     below: UInt64,
+    limit: Int,
     filter: AuditFilter,
     logger: Logger
   ) async throws(StoreError) -> [(index: UInt64, leaf: ByteBuffer)] {
     try await reading(log, logger: logger) { connection in
       let rows = try await connection.query(
         """
-        SELECT array_agg(leaf_index ORDER BY leaf_index), array_agg(leaf ORDER BY leaf_index) FROM audit_leaves
+        SELECT leaf_index, leaf FROM audit_leaves
         WHERE tenant_id = \(log.rawValue) AND leaf_index >= \(Int64(from)) AND leaf_index < \(Int64(below))
           AND (\(filter.from)::timestamptz IS NULL OR event_time >= \(filter.from))
           AND (\(filter.until)::timestamptz IS NULL OR event_time < \(filter.until))
           AND (cardinality(\(filter.methods)::text[]) = 0 OR method = ANY(\(filter.methods)))
           AND (\(filter.principal)::text IS NULL OR principal = \(filter.principal))
           AND (cardinality(\(filter.outcomes)::integer[]) = 0 OR outcome = ANY(\(filter.outcomes)))
+        ORDER BY leaf_index
+        LIMIT \(limit)
         """,
         logger: logger
       )
       var out: [(index: UInt64, leaf: ByteBuffer)] = []
-      for try await (indices, leaves) in rows.decode(([Int64]?, [ByteBuffer]?).self) {
-        guard let indices, let leaves, indices.count == leaves.count else { continue }
-        out.reserveCapacity(indices.count)
-        for (index, leaf) in zip(indices, leaves) { out.append((UInt64(index), leaf)) }
-      }
+      out.reserveCapacity(limit)
+      for try await (index, leaf) in rows.decode((Int64, ByteBuffer).self) { out.append((UInt64(index), leaf)) }
       return out
     }
   }
