@@ -159,14 +159,12 @@ public struct AuditService: RegistrableRPCService {
   }
 
   static func proto(_ checkpoint: StoredCheckpoint) -> Tollgate_V1_Checkpoint {
-    .with {
-      $0.body = Checkpoint(
-        origin: String(checkpoint.signedNote.prefix { $0 != "\n" }),
-        treeSize: checkpoint.treeSize,
-        rootHash: checkpoint.rootHash
-      ).body
+    // The origin is the signed note's first line, as signed.
+    let origin = String(checkpoint.signedNote.prefix { $0 != "\n" })
+    return .with {
+      $0.body = Checkpoint(origin: origin, treeSize: checkpoint.treeSize, rootHash: checkpoint.rootHash).body
       $0.signedNote = checkpoint.signedNote
-      $0.origin = String(checkpoint.signedNote.prefix { $0 != "\n" })
+      $0.origin = origin
       $0.treeSize = checkpoint.treeSize
       $0.rootHash = Data(checkpoint.rootHash)
       $0.keyName = checkpoint.keyName

@@ -19,6 +19,8 @@ public enum AuditVerificationFailure: Error, CustomStringConvertible, Equatable,
   case altered(index: UInt64)
   /// Fewer records than the checkpoint covers.
   case short(records: UInt64, checkpointSize: UInt64)
+  /// The records do not hash to the signed root, and no gateway was at hand to locate why.
+  case rootMismatch(records: UInt64)
   /// A proof from the gateway does not verify against the signed root.
   case proof(String)
 
@@ -26,7 +28,7 @@ public enum AuditVerificationFailure: Error, CustomStringConvertible, Equatable,
     switch self {
     case .missing(let i), .outOfOrder(let i), .altered(let i): return i
     case .short(let records, _): return records
-    case .checkpoint, .proof: return nil
+    case .checkpoint, .proof, .rootMismatch: return nil
     }
   }
 
@@ -38,6 +40,8 @@ public enum AuditVerificationFailure: Error, CustomStringConvertible, Equatable,
     case .altered(let i):
       return "record \(i) was altered, removed or reordered: records 0..<\(i) match the signed tree and \(i) does not (first bad index \(i))"
     case .short(let n, let size): return "only \(n) records for a checkpoint of \(size) (first bad index \(n))"
+    case .rootMismatch(let n):
+      return "the \(n) records do not hash to the signed root: something was altered, removed or reordered (connect to the gateway to locate the first bad index)"
     case .proof(let why): return "proof does not verify: \(why)"
     }
   }
@@ -87,7 +91,7 @@ public struct AuditLogVerifier: Sendable {
     }
     guard expected == size else { throw .short(records: expected, checkpointSize: size) }
     if MerkleTree.root(hashes) == checkpoint.rootHash { return checkpoint }
-    guard let consistencyProof else { throw .altered(index: 0) }
+    guard let consistencyProof else { throw .rootMismatch(records: size) }
     // The whole prefix (m = size) is bad; find the smallest bad m in [1, size].
     var low: UInt64 = 1
     var high = size

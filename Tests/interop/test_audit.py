@@ -228,6 +228,10 @@ def test_tollctl_export_verify_and_tamper(audit_log, gateway, pki, work_dir):
     bad = run_tollctl("audit", "verify", "--export", str(tampered), "--key", key, *identity)
     assert bad.returncode == 1, bad.stdout + bad.stderr
     assert "first bad index 4" in bad.stderr
+    # Offline, with no gateway to ask for proofs, the mismatch is reported without a location.
+    offline = run_tollctl("audit", "verify", "--export", str(tampered), "--key", key)
+    assert offline.returncode == 1, offline.stdout + offline.stderr
+    assert "do not hash to the signed root" in offline.stderr
 
     # A key that did not sign the checkpoint is refused.
     other = run_tollctl("certs", "audit-key", "--out", str(work_dir / "other.key"))
