@@ -321,11 +321,7 @@ struct AuditBench: AsyncParsableCommand {
     let duration = Duration.milliseconds(Int(seconds * 1000))
     return try await connection.withClient { client in
       let tenants = Tollgate_V1_TenantService.Client(wrapping: client)
-      let health = Grpc_Health_V1_Health.Client(wrapping: client)
-      let useHealth = ProcessInfo.processInfo.environment["BENCH_HEALTH"] != nil
-      let call: @Sendable () async throws -> Void = {
-        if useHealth { _ = try await health.check(.init()) } else { _ = try await tenants.getTenant(.init()) }
-      }
+      let call: @Sendable () async throws -> Void = { _ = try await tenants.getTenant(.init()) }
       // Warm the connection and the pool.
       for _ in 0..<200 { try await call() }
       let start = ContinuousClock.now
