@@ -7,6 +7,7 @@ import TollgateCertificates
 import TollgateClient
 import TollgateCore
 import TollgateGateway
+import TollgateMerkle
 import TollgateModel
 import TollgateProtos
 
@@ -188,6 +189,28 @@ import TollgateProtos
         #expect(try await health.check(.init()).status == .serving)
         #expect(try await tenants.listTenants(.init()).tenants.map(\.tenantID) == ["acme"])
       }
+    }
+  }
+
+  @Test func damagedAuditKeyStopsStartUpNamingTheSetting() async throws {
+    let pki = try TestPKI()
+    let keyPath = pki.directory.appendingPathComponent("damaged.key")
+    // A verifier (public) key where the signer belongs: a likely operator mistake.
+    try PEMFiles.write(pki.auditKey.verifierText + "\n", to: keyPath.path)
+    let config = GatewayConfig(
+      listen: .init(host: "127.0.0.1", port: 0),
+      tlsCertificatePath: pki.serverCert.path,
+      tlsKeyPath: pki.serverKey.path,
+      clientCAPath: pki.caFile.path,
+      trustDomain: "example.org",
+      database: try DatabaseURL(parsing: "postgres://u@127.0.0.1/db"),
+      auditSigningKeyPath: keyPath.path
+    )
+    #expect {
+      _ = try Gateway(config: config, logger: testLogger)
+    } throws: { error in
+      let text = (error as? ConfigError)?.description ?? ""
+      return text.contains("--audit-signing-key") && text.contains("not a signing key")
     }
   }
 
