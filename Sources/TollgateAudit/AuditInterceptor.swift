@@ -116,7 +116,8 @@ public struct AuditInterceptor: ServerInterceptor {
   }
 }
 
-/// Runs `before` once, ahead of the first message.
+/// Runs `before` ahead of every write; `before` is idempotent (``AuditedCall/finish(_:)``), so it
+/// acts once, ahead of the first message.
 struct GatedWriter<Element: Sendable>: RPCWriterProtocol {
   let base: RPCWriter<Element>
   let before: @Sendable () async throws -> Void
@@ -260,10 +261,7 @@ final class AuditedCall: Sendable {
 
   static func outcome(_ error: (any Error)?) -> (Int32, String) {
     guard let error else { return (0, "") }
-    if let rpc = error as? RPCError { return (Int32(rpc.code.rawValue), rpc.message) }
-    if let convertible = error as? any RPCErrorConvertible {
-      return (Int32(convertible.rpcErrorCode.rawValue), convertible.rpcErrorMessage)
-    }
+    if let status = rpcStatus(of: error) { return (Int32(status.code.rawValue), status.message) }
     if error is CancellationError { return (Int32(RPCError.Code.cancelled.rawValue), "cancelled") }
     return (Int32(RPCError.Code.unknown.rawValue), "")
   }

@@ -77,3 +77,11 @@ extension TollgateError: RPCErrorConvertible {
     RPCError(code: rpcErrorCode, message: rpcErrorMessage, metadata: rpcErrorMetadata)
   }
 }
+
+/// The gRPC status `error` carries, if it carries one (an `RPCError`, or anything convertible to
+/// one, such as ``TollgateError``): what an interceptor sees a call end with.
+public func rpcStatus(of error: any Error) -> (code: RPCError.Code, message: String)? {
+  if let rpc = error as? RPCError { return (rpc.code, rpc.message) }
+  if let convertible = error as? any RPCErrorConvertible { return (convertible.rpcErrorCode, convertible.rpcErrorMessage) }
+  return nil
+}

@@ -108,9 +108,7 @@ struct MetricsInterceptor: ServerInterceptor {
   }
 
   static func code(of error: any Error) -> String {
-    if let rpc = error as? RPCError { return name(rpc.code) }
-    if let convertible = error as? any RPCErrorConvertible { return name(convertible.rpcErrorCode) }
-    return "Unknown"
+    rpcStatus(of: error).map { name($0.code) } ?? "Unknown"
   }
 
   /// Status code names as grpc-go spells them (`OK`, `PermissionDenied`, …).
