@@ -177,7 +177,7 @@ final class AuditedCall: Sendable {
     set { state.withLock { $0.pending = newValue } }
   }
 
-  var log: AuditLogID { scope.tenant.map { .tenant($0) } ?? .platform }
+  var log: AuditLogID { AuditLogID(tenant: scope.tenant) }
 
   /// Digests the first request message (the only one of a unary call).
   func observe<Input>(_ message: Input) {

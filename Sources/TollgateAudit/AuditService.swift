@@ -93,12 +93,12 @@ public struct AuditService: RegistrableRPCService {
 
   /// The log the caller reads.
   func log() throws(TollgateError) -> AuditLogID {
-    try CallScope.required().tenant.map { .tenant($0) } ?? .platform
+    AuditLogID(tenant: try CallScope.required().tenant)
   }
 
   // MARK: Proofs
 
-  /// A checkpoint covering at least `size` records, or the current one when `size` is 0.
+  /// The current checkpoint, which must cover `size` records (named by request field `field`).
   func checkpoint(covering size: UInt64, _ log: AuditLogID, field: String) async throws -> StoredCheckpoint {
     let current = try await checkpointer.current(log)
     guard size <= current.treeSize else {
@@ -109,13 +109,12 @@ public struct AuditService: RegistrableRPCService {
 
   func inclusionProof(_ request: Tollgate_V1_GetInclusionProofRequest) async throws -> Tollgate_V1_GetInclusionProofResponse {
     let log = try log()
-    let size = request.treeSize == 0 ? try await checkpointer.current(log).treeSize : request.treeSize
-    _ = try await checkpoint(covering: size, log, field: "tree_size")
+    let current = try await checkpoint(covering: request.treeSize, log, field: "tree_size")
+    let size = request.treeSize == 0 ? current.treeSize : request.treeSize
     guard request.index < size else {
       throw TollgateError.invalidField("index", "is \(request.index) but must be below tree_size \(size)")
     }
-    let hashes = try await proof(log) { node in _ = MerkleTree.inclusionProof(index: request.index, treeSize: size, node: node) }
-      compute: { node in MerkleTree.inclusionProof(index: request.index, treeSize: size, node: node) }
+    let hashes = try await proof(log) { node in MerkleTree.inclusionProof(index: request.index, treeSize: size, node: node) }
     guard let leaf = try await repository.leaf(log, index: request.index, logger: logger) else {
       throw StoreError.unexpected("leaf \(request.index) of \(log) is missing below the checkpoint size")
     }
@@ -129,8 +128,8 @@ public struct AuditService: RegistrableRPCService {
 
   func consistencyProof(_ request: Tollgate_V1_GetConsistencyProofRequest) async throws -> Tollgate_V1_GetConsistencyProofResponse {
     let log = try log()
-    let newSize = request.newSize == 0 ? try await checkpointer.current(log).treeSize : request.newSize
-    _ = try await checkpoint(covering: newSize, log, field: "new_size")
+    let current = try await checkpoint(covering: request.newSize, log, field: "new_size")
+    let newSize = request.newSize == 0 ? current.treeSize : request.newSize
     guard request.oldSize > 0, request.oldSize <= newSize else {
       throw TollgateError.invalidField("old_size", "is \(request.oldSize) but must be between 1 and new_size \(newSize)")
     }
@@ -139,8 +138,7 @@ public struct AuditService: RegistrableRPCService {
   }
 
   func consistency(_ log: AuditLogID, from old: UInt64, to new: UInt64) async throws -> Tollgate_V1_ConsistencyProof {
-    let hashes = try await proof(log) { node in _ = MerkleTree.consistencyProof(oldSize: old, newSize: new, node: node) }
-      compute: { node in MerkleTree.consistencyProof(oldSize: old, newSize: new, node: node) }
+    let hashes = try await proof(log) { node in MerkleTree.consistencyProof(oldSize: old, newSize: new, node: node) }
     return .with {
       $0.oldSize = old
       $0.newSize = new
@@ -151,10 +149,9 @@ public struct AuditService: RegistrableRPCService {
   /// Fetches the stored nodes `compute` reads, in one query, then runs it.
   func proof(
     _ log: AuditLogID,
-    shape: ((NodeAddress) -> MerkleTree.Hash) -> Void,
-    compute: ((NodeAddress) -> MerkleTree.Hash) -> [MerkleTree.Hash]
+    _ compute: ((NodeAddress) -> MerkleTree.Hash) -> [MerkleTree.Hash]
   ) async throws -> [MerkleTree.Hash] {
-    let nodes = try await repository.nodes(log, MerkleTree.nodesNeeded(shape), logger: logger)
+    let nodes = try await repository.nodes(log, MerkleTree.nodesNeeded(compute), logger: logger)
     return compute { nodes[$0]! }
   }
 
@@ -212,9 +209,7 @@ public struct AuditService: RegistrableRPCService {
     var lastCheckpointSent = ContinuousClock.now
     if request.verifiedTreeSize > 0 {
       let current = try await checkpoint(covering: request.verifiedTreeSize, log, field: "verified_tree_size")
-      try await writer.write(.message(.with { $0.checkpoint = Self.proto(current) }))
-      let proof = try await consistency(log, from: request.verifiedTreeSize, to: current.treeSize)
-      try await writer.write(.message(.with { $0.consistencyProof = proof }))
+      try await write(current, provingFrom: request.verifiedTreeSize, log, to: writer)
       lastCheckpoint = current
     }
     var next = request.startIndex
@@ -229,11 +224,7 @@ public struct AuditService: RegistrableRPCService {
       if sent, lastCheckpoint == nil || ContinuousClock.now - lastCheckpointSent >= followCheckpointInterval {
         let current = try await checkpointer.current(log)
         if current.treeSize > lastCheckpoint?.treeSize ?? 0 {
-          try await writer.write(.message(.with { $0.checkpoint = Self.proto(current) }))
-          if let previous = lastCheckpoint, previous.treeSize > 0 {
-            let proof = try await consistency(log, from: previous.treeSize, to: current.treeSize)
-            try await writer.write(.message(.with { $0.consistencyProof = proof }))
-          }
+          try await write(current, provingFrom: lastCheckpoint?.treeSize ?? 0, log, to: writer)
           lastCheckpoint = current
           lastCheckpointSent = .now
         }
@@ -253,6 +244,20 @@ public struct AuditService: RegistrableRPCService {
 }
 
 extension AuditService {
+  /// Writes `checkpoint`, then the proof that the tree of `oldSize` records is its prefix (none
+  /// when `oldSize` is 0: there is nothing to prove).
+  func write(
+    _ checkpoint: StoredCheckpoint,
+    provingFrom oldSize: UInt64,
+    _ log: AuditLogID,
+    to writer: RPCWriter<AuditStreamItem>
+  ) async throws {
+    try await writer.write(.message(.with { $0.checkpoint = Self.proto(checkpoint) }))
+    guard oldSize > 0 else { return }
+    let proof = try await consistency(log, from: oldSize, to: checkpoint.treeSize)
+    try await writer.write(.message(.with { $0.consistencyProof = proof }))
+  }
+
   /// Writes the records of `[from, below)` that match `filter`, one window of `pageSize` indices
   /// per database read, reading the next window while the current one is written. Returns `below`.
   ///
@@ -272,14 +277,7 @@ extension AuditService {
     let logger = self.logger
     let window = UInt64(pageSize)
     let fetch: @Sendable (UInt64) async throws -> [(index: UInt64, leaf: ByteBuffer)] = { start in
-      try await repository.records(
-        log,
-        from: start,
-        below: min(start + window, size),
-        limit: Int(window),
-        filter: filter,
-        logger: logger
-      )
+      try await repository.records(log, from: start, below: min(start + window, size), filter: filter, logger: logger)
     }
     var start = from
     var pending: Task<[(index: UInt64, leaf: ByteBuffer)], any Error>? = Task { try await fetch(from) }

@@ -104,10 +104,10 @@ extension MerkleTree {
 
   /// The stored nodes `compute` will read, found by running it once without hashing real data
   /// (the shape of a proof depends only on sizes and indices, never on hash values).
-  public static func nodesNeeded(_ compute: ((NodeAddress) -> Hash) -> Void) -> Set<NodeAddress> {
+  public static func nodesNeeded<Result>(_ compute: ((NodeAddress) -> Hash) -> Result) -> Set<NodeAddress> {
     var needed = Set<NodeAddress>()
     let placeholder = Hash(repeating: 0, count: 32)
-    compute { address in
+    _ = compute { address in
       needed.insert(address)
       return placeholder
     }

@@ -12,6 +12,11 @@ public enum AuditLogID: Hashable, Sendable, Comparable, CustomStringConvertible 
     }
   }
 
+  /// A tenant's log, or the platform log for a call on no tenant.
+  public init(tenant: TenantID?) {
+    self = tenant.map { .tenant($0) } ?? .platform
+  }
+
   public init?(rawValue: String) {
     if rawValue == "_platform" {
       self = .platform

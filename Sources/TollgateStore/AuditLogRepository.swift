@@ -201,12 +201,12 @@ public struct AuditLogRepository: Sendable {
     }
   }
 
-  /// Up to `limit` records of `log` from index `from` on, in index order, matching `filter`.
+  /// The records of `log` with indices in `[from, below)` that match `filter`, in index order.
+  /// Indices are unique, so there are at most `below - from`; callers keep that window small.
   public func records(
     _ log: AuditLogID,
     from: UInt64,
     below: UInt64,
-    limit: Int,
     filter: AuditFilter,
     logger: Logger
   ) async throws(StoreError) -> [(index: UInt64, leaf: ByteBuffer)] {
@@ -221,12 +221,11 @@ public struct AuditLogRepository: Sendable {
           AND (\(filter.principal)::text IS NULL OR principal = \(filter.principal))
           AND (cardinality(\(filter.outcomes)::integer[]) = 0 OR outcome = ANY(\(filter.outcomes)))
         ORDER BY leaf_index
-        LIMIT \(limit)
         """,
         logger: logger
       )
       var out: [(index: UInt64, leaf: ByteBuffer)] = []
-      out.reserveCapacity(limit)
+      out.reserveCapacity(Int(below - min(from, below)))
       for try await (index, leaf) in rows.decode((Int64, ByteBuffer).self) { out.append((UInt64(index), leaf)) }
       return out
     }
