@@ -73,14 +73,8 @@ struct ConnectionOptions: ParsableArguments {
   func withTenantService<T: Sendable>(
     _ body: (Tollgate_V1_TenantService.Client<HTTP2ClientTransport.Posix>, Metadata) async throws -> T
   ) async throws -> T {
-    let connection = try connection()
-    do {
-      return try await connection.withClient { client in
-        try await body(Tollgate_V1_TenantService.Client(wrapping: client), metadata)
-      }
-    } catch let error as RPCError {
-      printError(error)
-      throw ExitCode(2)
+    try await withClient { client, metadata in
+      try await body(Tollgate_V1_TenantService.Client(wrapping: client), metadata)
     }
   }
 }
@@ -106,16 +100,10 @@ struct Health: AsyncParsableCommand {
   var service: String = ""
 
   func run() async throws {
-    let conn = try connection.connection()
-    do {
-      let response = try await conn.withClient { client in
-        try await Grpc_Health_V1_Health.Client(wrapping: client).check(.with { $0.service = service })
-      }
-      try printJSON(response)
-      if response.status != .serving { throw ExitCode(3) }
-    } catch let error as RPCError {
-      printError(error)
-      throw ExitCode(2)
+    let response = try await connection.withClient { client, _ in
+      try await Grpc_Health_V1_Health.Client(wrapping: client).check(.with { $0.service = service })
     }
+    try printJSON(response)
+    if response.status != .serving { throw ExitCode(3) }
   }
 }
