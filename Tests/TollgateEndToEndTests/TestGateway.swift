@@ -154,30 +154,7 @@ struct TestGateway: Sendable {
     var config = gateway.config
     config.listen = .init(host: "127.0.0.1", port: 0)
     configure(&config)
-    let replica = try Gateway(config: config, logger: testLogger)
-    let group = ServiceGroup(configuration: .init(services: replica.services, gracefulShutdownSignals: [], logger: testLogger))
-    let (stopped, stoppedContinuation) = AsyncStream.makeStream(of: Void.self)
-    return try await withThrowingTaskGroup(of: Void.self) { tasks in
-      tasks.addTask {
-        defer { stoppedContinuation.finish() }
-        try await group.run()
-      }
-      defer { tasks.cancelAll() }
-      guard let port = try await replica.listeningAddress.ipv4?.port else { throw CancellationError() }
-      let result = try await body(
-        TestGateway(
-          gateway: replica, port: port, pki: pki, database: database,
-          beginShutdown: { await group.triggerGracefulShutdown() },
-          stop: {
-            await group.triggerGracefulShutdown()
-            for await _ in stopped {}
-          }
-        )
-      )
-      await group.triggerGracefulShutdown()
-      try await tasks.next()
-      return result
-    }
+    return try await Self.serve(try Gateway(config: config, logger: testLogger), pki: pki, database: database, body)
   }
 
   /// Runs SQL on this test's database as the superuser (to tamper with it, as an attacker would).
@@ -206,41 +183,47 @@ struct TestGateway: Sendable {
         auditSigningKeyPath: pki.auditKeyFile.path
       )
       configure(&config)
-      let gateway = try Gateway(config: config, logger: testLogger)
-      let group = ServiceGroup(
-        configuration: .init(services: gateway.services, gracefulShutdownSignals: [], logger: testLogger)
-      )
-      let (stopped, stoppedContinuation) = AsyncStream.makeStream(of: Void.self)
-      return try await withThrowingTaskGroup(of: Void.self) { tasks in
-        tasks.addTask {
-          defer { stoppedContinuation.finish() }
-          try await group.run()
-        }
-        defer { tasks.cancelAll() }
-        let address = try await gateway.listeningAddress
-        guard let port = address.ipv4?.port else { throw CancellationError() }
-        let result: T
-        do {
-          result = try await body(
-            TestGateway(
-              gateway: gateway, port: port, pki: pki, database: database,
-              beginShutdown: { await group.triggerGracefulShutdown() },
-              stop: {
-                await group.triggerGracefulShutdown()
-                for await _ in stopped {}
-              }
-            )
-          )
-        } catch {
-          // A failing test still shuts its gateway down the orderly way before the database goes.
-          await group.triggerGracefulShutdown()
-          _ = try? await tasks.next()
-          throw error
-        }
-        await group.triggerGracefulShutdown()
-        try await tasks.next()
-        return result
+      return try await serve(try Gateway(config: config, logger: testLogger), pki: pki, database: database, body)
+    }
+  }
+
+  /// Runs `gateway`'s services while `body` runs, then drains it; a failing `body` still shuts the
+  /// gateway down the orderly way before the caller drops the database.
+  static func serve<T: Sendable>(
+    _ gateway: Gateway,
+    pki: TestPKI,
+    database: TestDatabase,
+    _ body: (TestGateway) async throws -> T
+  ) async throws -> T {
+    let group = ServiceGroup(configuration: .init(services: gateway.services, gracefulShutdownSignals: [], logger: testLogger))
+    let (stopped, stoppedContinuation) = AsyncStream.makeStream(of: Void.self)
+    return try await withThrowingTaskGroup(of: Void.self) { tasks in
+      tasks.addTask {
+        defer { stoppedContinuation.finish() }
+        try await group.run()
       }
+      defer { tasks.cancelAll() }
+      guard let port = try await gateway.listeningAddress.ipv4?.port else { throw CancellationError() }
+      let result: T
+      do {
+        result = try await body(
+          TestGateway(
+            gateway: gateway, port: port, pki: pki, database: database,
+            beginShutdown: { await group.triggerGracefulShutdown() },
+            stop: {
+              await group.triggerGracefulShutdown()
+              for await _ in stopped {}
+            }
+          )
+        )
+      } catch {
+        await group.triggerGracefulShutdown()
+        _ = try? await tasks.next()
+        throw error
+      }
+      await group.triggerGracefulShutdown()
+      try await tasks.next()
+      return result
     }
   }
 }
