@@ -101,6 +101,19 @@ let package = Package(
       ],
       swiftSettings: swiftSettings
     ),
+    // MeteringService: usage ingestion, meters and usage queries.
+    .target(
+      name: "TollgateMetering",
+      dependencies: [
+        "TollgateModel", "TollgateCore", "TollgateStore", "TollgateProtos", "TollgateServiceSupport",
+        .product(name: "GRPCCore", package: "grpc-swift-2"),
+        .product(name: "GRPCProtobuf", package: "grpc-swift-protobuf"),
+        .product(name: "SwiftProtobuf", package: "swift-protobuf"),
+        .product(name: "Crypto", package: "swift-crypto"),
+        .product(name: "Logging", package: "swift-log"),
+      ],
+      swiftSettings: swiftSettings
+    ),
     // The audit trail: the audit interceptor, its buffer, checkpoint signing and AuditService.
     .target(
       name: "TollgateAudit",
@@ -150,6 +163,7 @@ let package = Package(
       name: "TollgateGateway",
       dependencies: [
         "TollgateModel", "TollgateCore", "TollgateStore", "TollgateProtos", "TollgateTenancy", "TollgateAudit",
+        "TollgateMetering",
         .product(name: "GRPCCore", package: "grpc-swift-2"),
         .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
         .product(name: "GRPCProtobuf", package: "grpc-swift-protobuf"),

@@ -28,3 +28,13 @@ extension Tollgate_V1_RevokeCertificateRequest: AuditResourceNaming {
 extension Tollgate_V1_GetInclusionProofRequest: AuditResourceNaming {
   public var auditResource: String { "audit/leaves/\(index)" }
 }
+extension Tollgate_V1_DefineMeterRequest: AuditResourceNaming {
+  public var auditResource: String { "meters/\(meter.name)" }
+}
+extension Tollgate_V1_QueryUsageRequest: AuditResourceNaming {
+  public var auditResource: String { "meters/\(meter)" }
+}
+extension Tollgate_V1_IngestRequest: AuditResourceNaming {
+  /// The batch, by its sequence number; the events are many and named in the batch itself.
+  public var auditResource: String { "usage/batches/\(sequence)" }
+}

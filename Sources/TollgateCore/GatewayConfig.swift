@@ -26,6 +26,10 @@ public struct GatewayConfig: Sendable {
   public var auditSigningKeyPath: String
   /// Read-only calls' audit events that may wait for their batch commit before calls are refused.
   public var auditBufferCapacity: Int
+  /// Most usage events one Ingest request (or stream message) may carry.
+  public var ingestMaxBatch: Int
+  /// How old a usage event's time may be and still be accepted.
+  public var usageLateArrival: Duration
 
   public init(
     listen: Address,
@@ -40,7 +44,9 @@ public struct GatewayConfig: Sendable {
     databaseMaxConnections: Int = 20,
     databaseTimeout: Duration = .seconds(5),
     auditSigningKeyPath: String,
-    auditBufferCapacity: Int = 10_000
+    auditBufferCapacity: Int = 10_000,
+    ingestMaxBatch: Int = 1_000,
+    usageLateArrival: Duration = .seconds(7 * 86_400)
   ) {
     self.listen = listen
     self.tlsCertificatePath = tlsCertificatePath
@@ -55,6 +61,8 @@ public struct GatewayConfig: Sendable {
     self.databaseTimeout = databaseTimeout
     self.auditSigningKeyPath = auditSigningKeyPath
     self.auditBufferCapacity = auditBufferCapacity
+    self.ingestMaxBatch = ingestMaxBatch
+    self.usageLateArrival = usageLateArrival
   }
 }
 
@@ -99,9 +107,20 @@ public struct ConfigSetting: Sendable, Hashable, CustomStringConvertible {
     help: "read-only calls' audit events awaiting their batch commit before calls are refused UNAVAILABLE (default 10000)"
   )
 
+  public static let ingestMaxBatch = ConfigSetting(
+    name: "ingest-max-batch",
+    help: "most usage events in one Ingest request or IngestStream message (default 1000)"
+  )
+
+  public static let usageLateArrivalHours = ConfigSetting(
+    name: "usage-late-arrival-hours",
+    help: "hours a usage event's time may lie in the past and still be accepted (default 168, 7 days)"
+  )
+
   public static let all: [ConfigSetting] = [
     .listen, .tlsCert, .tlsKey, .clientCA, .trustDomain, .databaseURL, .metricsListen, .migrate, .maxMessageBytes,
-    .databaseMaxConnections, .databaseTimeoutMS, .auditSigningKey, .auditBufferCapacity,
+    .databaseMaxConnections, .databaseTimeoutMS, .auditSigningKey, .auditBufferCapacity, .ingestMaxBatch,
+    .usageLateArrivalHours,
   ]
 }
 
@@ -257,7 +276,9 @@ public struct ConfigResolver: Sendable {
       databaseMaxConnections: try integer(.databaseMaxConnections, default: 20, range: 2...500),
       databaseTimeout: .milliseconds(try integer(.databaseTimeoutMS, default: 5000, range: 100...600_000)),
       auditSigningKeyPath: try readableFile(.auditSigningKey),
-      auditBufferCapacity: try integer(.auditBufferCapacity, default: 10_000, range: 1...10_000_000)
+      auditBufferCapacity: try integer(.auditBufferCapacity, default: 10_000, range: 1...10_000_000),
+      ingestMaxBatch: try integer(.ingestMaxBatch, default: 1_000, range: 1...100_000),
+      usageLateArrival: .seconds(3_600 * (try integer(.usageLateArrivalHours, default: 168, range: 1...(24 * 366))))
     )
   }
 }

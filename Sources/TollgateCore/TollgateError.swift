@@ -21,6 +21,9 @@ public enum TollgateError: Error, Sendable, Equatable {
   case notFound(String)
   case alreadyExists(String)
   case failedPrecondition(String)
+  /// A quota has no room: google.rpc.QuotaFailure naming `subject` (e.g. `tenant:acme`) and what
+  /// ran out, and, when known, RetryInfo and `grpc-retry-pushback-ms` saying when room returns.
+  case resourceExhausted(String, subject: String, description: String, retryAfter: Duration?)
   case unavailable(String)
   /// Something went wrong that the client cannot fix. The message sent is generic; the cause is
   /// logged where it happened.
@@ -41,6 +44,7 @@ extension TollgateError: RPCErrorConvertible {
     case .notFound: return .notFound
     case .alreadyExists: return .alreadyExists
     case .failedPrecondition: return .failedPrecondition
+    case .resourceExhausted: return .resourceExhausted
     case .unavailable: return .unavailable
     case .internalError: return .internalError
     }
@@ -49,7 +53,7 @@ extension TollgateError: RPCErrorConvertible {
   public var rpcErrorMessage: String {
     switch self {
     case .invalidArgument(let m, _), .unauthenticated(let m), .permissionDenied(let m), .notFound(let m),
-      .alreadyExists(let m), .failedPrecondition(let m), .unavailable(let m):
+      .alreadyExists(let m), .failedPrecondition(let m), .unavailable(let m), .resourceExhausted(let m, _, _, _):
       return m
     case .internalError:
       return "internal error; the gateway logged the details"
@@ -57,6 +61,16 @@ extension TollgateError: RPCErrorConvertible {
   }
 
   public var rpcErrorMetadata: Metadata {
+    if case .resourceExhausted(let message, let subject, let description, let retryAfter) = self {
+      var details: [ErrorDetails] = [.quotaFailure(violations: [.init(subject: subject, description: description)])]
+      if let retryAfter { details.append(.retryInfo(delay: retryAfter)) }
+      var metadata = GoogleRPCStatus(code: .resourceExhausted, message: message, details: details).rpcErrorMetadata
+      if let retryAfter {
+        let (seconds, attoseconds) = retryAfter.components
+        metadata.addString(String(max(0, seconds * 1000 + attoseconds / 1_000_000_000_000_000)), forKey: "grpc-retry-pushback-ms")
+      }
+      return metadata
+    }
     guard case .invalidArgument(let message, let violations) = self, !violations.isEmpty else { return [:] }
     let status = GoogleRPCStatus(
       code: .invalidArgument,

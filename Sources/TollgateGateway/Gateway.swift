@@ -11,6 +11,7 @@ public import TollgateStore
 public import TollgateAudit
 import TollgateMerkle
 import TollgateTenancy
+import TollgateMetering
 import Foundation
 
 /// The assembled gateway: its database, identity directory, the gRPC server with its
@@ -40,6 +41,7 @@ public final class Gateway: Sendable {
   public static let registeredServiceNames = [
     Tollgate_V1_TenantService.descriptor.fullyQualifiedService,
     Tollgate_V1_AuditService.descriptor.fullyQualifiedService,
+    Tollgate_V1_MeteringService.descriptor.fullyQualifiedService,
     Grpc_Health_V1_Health.descriptor.fullyQualifiedService,
     Grpc_Reflection_V1_ServerReflection.descriptor.fullyQualifiedService,
     Grpc_Reflection_V1alpha_ServerReflection.descriptor.fullyQualifiedService,
@@ -102,6 +104,12 @@ public final class Gateway: Sendable {
     let services: [any RegistrableRPCService] = [
       TenantService(repository: repository, directory: directory, logger: logger),
       AuditService(repository: auditRepository, checkpointer: checkpointer, notifier: auditNotifier, logger: logger),
+      MeteringService(
+        repository: UsageRepository(database: database),
+        maxBatch: config.ingestMaxBatch,
+        lateArrival: config.usageLateArrival,
+        logger: logger
+      ),
       HealthService(
         services: Set(Self.registeredServiceNames),
         database: database,

@@ -22,6 +22,8 @@ public func handlingStoreFailures<T: Sendable>(
     case .unavailable(let m):
       logger.warning("database unavailable", metadata: ["method": "\(method)", "error": "\(m)"])
       throw TollgateError.unavailable("the database is unavailable; retry later")
+    case .quotaExhausted(let m):
+      throw TollgateError.resourceExhausted(m, subject: "", description: m, retryAfter: nil)
     case .unexpected(let m):
       logger.error("store failure", metadata: ["method": "\(method)", "error": "\(m)"])
       throw TollgateError.internalError

@@ -221,5 +221,56 @@ public enum Migrator {
           "GRANT SELECT, INSERT ON audit_leaves, audit_nodes, audit_checkpoints TO tollgate_tenant, tollgate_platform",
         ]
     ),
+    Migration(
+      version: 3,
+      name: "metering: meters, raw usage events, monthly event counts",
+      statements: [
+        """
+        CREATE TABLE meters (
+          tenant_id text NOT NULL,
+          name text NOT NULL CHECK (name ~ '^[a-z0-9_.-]{1,64}$'),
+          aggregation text NOT NULL CHECK (aggregation IN ('sum', 'count', 'max', 'unique_count', 'latest')),
+          value_property text NOT NULL DEFAULT '',
+          group_by text[] NOT NULL DEFAULT '{}',
+          description text NOT NULL DEFAULT '',
+          create_time timestamptz NOT NULL DEFAULT now(),
+          PRIMARY KEY (tenant_id, name)
+        )
+        """,
+        // Raw events, one per (tenant, source, id): the primary key is the idempotency rule.
+        // ingest_seq orders events ingested with the same time, for LATEST.
+        """
+        CREATE TABLE usage_events (
+          tenant_id text NOT NULL,
+          source text NOT NULL,
+          event_id text NOT NULL,
+          meter text NOT NULL,
+          subject text NOT NULL,
+          event_time timestamptz NOT NULL,
+          value double precision NOT NULL,
+          properties jsonb NOT NULL DEFAULT '{}',
+          ingest_seq bigint GENERATED ALWAYS AS IDENTITY,
+          PRIMARY KEY (tenant_id, source, event_id)
+        )
+        """,
+        // Time-range reads of one meter (a page of windows), and one subject's usage, which
+        // with the value included needs no table read for SUM, COUNT and MAX.
+        "CREATE INDEX usage_events_by_time ON usage_events (tenant_id, meter, event_time)",
+        "CREATE INDEX usage_events_by_subject ON usage_events (tenant_id, meter, subject, event_time) INCLUDE (value)",
+        // Events accepted per UTC month, spread over shards so concurrent batches of one tenant
+        // do not wait on one row; the month's total is the sum.
+        """
+        CREATE TABLE usage_monthly (
+          tenant_id text NOT NULL,
+          month date NOT NULL,
+          shard smallint NOT NULL CHECK (shard >= 0 AND shard < 16),
+          events bigint NOT NULL CHECK (events >= 0),
+          PRIMARY KEY (tenant_id, month, shard)
+        )
+        """,
+      ] + tenantOwned("meters") + tenantOwned("usage_events") + tenantOwned("usage_monthly") + [
+        "GRANT SELECT, INSERT, UPDATE ON meters, usage_events, usage_monthly TO tollgate_tenant, tollgate_platform",
+      ]
+    ),
   ]
 }

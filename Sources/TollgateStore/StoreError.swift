@@ -7,6 +7,8 @@ public enum StoreError: Error, Sendable {
   case alreadyExists(String)
   /// The database could not be reached or the connection failed mid-call; retrying may succeed.
   case unavailable(String)
+  /// A tenant's quota has no room for what was asked; nothing was written.
+  case quotaExhausted(String)
   case unexpected(String)
 
   /// Classifies any error thrown by postgres-nio (unwrapping transaction errors first).

@@ -97,44 +97,4 @@ enum TenantMapping {
       $0.createTime = Google_Protobuf_Timestamp(date: record.createTime)
     }
   }
-
-  /// Page size: 0 means `defaultSize`; otherwise 1...max.
-  static func pageSize(_ requested: Int32, default defaultSize: Int = 100, max: Int = 1000) throws(TollgateError) -> Int {
-    if requested == 0 { return defaultSize }
-    guard requested > 0, Int(requested) <= max else {
-      throw .invalidField("page_size", "must be between 1 and \(max) (or 0 for \(defaultSize)), got \(requested)")
-    }
-    return Int(requested)
-  }
-
-  /// Page tokens are opaque to clients: base64url of "<kind>:<key>", so a token from one list is
-  /// refused by another instead of silently returning the wrong page.
-  static func encodeToken(kind: String, key: String) -> String {
-    Data("\(kind):\(key)".utf8).base64EncodedString()
-      .replacingOccurrences(of: "+", with: "-").replacingOccurrences(of: "/", with: "_")
-      .replacingOccurrences(of: "=", with: "")
-  }
-
-  static func decodeToken(_ token: String, kind: String) throws(TollgateError) -> String? {
-    if token.isEmpty { return nil }
-    var b64 = token.replacingOccurrences(of: "-", with: "+").replacingOccurrences(of: "_", with: "/")
-    while b64.count % 4 != 0 { b64 += "=" }
-    guard let data = Data(base64Encoded: b64), let text = String(data: data, encoding: .utf8),
-      text.hasPrefix("\(kind):")
-    else {
-      throw .invalidField("page_token", "is not a token this list returned; pass next_page_token unchanged")
-    }
-    return String(text.dropFirst(kind.count + 1))
-  }
-
-  /// A free-text field: trimmed, at most `max` characters, no control characters.
-  static func text(_ value: String, field: String, max: Int, required: Bool = false) throws(TollgateError) -> String {
-    let trimmed = value.trimmingCharacters(in: .whitespacesAndNewlines)
-    if required && trimmed.isEmpty { throw .invalidField(field, "is required") }
-    guard trimmed.count <= max else { throw .invalidField(field, "is \(trimmed.count) characters; at most \(max) allowed") }
-    guard !trimmed.unicodeScalars.contains(where: { CharacterSet.controlCharacters.contains($0) }) else {
-      throw .invalidField(field, "must not contain control characters")
-    }
-    return trimmed
-  }
 }

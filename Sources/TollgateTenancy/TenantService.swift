@@ -46,7 +46,7 @@ extension TenantService: Tollgate_V1_TenantService.SimpleServiceProtocol {
       } catch {
         throw TollgateError.invalidField("tenant_id", error.description)
       }
-      let name = try TenantMapping.text(request.displayName, field: "display_name", max: 200)
+      let name = try RequestFields.text(request.displayName, field: "display_name", max: 200)
       let quota = try TenantMapping.quotaSettings(from: request.quota, field: "quota")
       let record = try await repository.create(
         id: id,
@@ -75,8 +75,8 @@ extension TenantService: Tollgate_V1_TenantService.SimpleServiceProtocol {
     context: ServerContext
   ) async throws -> Tollgate_V1_ListTenantsResponse {
     try await handling("ListTenants") {
-      let size = try TenantMapping.pageSize(request.pageSize)
-      let after = try TenantMapping.decodeToken(request.pageToken, kind: "tenants")
+      let size = try RequestFields.pageSize(request.pageSize)
+      let after = try RequestFields.decodeToken(request.pageToken, kind: "tenants")
       let state: TenantState?
       switch request.state {
       case .unspecified: state = nil
@@ -87,7 +87,7 @@ extension TenantService: Tollgate_V1_TenantService.SimpleServiceProtocol {
       let page = try await repository.list(after: after, limit: size, state: state, logger: logger)
       return .with {
         $0.tenants = page.items.map(TenantMapping.tenant)
-        $0.nextPageToken = page.nextKey.map { TenantMapping.encodeToken(kind: "tenants", key: $0) } ?? ""
+        $0.nextPageToken = page.nextKey.map { RequestFields.encodeToken(kind: "tenants", key: $0) } ?? ""
       }
     }
   }
@@ -113,7 +113,7 @@ extension TenantService: Tollgate_V1_TenantService.SimpleServiceProtocol {
   ) async throws -> Tollgate_V1_SuspendTenantResponse {
     try await handling("SuspendTenant") {
       let tenant = try CallScope.required().resolveTenant(requested: request.tenantID)
-      let reason = try TenantMapping.text(request.reason, field: "reason", max: 500)
+      let reason = try RequestFields.text(request.reason, field: "reason", max: 500)
       let record = try await repository.setState(tenant, state: .suspended, reason: reason, logger: logger)
       await refreshDirectory()
       return .with { $0.tenant = TenantMapping.tenant(record) }
@@ -161,7 +161,7 @@ extension TenantService: Tollgate_V1_TenantService.SimpleServiceProtocol {
           [.init(field: "sha256_fingerprint", description: "must be empty when serial_hex is given")]
         )
       }
-      let reason = try TenantMapping.text(request.reason, field: "reason", max: 500, required: true)
+      let reason = try RequestFields.text(request.reason, field: "reason", max: 500, required: true)
       // A tenant principal's revocation applies to its own tenant only (it cannot lock out other
       // tenants' certificates); an operator's is global unless it names a tenant.
       let record = try await repository.revoke(
@@ -182,9 +182,9 @@ extension TenantService: Tollgate_V1_TenantService.SimpleServiceProtocol {
   ) async throws -> Tollgate_V1_ListRevocationsResponse {
     try await handling("ListRevocations") {
       let scope = try CallScope.required()
-      let size = try TenantMapping.pageSize(request.pageSize)
+      let size = try RequestFields.pageSize(request.pageSize)
       let before: Int64?
-      if let key = try TenantMapping.decodeToken(request.pageToken, kind: "revocations") {
+      if let key = try RequestFields.decodeToken(request.pageToken, kind: "revocations") {
         guard let id = Int64(key) else {
           throw TollgateError.invalidField("page_token", "is not a token this list returned; pass next_page_token unchanged")
         }
@@ -195,7 +195,7 @@ extension TenantService: Tollgate_V1_TenantService.SimpleServiceProtocol {
       let page = try await repository.listRevocations(tenant: scope.tenant, before: before, limit: size, logger: logger)
       return .with {
         $0.revocations = page.items.map(TenantMapping.revocation)
-        $0.nextPageToken = page.nextKey.map { TenantMapping.encodeToken(kind: "revocations", key: $0) } ?? ""
+        $0.nextPageToken = page.nextKey.map { RequestFields.encodeToken(kind: "revocations", key: $0) } ?? ""
       }
     }
   }

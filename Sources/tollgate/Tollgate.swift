@@ -48,6 +48,10 @@ struct SettingOptions: ParsableArguments {
   var auditSigningKey: String?
   @Option(name: .customLong("audit-buffer-capacity"), help: ArgumentHelp(ConfigSetting.auditBufferCapacity.help))
   var auditBufferCapacity: String?
+  @Option(name: .customLong("ingest-max-batch"), help: ArgumentHelp(ConfigSetting.ingestMaxBatch.help))
+  var ingestMaxBatch: String?
+  @Option(name: .customLong("usage-late-arrival-hours"), help: ArgumentHelp(ConfigSetting.usageLateArrivalHours.help))
+  var usageLateArrivalHours: String?
   @Option(name: .customLong("log-level"), help: "trace, debug, info (default), notice, warning, error, critical")
   var logLevel: String?
 
@@ -67,6 +71,8 @@ struct SettingOptions: ParsableArguments {
       ConfigSetting.databaseTimeoutMS.name: databaseTimeoutMS,
       ConfigSetting.auditSigningKey.name: auditSigningKey,
       ConfigSetting.auditBufferCapacity.name: auditBufferCapacity,
+      ConfigSetting.ingestMaxBatch.name: ingestMaxBatch,
+      ConfigSetting.usageLateArrivalHours.name: usageLateArrivalHours,
     ]
     let file = try (config ?? environment["TOLLGATE_CONFIG"]).map { path throws(ConfigError) in
       try ConfigResolver.loadFile(path)

@@ -69,6 +69,26 @@ struct TestDatabase {
   }
 }
 
+extension TestDatabase {
+  /// The single integer `sql` returns, read as the superuser on `database`.
+  static func adminCount(_ url: DatabaseURL, _ sql: String, database: String) async throws -> Int64 {
+    let config = PostgresConnection.Configuration(
+      host: url.host,
+      port: url.port,
+      username: url.username,
+      password: url.password,
+      database: database,
+      tls: .disable
+    )
+    let connection = try await PostgresConnection.connect(configuration: config, id: 1, logger: testLogger)
+    defer { Task { try? await connection.close() } }
+    for try await n in try await connection.query(PostgresQuery(unsafeSQL: sql), logger: testLogger).decode(Int64.self) {
+      return n
+    }
+    throw CancellationError()
+  }
+}
+
 let testLogger: Logger = {
   var logger = Logger(label: "tollgate-test")
   logger.logLevel = ProcessInfo.processInfo.environment["TOLLGATE_TEST_LOG"].flatMap { Logger.Level(rawValue: $0) } ?? .critical

@@ -1,0 +1,394 @@
+public import Foundation
+public import Logging
+import PostgresNIO
+public import TollgateModel
+
+/// Meters and usage events. Events are stored raw, once per (tenant, source, id); queries
+/// aggregate them directly, so every answer is exact, late events included, for every
+/// aggregation. Queries stay fast by reading only the windows a page needs (see ``query(_:_:logger:)``).
+public struct UsageRepository: Sendable {
+  let database: Database
+
+  public init(database: Database) {
+    self.database = database
+  }
+
+  // MARK: Meters
+
+  static let meterColumns = "name, aggregation, value_property, group_by, description, create_time"
+  typealias MeterRow = (String, String, String, [String], String, Date)
+
+  static func decodeMeter(_ row: MeterRow) throws -> MeterDefinition {
+    guard let aggregation = Aggregation(rawValue: row.1) else {
+      throw StoreError.unexpected("meter \(row.0) has unknown aggregation \(row.1)")
+    }
+    return MeterDefinition(
+      name: row.0,
+      aggregation: aggregation,
+      valueProperty: row.2,
+      groupBy: row.3,
+      description: row.4,
+      createTime: row.5
+    )
+  }
+
+  /// Stores `meter`, or updates the description and group-by keys of an existing meter with the
+  /// same aggregation. A meter of that name that aggregates differently is `.alreadyExists`:
+  /// changing how stored usage adds up would silently change every bill computed from it.
+  public func define(_ tenant: TenantID, meter: MeterDefinition, logger: Logger) async throws(StoreError) -> MeterDefinition {
+    try await database.withTenant(tenant, mutation: true, logger: logger) { connection in
+      let rows = try await connection.query(
+        """
+        INSERT INTO meters (tenant_id, name, aggregation, value_property, group_by, description)
+        VALUES (\(tenant.rawValue), \(meter.name), \(meter.aggregation.rawValue), \(meter.valueProperty),
+                \(meter.groupBy), \(meter.description))
+        ON CONFLICT (tenant_id, name) DO UPDATE
+          SET description = excluded.description, group_by = excluded.group_by
+          WHERE meters.aggregation = excluded.aggregation AND meters.value_property = excluded.value_property
+        RETURNING \(unescaped: Self.meterColumns)
+        """,
+        logger: logger
+      )
+      for try await row in rows.decode(MeterRow.self) { return try Self.decodeMeter(row) }
+      throw StoreError.alreadyExists(
+        "meter '\(meter.name)' already exists with a different aggregation or value_property; define a meter with a new name"
+      )
+    }
+  }
+
+  public func meter(_ tenant: TenantID, name: String, logger: Logger) async throws(StoreError) -> MeterDefinition {
+    try await database.withTenant(tenant, logger: logger) { connection in
+      let rows = try await connection.query(
+        "SELECT \(unescaped: Self.meterColumns) FROM meters WHERE name = \(name)",
+        logger: logger
+      )
+      for try await row in rows.decode(MeterRow.self) { return try Self.decodeMeter(row) }
+      throw StoreError.notFound("meter '\(name)' is not defined; define it with DefineMeter")
+    }
+  }
+
+  /// Meters in name order after `after`, at most `limit`.
+  public func meters(
+    _ tenant: TenantID,
+    after: String?,
+    limit: Int,
+    logger: Logger
+  ) async throws(StoreError) -> TenantRepository.Page<MeterDefinition> {
+    try await database.withTenant(tenant, logger: logger) { connection in
+      let rows = try await connection.query(
+        """
+        SELECT \(unescaped: Self.meterColumns) FROM meters
+        WHERE name > \(after ?? "") ORDER BY name LIMIT \(limit + 1)
+        """,
+        logger: logger
+      )
+      var items: [MeterDefinition] = []
+      for try await row in rows.decode(MeterRow.self) { items.append(try Self.decodeMeter(row)) }
+      var next: String?
+      if items.count > limit {
+        items.removeLast()
+        next = items.last?.name
+      }
+      return .init(items: items, nextKey: next)
+    }
+  }
+
+  // MARK: Ingestion
+
+  /// What one batch came to.
+  public struct IngestResult: Sendable {
+    /// Positions of events whose meter is not defined (nothing else was decided about them).
+    public var unknownMeter: [Int]
+    public var outcome: IngestOutcome
+  }
+
+  /// Stores a batch of validated events, unique within the batch by (source, id), in one
+  /// transaction: events of undefined meters are left out, events already stored are counted as
+  /// duplicates, and with a monthly quota only as many new events as it has room for are stored
+  /// (the rest are reported by position). Fails with ``StoreError/quotaExhausted(_:)`` (inside
+  /// the transaction, which then rolls back) when new events came and the quota had no room.
+  public func ingest(
+    _ tenant: TenantID,
+    events: [UsageEventRow],
+    logger: Logger
+  ) async throws(StoreError) -> IngestResult {
+    let meterNames = Array(Set(events.map(\.meter)))
+    return try await database.withTenant(tenant, mutation: true, logger: logger) { connection in
+      var known: [String] = []
+      var limitText: String?
+      for try await row in try await connection.query(
+        """
+        SELECT (SELECT coalesce(array_agg(name), '{}') FROM meters WHERE name = ANY(\(meterNames))),
+               (SELECT quota->>'monthlyUsageEvents' FROM tenants WHERE tenant_id = \(tenant.rawValue))
+        """,
+        logger: logger
+      ).decode(([String], String?).self) {
+        known = row.0
+        limitText = row.1
+      }
+      let knownSet = Set(known)
+      var unknown: [Int] = []
+      var candidates: [Int] = []
+      for (i, event) in events.enumerated() {
+        if knownSet.contains(event.meter) { candidates.append(i) } else { unknown.append(i) }
+      }
+      let limit = limitText.flatMap { UInt64($0) } ?? 0
+      guard !candidates.isEmpty else {
+        return IngestResult(unknownMeter: unknown, outcome: IngestOutcome(accepted: 0, duplicates: 0, overQuota: [], monthlyLimit: limit))
+      }
+      if limit == 0 {
+        let inserted = try await Self.insert(tenant, events, positions: candidates, connection: connection, logger: logger)
+        return IngestResult(
+          unknownMeter: unknown,
+          outcome: IngestOutcome(accepted: inserted, duplicates: candidates.count - inserted, overQuota: [], monthlyLimit: 0)
+        )
+      }
+      return try await Self.ingestWithinQuota(
+        tenant,
+        events,
+        candidates: candidates,
+        unknown: unknown,
+        limit: limit,
+        connection: connection,
+        logger: logger
+      )
+    }
+  }
+
+  /// With a monthly quota: one batch of the tenant at a time (an advisory lock per tenant), so the
+  /// used count and which events are new cannot change underneath; then only the first new events
+  /// that fit are stored.
+  static func ingestWithinQuota(
+    _ tenant: TenantID,
+    _ events: [UsageEventRow],
+    candidates: [Int],
+    unknown: [Int],
+    limit: UInt64,
+    connection: PostgresConnection,
+    logger: Logger
+  ) async throws -> IngestResult {
+    try await connection.query(
+      "SELECT pg_advisory_xact_lock(hashtextextended('tollgate.usage.' || \(tenant.rawValue), 0))",
+      logger: logger
+    )
+    var used: Int64 = 0
+    for try await n in try await connection.query(
+      """
+      SELECT coalesce(sum(events), 0)::bigint FROM usage_monthly
+      WHERE month = date_trunc('month', now() AT TIME ZONE 'UTC')::date
+      """,
+      logger: logger
+    ).decode(Int64.self) {
+      used = n
+    }
+    var existing: Set<Int> = []
+    for try await ordinal in try await connection.query(
+      """
+      SELECT u.ord::bigint FROM unnest(\(candidates.map { events[$0].source }), \(candidates.map { events[$0].id }))
+        WITH ORDINALITY AS u(source, event_id, ord)
+      JOIN usage_events e ON e.source = u.source AND e.event_id = u.event_id
+      """,
+      logger: logger
+    ).decode(Int64.self) {
+      existing.insert(candidates[Int(ordinal) - 1])
+    }
+    let fresh = candidates.filter { !existing.contains($0) }
+    let room = used >= Int64(clamping: limit) ? 0 : Int(clamping: Int64(clamping: limit) - used)
+    if room == 0 && !fresh.isEmpty {
+      // Thrown inside the transaction so it rolls back: the call's audit event must not commit
+      // as a success.
+      throw StoreError.quotaExhausted("the monthly usage-event quota of \(limit) events is used up")
+    }
+    let admitted = Array(fresh.prefix(room))
+    let inserted = admitted.isEmpty
+      ? 0 : try await insert(tenant, events, positions: admitted, connection: connection, logger: logger)
+    return IngestResult(
+      unknownMeter: unknown,
+      outcome: IngestOutcome(
+        accepted: inserted,
+        duplicates: candidates.count - fresh.count + (admitted.count - inserted),
+        overQuota: Array(fresh.dropFirst(room)),
+        monthlyLimit: limit
+      )
+    )
+  }
+
+  /// Inserts the events at `positions` (skipping any already stored) and adds the number stored
+  /// to this month's count, in one statement. Returns how many were stored.
+  ///
+  /// Rows go in (source, id) order, so two batches carrying the same events wait on each other in
+  /// one order and cannot deadlock. The month's count is spread over 16 rows picked by backend,
+  /// so concurrent batches of one tenant do not queue on one counter row until they commit.
+  static func insert(
+    _ tenant: TenantID,
+    _ events: [UsageEventRow],
+    positions: [Int],
+    connection: PostgresConnection,
+    logger: Logger
+  ) async throws -> Int {
+    let ordered = positions.sorted { a, b in
+      let x = events[a], y = events[b]
+      return x.source != y.source ? x.source < y.source : x.id < y.id
+    }
+    var sources: [String] = [], ids: [String] = [], meters: [String] = [], subjects: [String] = []
+    var times: [Date] = [], values: [Double] = [], properties: [String] = []
+    sources.reserveCapacity(ordered.count)
+    ids.reserveCapacity(ordered.count)
+    meters.reserveCapacity(ordered.count)
+    subjects.reserveCapacity(ordered.count)
+    times.reserveCapacity(ordered.count)
+    values.reserveCapacity(ordered.count)
+    properties.reserveCapacity(ordered.count)
+    for position in ordered {
+      let event = events[position]
+      sources.append(event.source)
+      ids.append(event.id)
+      meters.append(event.meter)
+      subjects.append(event.subject)
+      times.append(event.time)
+      values.append(event.value)
+      properties.append(event.propertiesJSON)
+    }
+    let rows = try await connection.query(
+      """
+      WITH ins AS (
+        INSERT INTO usage_events (tenant_id, source, event_id, meter, subject, event_time, value, properties)
+        SELECT \(tenant.rawValue), u.s, u.i, u.m, u.sub, u.t, u.v, u.p::jsonb
+        FROM unnest(\(sources)::text[], \(ids)::text[], \(meters)::text[], \(subjects)::text[],
+                    \(times)::timestamptz[], \(values)::float8[], \(properties)::text[]) AS u(s, i, m, sub, t, v, p)
+        ON CONFLICT DO NOTHING
+        RETURNING 1
+      ), counted AS (SELECT count(*)::bigint AS n FROM ins),
+      bump AS (
+        INSERT INTO usage_monthly (tenant_id, month, shard, events)
+        SELECT \(tenant.rawValue), date_trunc('month', now() AT TIME ZONE 'UTC')::date, pg_backend_pid() % 16, n
+        FROM counted WHERE n > 0
+        ON CONFLICT (tenant_id, month, shard) DO UPDATE SET events = usage_monthly.events + excluded.events
+      )
+      SELECT n FROM counted
+      """,
+      logger: logger
+    )
+    for try await n in rows.decode(Int64.self) { return Int(n) }
+    return 0
+  }
+
+  /// Events counted against the monthly quota so far this month (UTC).
+  public func eventsThisMonth(_ tenant: TenantID, logger: Logger) async throws(StoreError) -> UInt64 {
+    try await database.withTenant(tenant, logger: logger) { connection in
+      for try await n in try await connection.query(
+        """
+        SELECT coalesce(sum(events), 0)::bigint FROM usage_monthly
+        WHERE month = date_trunc('month', now() AT TIME ZONE 'UTC')::date
+        """,
+        logger: logger
+      ).decode(Int64.self) {
+        return UInt64(max(n, 0))
+      }
+      return 0
+    }
+  }
+
+  // MARK: Queries
+
+  /// One page of `query`'s rows, in (window, subject, group) order, after `query.after`; at most
+  /// `query.limit + 1` rows, the extra one telling the caller there is more.
+  ///
+  /// Rows come in window order, so a page needs only the events of the windows it shows. The
+  /// range is read in window-aligned slices, starting at the resume point with one slice of
+  /// about an hour and doubling while the page is not full. A page of a dense 30-day range then
+  /// reads a few hours of events, not 30 days; a sparse range takes a few more, cheap, slices.
+  /// Every slice aggregates the raw events, so rows are exact for every aggregation.
+  public func query(_ tenant: TenantID, _ query: UsageQuery, logger: Logger) async throws(StoreError) -> [UsageRow] {
+    try await database.withTenant(tenant, logger: logger) { connection in
+      let want = query.limit + 1
+      var rows: [UsageRow] = []
+      guard let window = query.window else {
+        return try await Self.slice(query, from: query.from, until: query.until, limit: want, connection: connection, logger: logger)
+      }
+      let stride = window.seconds
+      var sliceStart = query.from
+      if let after = query.after, after.window > sliceStart { sliceStart = after.window }
+      var span = max(1, 3_600 / stride)
+      while rows.count < want && sliceStart < query.until {
+        let alignedStart = Self.align(sliceStart, stride: stride)
+        var sliceEnd = alignedStart.addingTimeInterval(TimeInterval(span * stride))
+        if sliceEnd > query.until { sliceEnd = query.until }
+        rows += try await Self.slice(
+          query,
+          from: sliceStart,
+          until: sliceEnd,
+          limit: want - rows.count,
+          connection: connection,
+          logger: logger
+        )
+        sliceStart = sliceEnd
+        span = min(span * 2, 1 << 20)
+      }
+      return rows
+    }
+  }
+
+  /// The start of the UTC-aligned window of `stride` seconds holding `date`.
+  static func align(_ date: Date, stride: Int64) -> Date {
+    let seconds = Int64(floor(date.timeIntervalSince1970))
+    let start = seconds - ((seconds % stride) + stride) % stride
+    return Date(timeIntervalSince1970: TimeInterval(start))
+  }
+
+  /// Aggregated rows of events in [from, until), after `query.after`, at most `limit`.
+  static func slice(
+    _ query: UsageQuery,
+    from: Date,
+    until: Date,
+    limit: Int,
+    connection: PostgresConnection,
+    logger: Logger
+  ) async throws -> [UsageRow] {
+    var binds = PostgresBindings()
+    func bind<T: PostgresDynamicTypeEncodable>(_ value: T) -> String {
+      binds.append(value)
+      return "$\(binds.count)"
+    }
+    let bucket: String
+    if let window = query.window {
+      bucket = "date_bin(\(bind("\(window.seconds) seconds"))::interval, event_time, TIMESTAMPTZ '2000-01-01 00:00:00+00')"
+    } else {
+      bucket = "\(bind(query.from))::timestamptz"
+    }
+    let subject = query.groupBySubject ? "subject" : "''::text"
+    let group = query.groupByProperties.isEmpty
+      ? "'{}'::text[]"
+      : "ARRAY[" + query.groupByProperties.map { "coalesce(properties->>\(bind($0)), '')" }.joined(separator: ", ") + "]::text[]"
+    let value: String
+    switch query.meter.aggregation {
+    case .sum: value = "sum(value)"
+    case .count: value = "count(*)::float8"
+    case .max: value = "max(value)"
+    case .uniqueCount: value = "count(DISTINCT properties->>\(bind(query.meter.valueProperty)))::float8"
+    case .latest: value = "(array_agg(value ORDER BY event_time DESC, ingest_seq DESC))[1]"
+    }
+    var sql = """
+      SELECT w, subj, grp, v FROM (
+        SELECT \(bucket) AS w, \(subject) COLLATE "C" AS subj, \(group) COLLATE "C" AS grp, \(value) AS v
+        FROM usage_events
+        WHERE meter = \(bind(query.meter.name)) AND event_time >= \(bind(from)) AND event_time < \(bind(until))
+      """
+    if !query.subjects.isEmpty { sql += " AND subject = ANY(\(bind(query.subjects)))" }
+    sql += " GROUP BY 1, 2, 3) g"
+    if let after = query.after {
+      // Unwindowed rows all carry the range start; binding that same value again keeps the
+      // comparison exact rather than trusting a round trip through the page token.
+      let window = query.window == nil ? query.from : after.window
+      sql += " WHERE (w, subj, grp) > (\(bind(window))::timestamptz, \(bind(after.subject))::text, \(bind(after.group))::text[])"
+    }
+    sql += " ORDER BY w, subj, grp LIMIT \(bind(limit))"
+    var rows: [UsageRow] = []
+    for try await (w, s, g, v) in try await connection.query(PostgresQuery(unsafeSQL: sql, binds: binds), logger: logger)
+      .decode((Date, String, [String], Double?).self)
+    {
+      rows.append(UsageRow(key: UsageRowKey(window: w, subject: s, group: g), value: v ?? 0))
+    }
+    return rows
+  }
+}
