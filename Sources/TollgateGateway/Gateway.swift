@@ -89,6 +89,10 @@ public final class Gateway: Sendable {
       transportSecurity: tls.transportSecurity,
       config: .defaults {
         $0.rpc.maxRequestPayloadSize = config.maxRequestMessageBytes
+        // The default 64 KiB stream window holds about one ingest batch, so an agent would stall
+        // for a window update between batches; 1 MiB lets a few batches queue behind the one in
+        // its transaction.
+        $0.http2.targetWindowSize = 1 << 20
         // Answer an over-limit message with RESOURCE_EXHAUSTED instead of the transport's stream reset.
         let limit = config.maxRequestMessageBytes
         $0.channelDebuggingCallbacks.onAcceptHTTP2Stream = { channel in

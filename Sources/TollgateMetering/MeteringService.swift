@@ -19,6 +19,7 @@ public struct MeteringService: Sendable {
   let validation: UsageValidation
   let maxBatch: Int
   let logger: Logger
+  static let streamPipelineDepth = 2
 
   public init(repository: UsageRepository, maxBatch: Int, lateArrival: Duration, logger: Logger) {
     self.repository = repository
@@ -165,19 +166,30 @@ extension MeteringService: Tollgate_V1_MeteringService.SimpleServiceProtocol {
   ) async throws {
     try await handling("IngestStream") {
       let tenant = try Self.tenant()
-      // One batch at a time, in order: each ack follows its batch's commit, so acks arrive in
-      // sequence and every acknowledged event is stored, whatever happens to the process next.
-      for try await batch in request {
-        let result = try await ingest(batch, tenant: tenant)
-        try await response.write(
-          .with {
-            $0.sequence = result.sequence
-            $0.accepted = result.accepted
-            $0.duplicates = result.duplicates
-            $0.rejected = result.rejected
-            $0.rejections = result.rejections
-          }
-        )
+      // Up to `streamPipelineDepth` batches of one stream are in their transactions at once, so
+      // a stream is not limited to one database round trip at a time; acks still go out in batch
+      // order, each after its own batch has committed. A batch that fails ends the stream: later
+      // batches may have committed without an ack, and a client re-sending them gets duplicates.
+      do {
+        var inFlight: [Task<Tollgate_V1_IngestResponse, any Error>] = []
+        defer { for task in inFlight { task.cancel() } }
+        func ackOldest() async throws {
+          let result = try await inFlight.removeFirst().value
+          try await response.write(
+            .with {
+              $0.sequence = result.sequence
+              $0.accepted = result.accepted
+              $0.duplicates = result.duplicates
+              $0.rejected = result.rejected
+              $0.rejections = result.rejections
+            }
+          )
+        }
+        for try await batch in request {
+          if inFlight.count >= Self.streamPipelineDepth { try await ackOldest() }
+          inFlight.append(Task { try await ingest(batch, tenant: tenant) })
+        }
+        while !inFlight.isEmpty { try await ackOldest() }
       }
     }
   }

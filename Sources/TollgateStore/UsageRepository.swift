@@ -114,33 +114,32 @@ public struct UsageRepository: Sendable {
   ) async throws(StoreError) -> IngestResult {
     let meterNames = Array(Set(events.map(\.meter)))
     return try await database.withTenant(tenant, mutation: true, logger: logger) { connection in
-      var known: [String] = []
-      var limitText: String?
-      for try await row in try await connection.query(
-        """
-        SELECT (SELECT coalesce(array_agg(name), '{}') FROM meters WHERE name = ANY(\(meterNames))),
-               (SELECT quota->>'monthlyUsageEvents' FROM tenants WHERE tenant_id = \(tenant.rawValue))
-        """,
+      // The common case in one statement: no monthly limit, so every event of a defined meter
+      // goes in. With a limit the statement stores nothing and the batch takes the slower path.
+      let first = try await Self.insert(
+        tenant,
+        events,
+        positions: Array(events.indices),
+        gate: meterNames,
+        connection: connection,
         logger: logger
-      ).decode(([String], String?).self) {
-        known = row.0
-        limitText = row.1
-      }
-      let knownSet = Set(known)
+      )
+      let knownSet = Set(first.knownMeters)
       var unknown: [Int] = []
       var candidates: [Int] = []
       for (i, event) in events.enumerated() {
         if knownSet.contains(event.meter) { candidates.append(i) } else { unknown.append(i) }
       }
-      let limit = limitText.flatMap { UInt64($0) } ?? 0
-      guard !candidates.isEmpty else {
-        return IngestResult(unknownMeter: unknown, outcome: IngestOutcome(accepted: 0, duplicates: 0, overQuota: [], monthlyLimit: limit))
-      }
-      if limit == 0 {
-        let inserted = try await Self.insert(tenant, events, positions: candidates, connection: connection, logger: logger)
+      let limit = first.limit
+      if limit == 0 || candidates.isEmpty {
         return IngestResult(
           unknownMeter: unknown,
-          outcome: IngestOutcome(accepted: inserted, duplicates: candidates.count - inserted, overQuota: [], monthlyLimit: 0)
+          outcome: IngestOutcome(
+            accepted: first.inserted,
+            duplicates: candidates.count - first.inserted,
+            overQuota: [],
+            monthlyLimit: limit
+          )
         )
       }
       return try await Self.ingestWithinQuota(
@@ -201,7 +200,7 @@ public struct UsageRepository: Sendable {
     }
     let admitted = Array(fresh.prefix(room))
     let inserted = admitted.isEmpty
-      ? 0 : try await insert(tenant, events, positions: admitted, connection: connection, logger: logger)
+      ? 0 : try await insert(tenant, events, positions: admitted, connection: connection, logger: logger).inserted
     return IngestResult(
       unknownMeter: unknown,
       outcome: IngestOutcome(
@@ -213,8 +212,18 @@ public struct UsageRepository: Sendable {
     )
   }
 
+  struct Inserted {
+    var inserted: Int
+    var knownMeters: [String]
+    var limit: UInt64
+  }
+
   /// Inserts the events at `positions` (skipping any already stored) and adds the number stored
-  /// to this month's count, in one statement. Returns how many were stored.
+  /// to this month's count, in one statement.
+  ///
+  /// With `gate` (the batch's meter names), the statement also reads which of them are defined
+  /// and the tenant's monthly limit, and stores only events of defined meters, and only if there
+  /// is no limit. Without, it stores every event given.
   ///
   /// Rows go in (source, id) order, so two batches carrying the same events wait on each other in
   /// one order and cannot deadlock. The month's count is spread over 16 rows picked by backend,
@@ -223,9 +232,10 @@ public struct UsageRepository: Sendable {
     _ tenant: TenantID,
     _ events: [UsageEventRow],
     positions: [Int],
+    gate: [String]? = nil,
     connection: PostgresConnection,
     logger: Logger
-  ) async throws -> Int {
+  ) async throws -> Inserted {
     let ordered = positions.sorted { a, b in
       let x = events[a], y = events[b]
       return x.source != y.source ? x.source < y.source : x.id < y.id
@@ -249,13 +259,18 @@ public struct UsageRepository: Sendable {
       values.append(event.value)
       properties.append(event.propertiesJSON)
     }
+    let gated = gate != nil
     let rows = try await connection.query(
       """
-      WITH ins AS (
+      WITH gate AS (
+        SELECT (SELECT coalesce(array_agg(name), '{}') FROM meters WHERE name = ANY(\(gate ?? []))) AS known,
+               (SELECT coalesce(quota->>'monthlyUsageEvents', '0') FROM tenants WHERE tenant_id = \(tenant.rawValue)) AS lim
+      ), ins AS (
         INSERT INTO usage_events (tenant_id, source, event_id, meter, subject, event_time, value, properties)
         SELECT \(tenant.rawValue), u.s, u.i, u.m, u.sub, u.t, u.v, u.p::jsonb
         FROM unnest(\(sources)::text[], \(ids)::text[], \(meters)::text[], \(subjects)::text[],
-                    \(times)::timestamptz[], \(values)::float8[], \(properties)::text[]) AS u(s, i, m, sub, t, v, p)
+                    \(times)::timestamptz[], \(values)::float8[], \(properties)::text[]) AS u(s, i, m, sub, t, v, p), gate
+        WHERE NOT \(gated) OR (gate.lim = '0' AND u.m = ANY(gate.known))
         ON CONFLICT DO NOTHING
         RETURNING 1
       ), counted AS (SELECT count(*)::bigint AS n FROM ins),
@@ -265,12 +280,14 @@ public struct UsageRepository: Sendable {
         FROM counted WHERE n > 0
         ON CONFLICT (tenant_id, month, shard) DO UPDATE SET events = usage_monthly.events + excluded.events
       )
-      SELECT n FROM counted
+      SELECT counted.n, gate.known, gate.lim FROM counted, gate
       """,
       logger: logger
     )
-    for try await n in rows.decode(Int64.self) { return Int(n) }
-    return 0
+    for try await (n, known, limit) in rows.decode((Int64, [String], String?).self) {
+      return Inserted(inserted: Int(n), knownMeters: known, limit: limit.flatMap { UInt64($0) } ?? 0)
+    }
+    return Inserted(inserted: 0, knownMeters: [], limit: 0)
   }
 
   /// Events counted against the monthly quota so far this month (UTC).

@@ -26,7 +26,7 @@ struct TollgateBench: AsyncParsableCommand {
   static let configuration = CommandConfiguration(
     commandName: "tollgate-bench",
     abstract: "Tollgate benchmarks (run through tools/bench, which starts PostgreSQL).",
-    subcommands: [AuditBench.self]
+    subcommands: [AuditBench.self, IngestBench.self, QueryBench.self]
   )
 }
 
@@ -155,15 +155,7 @@ struct AuditBench: AsyncParsableCommand {
     }
     print("tollgate-bench audit on \(ProcessInfo.processInfo.activeProcessorCount) cores (server, client and PostgreSQL share them)")
     for line in table { print("  " + line) }
-    try FileManager.default.createDirectory(
-      at: URL(fileURLWithPath: out).deletingLastPathComponent(),
-      withIntermediateDirectories: true
-    )
-    let encoder = JSONEncoder()
-    encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
-    encoder.keyEncodingStrategy = .convertToSnakeCase
-    try encoder.encode(results).write(to: URL(fileURLWithPath: out))
-    print("results written to \(out)")
+    try writeResults(results, to: out)
   }
 
   struct Results: Codable {

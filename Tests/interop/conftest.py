@@ -52,6 +52,7 @@ def stubs(work_dir):
     assert rc == 0, "protoc failed"
     sys.path.insert(0, str(out))
     from tollgate.v1 import audit_service_pb2, audit_service_pb2_grpc, common_pb2, tenant_service_pb2, tenant_service_pb2_grpc
+    from tollgate.v1 import metering_service_pb2, metering_service_pb2_grpc
 
     class Stubs:
         common = common_pb2
@@ -59,12 +60,14 @@ def stubs(work_dir):
         tenant_grpc = tenant_service_pb2_grpc
         audit = audit_service_pb2
         audit_grpc = audit_service_pb2_grpc
+        metering = metering_service_pb2
+        metering_grpc = metering_service_pb2_grpc
 
     return Stubs
 
 
-def tollctl(*args):
-    subprocess.run([_env("TOLLCTL_BIN"), *args], check=True, capture_output=True, text=True)
+def tollctl(*args, check=True, input=None):
+    return subprocess.run([_env("TOLLCTL_BIN"), *args], check=check, capture_output=True, text=True, input=input)
 
 
 class PKI:
@@ -97,13 +100,21 @@ def pki(work_dir):
     return PKI(work_dir)
 
 
-def _psql(admin_url, sql):
+def _psql(admin_url, sql, database=None):
+    """Runs `sql` as the superuser; returns its rows as tuples of text."""
     u = urllib.parse.urlparse(admin_url)
-    subprocess.run(
-        ["psql", "-h", u.hostname, "-p", str(u.port or 5432), "-U", u.username, "-d", u.path.lstrip("/") or "postgres",
-         "-v", "ON_ERROR_STOP=1", "-q", "-c", sql],
+    done = subprocess.run(
+        ["psql", "-h", u.hostname, "-p", str(u.port or 5432), "-U", u.username,
+         "-d", database or u.path.lstrip("/") or "postgres",
+         "-v", "ON_ERROR_STOP=1", "-q", "-A", "-t", "-F", "\t", "-c", sql],
         check=True, capture_output=True, text=True,
     )
+    return [tuple(line.split("\t")) for line in done.stdout.splitlines() if line]
+
+
+def admin_query(sql):
+    """Rows of `sql` run as the superuser on the interop gateway's database (past row-level security)."""
+    return _psql(_env("TOLLGATE_TEST_DATABASE_URL"), sql, database=urllib.parse.urlparse(Gateway.app_url).path.lstrip("/"))
 
 
 @pytest.fixture(scope="session")
