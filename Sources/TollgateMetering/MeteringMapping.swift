@@ -108,6 +108,7 @@ enum MeteringMapping {
     var groupBySubject: Bool
     var groupByProperties: [String]
     var after: UsageRowKey?
+    var resumeAt: Date?
     var limit: Int
     /// Identifies the request apart from paging, so a token is only honoured by the query that made it.
     var fingerprint: String
@@ -128,23 +129,26 @@ enum MeteringMapping {
         groupBySubject: groupBySubject,
         groupByProperties: groupByProperties,
         after: after,
+        resumeAt: resumeAt,
         limit: limit
       )
     }
 
-    func token(after key: UsageRowKey) -> String {
-      let state = PageState(query: fingerprint, until: until.timeIntervalSince1970, after: key)
+    func token(after key: UsageRowKey, resumeAt: Date) -> String {
+      let state = PageState(query: fingerprint, until: until.timeIntervalSince1970, after: key, resume: resumeAt.timeIntervalSince1970)
       let json = (try? JSONEncoder().encode(state)).map { String(decoding: $0, as: UTF8.self) } ?? ""
       return RequestFields.encodeToken(kind: "usage", key: json)
     }
   }
 
   /// What a usage page token carries: the query it belongs to, the end of its range (fixed at the
-  /// first page when the request leaves it open, so pages agree), and the last row returned.
+  /// first page when the request leaves it open, so pages agree), the last row returned, and the
+  /// window the next page starts reading from.
   struct PageState: Codable {
     var query: String
     var until: Double
     var after: UsageRowKey
+    var resume: Double
   }
 
   static func usageQuery(_ request: Tollgate_V1_QueryUsageRequest, now: Date) throws(TollgateError) -> ParsedQuery {
@@ -188,11 +192,13 @@ enum MeteringMapping {
     let fingerprint = SHA256.hash(data: bytes).prefix(12).map { String(format: "%02x", $0) }.joined()
 
     var after: UsageRowKey?
+    var resumeAt: Date?
     if let text = try RequestFields.decodeToken(request.pageToken, kind: "usage") {
       guard let state = try? JSONDecoder().decode(PageState.self, from: Data(text.utf8)), state.query == fingerprint else {
         throw .invalidField("page_token", "belongs to a different query; pass next_page_token with the same request")
       }
       after = state.after
+      resumeAt = Date(timeIntervalSince1970: state.resume)
       until = Date(timeIntervalSince1970: state.until)
     }
     guard until > from else {
@@ -207,6 +213,7 @@ enum MeteringMapping {
       groupBySubject: request.groupBySubject,
       groupByProperties: request.groupByProperties,
       after: after,
+      resumeAt: resumeAt,
       limit: limit,
       fingerprint: fingerprint
     )

@@ -19,7 +19,6 @@ public struct MeteringService: Sendable {
   let validation: UsageValidation
   let maxBatch: Int
   let logger: Logger
-  static let streamPipelineDepth = 2
 
   public init(repository: UsageRepository, maxBatch: Int, lateArrival: Duration, logger: Logger) {
     self.repository = repository
@@ -166,30 +165,21 @@ extension MeteringService: Tollgate_V1_MeteringService.SimpleServiceProtocol {
   ) async throws {
     try await handling("IngestStream") {
       let tenant = try Self.tenant()
-      // Up to `streamPipelineDepth` batches of one stream are in their transactions at once, so
-      // a stream is not limited to one database round trip at a time; acks still go out in batch
-      // order, each after its own batch has committed. A batch that fails ends the stream: later
-      // batches may have committed without an ack, and a client re-sending them gets duplicates.
-      do {
-        var inFlight: [Task<Tollgate_V1_IngestResponse, any Error>] = []
-        defer { for task in inFlight { task.cancel() } }
-        func ackOldest() async throws {
-          let result = try await inFlight.removeFirst().value
-          try await response.write(
-            .with {
-              $0.sequence = result.sequence
-              $0.accepted = result.accepted
-              $0.duplicates = result.duplicates
-              $0.rejected = result.rejected
-              $0.rejections = result.rejections
-            }
-          )
-        }
-        for try await batch in request {
-          if inFlight.count >= Self.streamPipelineDepth { try await ackOldest() }
-          inFlight.append(Task { try await ingest(batch, tenant: tenant) })
-        }
-        while !inFlight.isEmpty { try await ackOldest() }
+      // One batch at a time, in order: each ack follows its batch's commit, so acks arrive in
+      // sequence, every acknowledged event is stored, and an event sent twice is credited to the
+      // earlier batch. (Overlapping batches' transactions measured no faster; the database is
+      // the limit.)
+      for try await batch in request {
+        let result = try await ingest(batch, tenant: tenant)
+        try await response.write(
+          .with {
+            $0.sequence = result.sequence
+            $0.accepted = result.accepted
+            $0.duplicates = result.duplicates
+            $0.rejected = result.rejected
+            $0.rejections = result.rejections
+          }
+        )
       }
     }
   }
@@ -229,13 +219,13 @@ extension MeteringService: Tollgate_V1_MeteringService.SimpleServiceProtocol {
     try await handling("QueryUsage") {
       let tenant = try Self.tenant()
       let parsed = try MeteringMapping.usageQuery(request, now: Date())
-      let meter = try await repository.meter(tenant, name: parsed.meterName, logger: logger)
-      let query = try parsed.resolve(meter)
-      var rows = try await repository.query(tenant, query, logger: logger)
+      let (query, page) = try await repository.query(tenant, meterName: parsed.meterName, logger: logger) { meter in
+        try parsed.resolve(meter)
+      }
+      let rows = page.rows
       var next = ""
-      if rows.count > query.limit {
-        rows.removeLast(rows.count - query.limit)
-        next = parsed.token(after: rows[rows.count - 1].key)
+      if let resume = page.resumeAt, let last = rows.last {
+        next = parsed.token(after: last.key, resumeAt: resume)
       }
       return .with {
         $0.rows = rows.map { MeteringMapping.row($0, query) }

@@ -114,6 +114,8 @@ public struct UsageQuery: Sendable {
   public var groupBySubject: Bool
   public var groupByProperties: [String]
   public var after: UsageRowKey?
+  /// Where to start reading (the window of the first row the previous page left out).
+  public var resumeAt: Date?
   public var limit: Int
 
   public init(
@@ -125,6 +127,7 @@ public struct UsageQuery: Sendable {
     groupBySubject: Bool,
     groupByProperties: [String],
     after: UsageRowKey?,
+    resumeAt: Date? = nil,
     limit: Int
   ) {
     self.meter = meter
@@ -135,6 +138,7 @@ public struct UsageQuery: Sendable {
     self.groupBySubject = groupBySubject
     self.groupByProperties = groupByProperties
     self.after = after
+    self.resumeAt = resumeAt
     self.limit = limit
   }
 }

@@ -56,17 +56,6 @@ public struct UsageRepository: Sendable {
     }
   }
 
-  public func meter(_ tenant: TenantID, name: String, logger: Logger) async throws(StoreError) -> MeterDefinition {
-    try await database.withTenant(tenant, logger: logger) { connection in
-      let rows = try await connection.query(
-        "SELECT \(unescaped: Self.meterColumns) FROM meters WHERE name = \(name)",
-        logger: logger
-      )
-      for try await row in rows.decode(MeterRow.self) { return try Self.decodeMeter(row) }
-      throw StoreError.notFound("meter '\(name)' is not defined; define it with DefineMeter")
-    }
-  }
-
   /// Meters in name order after `after`, at most `limit`.
   public func meters(
     _ tenant: TenantID,
@@ -308,42 +297,89 @@ public struct UsageRepository: Sendable {
 
   // MARK: Queries
 
-  /// One page of `query`'s rows, in (window, subject, group) order, after `query.after`; at most
-  /// `query.limit + 1` rows, the extra one telling the caller there is more.
+  /// One page of a usage query: its rows and, if more follow, where the next page's scan starts.
+  public struct UsagePage: Sendable {
+    public var rows: [UsageRow]
+    /// The window the next page starts reading from; nil on the last page.
+    public var resumeAt: Date?
+  }
+
+  /// Reads the meter `meterName` and one page of the query `build` makes of it, in one
+  /// transaction: rows in (window, subject, group) order, after `after`, at most `limit`.
   ///
   /// Rows come in window order, so a page needs only the events of the windows it shows. The
-  /// range is read in window-aligned slices, starting at the resume point with one slice of
-  /// about an hour and doubling while the page is not full. A page of a dense 30-day range then
-  /// reads a few hours of events, not 30 days; a sparse range takes a few more, cheap, slices.
-  /// Every slice aggregates the raw events, so rows are exact for every aggregation.
-  public func query(_ tenant: TenantID, _ query: UsageQuery, logger: Logger) async throws(StoreError) -> [UsageRow] {
-    try await database.withTenant(tenant, logger: logger) { connection in
-      let want = query.limit + 1
-      var rows: [UsageRow] = []
-      guard let window = query.window else {
-        return try await Self.slice(query, from: query.from, until: query.until, limit: want, connection: connection, logger: logger)
+  /// range is read in window-aligned slices from the resume point: one slice of about an hour
+  /// first, doubling while the page is not full (a subject filter reads the whole range at once,
+  /// since its events are few and indexed by subject). A page of a dense 30-day range therefore
+  /// reads an hour or two of events, not 30 days. The next page resumes at the window of the
+  /// first row not returned, so it never re-reads a window this page finished. Every slice
+  /// aggregates the stored events, so rows are exact for every aggregation.
+  public func query(
+    _ tenant: TenantID,
+    meterName: String,
+    logger: Logger,
+    _ build: @escaping @Sendable (MeterDefinition) throws -> UsageQuery
+  ) async throws -> (UsageQuery, UsagePage) {
+    // A refusal by `build` (a bad request) is carried out of the transaction as a value, so it
+    // reaches the caller as itself rather than as a store failure.
+    let outcome: Result<(UsageQuery, UsagePage), any Error> = try await database.withTenant(tenant, logger: logger) { connection in
+      var meter: MeterDefinition?
+      for try await row in try await connection.query(
+        "SELECT \(unescaped: Self.meterColumns) FROM meters WHERE name = \(meterName)",
+        logger: logger
+      ).decode(MeterRow.self) {
+        meter = try Self.decodeMeter(row)
       }
-      let stride = window.seconds
-      var sliceStart = query.from
-      if let after = query.after, after.window > sliceStart { sliceStart = after.window }
-      var span = max(1, 3_600 / stride)
-      while rows.count < want && sliceStart < query.until {
-        let alignedStart = Self.align(sliceStart, stride: stride)
-        var sliceEnd = alignedStart.addingTimeInterval(TimeInterval(span * stride))
-        if sliceEnd > query.until { sliceEnd = query.until }
-        rows += try await Self.slice(
-          query,
-          from: sliceStart,
-          until: sliceEnd,
-          limit: want - rows.count,
-          connection: connection,
-          logger: logger
-        )
-        sliceStart = sliceEnd
-        span = min(span * 2, 1 << 20)
-      }
-      return rows
+      guard let meter else { throw StoreError.notFound("meter '\(meterName)' is not defined; define it with DefineMeter") }
+      let query: UsageQuery
+      do { query = try build(meter) } catch { return .failure(error) }
+      return .success((query, try await Self.page(query, connection: connection, logger: logger)))
     }
+    return try outcome.get()
+  }
+
+  static func page(_ query: UsageQuery, connection: PostgresConnection, logger: Logger) async throws -> UsagePage {
+    let want = query.limit + 1
+    var rows: [UsageRow] = []
+    guard let window = query.window else {
+      rows = try await slice(query, from: query.from, until: query.until, limit: want, connection: connection, logger: logger)
+      return finish(rows, limit: query.limit, resumeAt: nil)
+    }
+    let stride = window.seconds
+    var sliceStart = query.from
+    if let after = query.after, after.window > sliceStart { sliceStart = after.window }
+    if let resume = query.resumeAt, resume > sliceStart { sliceStart = resume }
+    var span = query.subjects.isEmpty ? max(1, 3_600 / stride) : Int64.max / 2
+    // A slice may return one row past the page (the next page then resumes at its window); a
+    // slice that ends with the page exactly full is not followed by another just to find that row.
+    while rows.count < query.limit && sliceStart < query.until {
+      let alignedStart = align(sliceStart, stride: stride)
+      let spanSeconds = span > (Int64.max / 2) / stride ? Int64.max / 4 : span * stride
+      var sliceEnd = alignedStart.addingTimeInterval(TimeInterval(spanSeconds))
+      if sliceEnd > query.until { sliceEnd = query.until }
+      rows += try await slice(query, from: sliceStart, until: sliceEnd, limit: want - rows.count, connection: connection, logger: logger)
+      sliceStart = sliceEnd
+      span = min(span * 2, Int64.max / 2)
+    }
+    if rows.count == query.limit && sliceStart < query.until {
+      // The page filled exactly at a slice's end: an index probe tells whether anything follows.
+      let more = try await connection.query(
+        """
+        SELECT EXISTS (SELECT 1 FROM usage_events WHERE meter = \(query.meter.name)
+          AND event_time >= \(sliceStart) AND event_time < \(query.until)
+          AND (cardinality(\(query.subjects)::text[]) = 0 OR subject = ANY(\(query.subjects))))
+        """,
+        logger: logger
+      ).decode(Bool.self)
+      for try await exists in more where exists { return UsagePage(rows: rows, resumeAt: sliceStart) }
+    }
+    return finish(rows, limit: query.limit, resumeAt: nil)
+  }
+
+  /// The page of `rows` (at most `limit`), resuming at the first row left out, if any.
+  static func finish(_ rows: [UsageRow], limit: Int, resumeAt: Date?) -> UsagePage {
+    guard rows.count > limit else { return UsagePage(rows: rows, resumeAt: resumeAt) }
+    return UsagePage(rows: Array(rows.prefix(limit)), resumeAt: rows[limit].key.window)
   }
 
   /// The start of the UTC-aligned window of `stride` seconds holding `date`.
@@ -392,7 +428,11 @@ public struct UsageRepository: Sendable {
         WHERE meter = \(bind(query.meter.name)) AND event_time >= \(bind(from)) AND event_time < \(bind(until))
       """
     if !query.subjects.isEmpty { sql += " AND subject = ANY(\(bind(query.subjects)))" }
-    sql += " GROUP BY 1, 2, 3) g"
+    // Only real keys are grouped on: grouping (and so sorting) by a constant costs a comparison
+    // per row for nothing. With no key at all, HAVING keeps an empty range from yielding a row.
+    let keys = (query.window != nil ? ["1"] : []) + (query.groupBySubject ? ["2"] : [])
+      + (query.groupByProperties.isEmpty ? [] : ["3"])
+    sql += keys.isEmpty ? " HAVING count(*) > 0) g" : " GROUP BY \(keys.joined(separator: ", "))) g"
     if let after = query.after {
       // Unwindowed rows all carry the range start; binding that same value again keeps the
       // comparison exact rather than trusting a round trip through the page token.
