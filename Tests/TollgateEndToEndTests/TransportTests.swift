@@ -116,7 +116,7 @@ import TollgateProtos
       let partner = try gw.pki.issue(tenant: "acme", role: .partner)
       let code = await statusCode {
         try await gw.withClient(partner) { client in
-          try await Tollgate_V1_MeteringService.Client(wrapping: client).listMeters(.init())
+          try await Tollgate_V1_WorkflowService.Client(wrapping: client).getRun(.init())
         }
       }
       #expect(code == .unimplemented)
