@@ -229,27 +229,13 @@ public struct UsageRepository: Sendable {
       let x = events[a], y = events[b]
       return x.source != y.source ? x.source < y.source : x.id < y.id
     }
-    var sources: [String] = [], ids: [String] = [], meters: [String] = [], subjects: [String] = []
-    var times: [Date] = [], values: [Double] = [], properties: [String] = []
-    sources.reserveCapacity(ordered.count)
-    ids.reserveCapacity(ordered.count)
-    meters.reserveCapacity(ordered.count)
-    subjects.reserveCapacity(ordered.count)
-    times.reserveCapacity(ordered.count)
-    values.reserveCapacity(ordered.count)
-    properties.reserveCapacity(ordered.count)
-    for position in ordered {
-      let event = events[position]
-      sources.append(event.source)
-      ids.append(event.id)
-      meters.append(event.meter)
-      subjects.append(event.subject)
-      times.append(event.time)
-      values.append(event.value)
-      properties.append(event.propertiesJSON)
-    }
+    // One array per column, in row order, for unnest.
+    let rows = ordered.map { events[$0] }
+    let sources = rows.map(\.source), ids = rows.map(\.id), meters = rows.map(\.meter)
+    let subjects = rows.map(\.subject), times = rows.map(\.time), values = rows.map(\.value)
+    let properties = rows.map(\.propertiesJSON)
     let gated = gate != nil
-    let rows = try await connection.query(
+    let result = try await connection.query(
       """
       WITH gate AS (
         SELECT (SELECT coalesce(array_agg(name), '{}') FROM meters WHERE name = ANY(\(gate ?? []))) AS known,
@@ -273,26 +259,10 @@ public struct UsageRepository: Sendable {
       """,
       logger: logger
     )
-    for try await (n, known, limit) in rows.decode((Int64, [String], String?).self) {
+    for try await (n, known, limit) in result.decode((Int64, [String], String?).self) {
       return Inserted(inserted: Int(n), knownMeters: known, limit: limit.flatMap { UInt64($0) } ?? 0)
     }
     return Inserted(inserted: 0, knownMeters: [], limit: 0)
-  }
-
-  /// Events counted against the monthly quota so far this month (UTC).
-  public func eventsThisMonth(_ tenant: TenantID, logger: Logger) async throws(StoreError) -> UInt64 {
-    try await database.withTenant(tenant, logger: logger) { connection in
-      for try await n in try await connection.query(
-        """
-        SELECT coalesce(sum(events), 0)::bigint FROM usage_monthly
-        WHERE month = date_trunc('month', now() AT TIME ZONE 'UTC')::date
-        """,
-        logger: logger
-      ).decode(Int64.self) {
-        return UInt64(max(n, 0))
-      }
-      return 0
-    }
   }
 
   // MARK: Queries

@@ -23,6 +23,13 @@ func writeResults(_ results: some Encodable, to path: String) throws {
   print("results written to \(path)")
 }
 
+/// The two ways into the bench database: as the gateway (owner, under row-level security) and as
+/// a superuser for seeding and plain-SQL baselines.
+struct BenchDatabaseOptions: ParsableArguments {
+  @Option(help: "URL the gateway connects with (the database owner, not a superuser)") var databaseURL: String
+  @Option(help: "Superuser URL for seeding and the plain-SQL baseline") var adminDatabaseURL: String
+}
+
 /// A superuser connection pool for baselines and seeding: plain SQL, no gateway, no RLS.
 func withAdminClient<T: Sendable>(_ url: String, connections: Int, _ body: (PostgresClient) async throws -> T) async throws -> T {
   let parsed = try DatabaseURL(parsing: url)
@@ -72,8 +79,7 @@ struct IngestBench: AsyncParsableCommand {
     commandName: "ingest",
     abstract: "IngestStream over mTLS (N connections, batches of 500) vs a raw PostgreSQL unnest insert of the same events."
   )
-  @Option(help: "URL the gateway connects with (the database owner, not a superuser)") var databaseURL: String
-  @Option(help: "Superuser URL for the raw baseline") var adminDatabaseURL: String
+  @OptionGroup var database: BenchDatabaseOptions
   @Option(help: "Concurrent connections (streams) on each side") var connections: Int = 8
   @Option(help: "Events per batch") var batchSize: Int = 500
   @Option(help: "Seconds per phase") var seconds: Double = 30
@@ -84,6 +90,7 @@ struct IngestBench: AsyncParsableCommand {
   static let tenant = try! TenantID(validating: "bench-ingest")
 
   struct Phase: Codable {
+    var events: Int
     var eventsPerSecond: Double
     var batches: Int
     var p50Ms: Double
@@ -102,7 +109,7 @@ struct IngestBench: AsyncParsableCommand {
   }
 
   func run() async throws {
-    let setup = try BenchSetup(databaseURL: databaseURL)
+    let setup = try BenchSetup(databaseURL: database.databaseURL)
     defer { try? FileManager.default.removeItem(at: setup.directory) }
     var config = setup.config
     config.databaseMaxConnections = max(20, connections + 4)
@@ -110,7 +117,7 @@ struct IngestBench: AsyncParsableCommand {
     let gateway = try Gateway(config: config, logger: benchLogger)
     let (gatewayPhases, rawPhases) = try await withRunningGateway(gateway) { port in
       try await prepare(setup, port: port)
-      return try await withAdminClient(adminDatabaseURL, connections: connections + 1) { admin in
+      return try await withAdminClient(database.adminDatabaseURL, connections: connections + 1) { admin in
         var g: [Phase] = [], r: [Phase] = []
         for round in 1...rounds {
           // Alternate, each from an empty table, so neither side inherits the other's bigger indexes.
@@ -174,37 +181,43 @@ struct IngestBench: AsyncParsableCommand {
 
   func gatewayPhase(_ setup: BenchSetup, port: Int, admin: PostgresClient) async throws -> Phase {
     let deadline = ContinuousClock.now + .milliseconds(Int(seconds * 1000))
-    let start = ContinuousClock.now
     let agent = CertificateAuthority.Subject.principal(
       SPIFFEID(tenant: Self.tenant, role: .agent, name: "bench", trustDomain: setup.ca.trustDomain)
     )
-    let parts = try await withThrowingTaskGroup(of: (Int, [Double]).self) { group in
-      for c in 0..<connections {
-        let connection = try setup.connection(port: port, agent)
-        group.addTask {
-          try await connection.withClient { client in
-            try await stream(Tollgate_V1_MeteringService.Client(wrapping: client), connection: c, until: deadline)
-          }
-        }
+    let agents = try (0..<connections).map { _ in try setup.connection(port: port, agent) }
+    let phase = try await measure { c in
+      try await agents[c].withClient { client in
+        try await stream(Tollgate_V1_MeteringService.Client(wrapping: client), connection: c, until: deadline)
       }
-      var accepted = 0
-      var latencies: [Double] = []
+    }
+    let stored = try await count(admin)
+    guard stored == phase.events else {
+      throw ValidationError("acks counted \(phase.events) accepted events but the table holds \(stored)")
+    }
+    return phase
+  }
+
+  /// Runs `work` for every connection at once; each returns its events and per-batch latencies
+  /// (ms). Events per second are over the wall time of the whole phase.
+  func measure(_ work: @escaping @Sendable (Int) async throws -> (Int, [Double])) async throws -> Phase {
+    let start = ContinuousClock.now
+    var events = 0
+    var latencies: [Double] = []
+    try await withThrowingTaskGroup(of: (Int, [Double]).self) { group in
+      for c in 0..<connections { group.addTask { try await work(c) } }
       for try await (n, part) in group {
-        accepted += n
+        events += n
         latencies += part
       }
-      return (accepted, latencies.sorted())
     }
     let elapsed = elapsedSeconds(ContinuousClock.now - start)
-    let stored = try await count(admin)
-    guard stored == parts.0 else {
-      throw ValidationError("acks counted \(parts.0) accepted events but the table holds \(stored)")
-    }
+    latencies.sort()
     return Phase(
-      eventsPerSecond: Double(parts.0) / elapsed,
-      batches: parts.1.count,
-      p50Ms: percentile(parts.1, 0.5),
-      p99Ms: percentile(parts.1, 0.99)
+      events: events,
+      eventsPerSecond: Double(events) / elapsed,
+      batches: latencies.count,
+      p50Ms: percentile(latencies, 0.5),
+      p99Ms: percentile(latencies, 0.99)
     )
   }
 
@@ -258,65 +271,46 @@ struct IngestBench: AsyncParsableCommand {
 
   func rawPhase(_ admin: PostgresClient) async throws -> Phase {
     let deadline = ContinuousClock.now + .milliseconds(Int(seconds * 1000))
-    let start = ContinuousClock.now
     let tenant = Self.tenant.rawValue
     let batchSize = batchSize
-    let parts = try await withThrowingTaskGroup(of: (Int, [Double]).self) { group in
-      for c in 0..<connections {
-        group.addTask {
-          var generator = EventGenerator(prefix: "raw-\(c)")
-          var inserted = 0
-          var latencies: [Double] = []
-          while ContinuousClock.now < deadline {
-            let t0 = ContinuousClock.now
-            // The same work from the wire form: take the protobuf events apart into columns.
-            let events = generator.batch(batchSize)
-            var sources: [String] = [], ids: [String] = [], meters: [String] = [], subjects: [String] = []
-            var times: [Date] = [], values: [Double] = [], properties: [String] = []
-            for event in events {
-              sources.append(event.source)
-              ids.append(event.id)
-              meters.append(event.meter)
-              subjects.append(event.subject)
-              times.append(event.time.date)
-              values.append(event.value)
-              properties.append("{\"plan\":\"\(event.properties["plan"]!)\",\"region\":\"\(event.properties["region"]!)\"}")
-            }
-            let rows = try await admin.query(
-              """
-              WITH ins AS (
-                INSERT INTO usage_events (tenant_id, source, event_id, meter, subject, event_time, value, properties)
-                SELECT \(tenant), u.s, u.i, u.m, u.sub, u.t, u.v, u.p::jsonb
-                FROM unnest(\(sources)::text[], \(ids)::text[], \(meters)::text[], \(subjects)::text[],
-                            \(times)::timestamptz[], \(values)::float8[], \(properties)::text[]) AS u(s, i, m, sub, t, v, p)
-                ON CONFLICT DO NOTHING
-                RETURNING 1
-              )
-              SELECT count(*)::bigint FROM ins
-              """,
-              logger: benchLogger
-            )
-            for try await n in rows.decode(Int64.self) { inserted += Int(n) }
-            latencies.append(elapsedSeconds(ContinuousClock.now - t0) * 1000)
-          }
-          return (inserted, latencies)
-        }
-      }
+    return try await measure { c in
+      var generator = EventGenerator(prefix: "raw-\(c)")
       var inserted = 0
       var latencies: [Double] = []
-      for try await (n, part) in group {
-        inserted += n
-        latencies += part
+      while ContinuousClock.now < deadline {
+        let t0 = ContinuousClock.now
+        // The same work from the wire form: take the protobuf events apart into columns.
+        let events = generator.batch(batchSize)
+        var sources: [String] = [], ids: [String] = [], meters: [String] = [], subjects: [String] = []
+        var times: [Date] = [], values: [Double] = [], properties: [String] = []
+        for event in events {
+          sources.append(event.source)
+          ids.append(event.id)
+          meters.append(event.meter)
+          subjects.append(event.subject)
+          times.append(event.time.date)
+          values.append(event.value)
+          properties.append("{\"plan\":\"\(event.properties["plan"]!)\",\"region\":\"\(event.properties["region"]!)\"}")
+        }
+        let rows = try await admin.query(
+          """
+          WITH ins AS (
+            INSERT INTO usage_events (tenant_id, source, event_id, meter, subject, event_time, value, properties)
+            SELECT \(tenant), u.s, u.i, u.m, u.sub, u.t, u.v, u.p::jsonb
+            FROM unnest(\(sources)::text[], \(ids)::text[], \(meters)::text[], \(subjects)::text[],
+                        \(times)::timestamptz[], \(values)::float8[], \(properties)::text[]) AS u(s, i, m, sub, t, v, p)
+            ON CONFLICT DO NOTHING
+            RETURNING 1
+          )
+          SELECT count(*)::bigint FROM ins
+          """,
+          logger: benchLogger
+        )
+        for try await n in rows.decode(Int64.self) { inserted += Int(n) }
+        latencies.append(elapsedSeconds(ContinuousClock.now - t0) * 1000)
       }
-      return (inserted, latencies.sorted())
+      return (inserted, latencies)
     }
-    let elapsed = elapsedSeconds(ContinuousClock.now - start)
-    return Phase(
-      eventsPerSecond: Double(parts.0) / elapsed,
-      batches: parts.1.count,
-      p50Ms: percentile(parts.1, 0.5),
-      p99Ms: percentile(parts.1, 0.99)
-    )
   }
 
   func count(_ admin: PostgresClient) async throws -> Int {

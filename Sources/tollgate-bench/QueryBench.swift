@@ -16,8 +16,7 @@ struct QueryBench: AsyncParsableCommand {
     commandName: "query",
     abstract: "QueryUsage over 10M stored events (30 days, 1000 subjects): all subjects by hour, and one subject by day, vs the same aggregation in plain SQL."
   )
-  @Option(help: "URL the gateway connects with (the database owner, not a superuser)") var databaseURL: String
-  @Option(help: "Superuser URL for seeding and the SQL baseline") var adminDatabaseURL: String
+  @OptionGroup var database: BenchDatabaseOptions
   @Option(help: "Events to store") var events: Int = 10_000_000
   @Option(help: "Subjects the events are spread over") var subjects: Int = 1_000
   @Option(help: "Days the events cover") var days: Int = 30
@@ -37,6 +36,20 @@ struct QueryBench: AsyncParsableCommand {
     var sqlP50Ms: Double
     var sqlP99Ms: Double
     var targetP99Ms: Double?
+
+    /// Percentiles of both sides' latencies (ms, any order).
+    init(name: String, gateway: [Double], sql: [Double], rows: Int, target: Double?) {
+      let gateway = gateway.sorted()
+      let sql = sql.sorted()
+      self.name = name
+      calls = gateway.count
+      rowsPerCall = Double(rows) / Double(max(1, gateway.count))
+      gatewayP50Ms = percentile(gateway, 0.5)
+      gatewayP99Ms = percentile(gateway, 0.99)
+      sqlP50Ms = percentile(sql, 0.5)
+      sqlP99Ms = percentile(sql, 0.99)
+      targetP99Ms = target
+    }
   }
 
   struct Results: Codable {
@@ -49,14 +62,14 @@ struct QueryBench: AsyncParsableCommand {
   }
 
   func run() async throws {
-    let setup = try BenchSetup(databaseURL: databaseURL)
+    let setup = try BenchSetup(databaseURL: database.databaseURL)
     defer { try? FileManager.default.removeItem(at: setup.directory) }
     var config = setup.config
     // Seeded events are months old; the late-arrival window only governs ingestion.
     config.usageLateArrival = .seconds(3_600)
     let gateway = try Gateway(config: config, logger: benchLogger)
     let shapes = try await withRunningGateway(gateway) { port in
-      try await withAdminClient(adminDatabaseURL, connections: 2) { admin in
+      try await withAdminClient(database.adminDatabaseURL, connections: 2) { admin in
         try await prepare(setup, port: port)
         try await seed(admin)
         let partner = try setup.connection(port: port, setup.partner(Self.tenant))
@@ -199,18 +212,7 @@ struct QueryBench: AsyncParsableCommand {
       sql.append(elapsedSeconds(ContinuousClock.now - t0) * 1000)
       _ = n
     }
-    gateway.sort()
-    sql.sort()
-    return Shape(
-      name: "all subjects, 30 days, HOUR windows, pages of \(pageSize)",
-      calls: gateway.count,
-      rowsPerCall: Double(rows) / Double(max(1, gateway.count)),
-      gatewayP50Ms: percentile(gateway, 0.5),
-      gatewayP99Ms: percentile(gateway, 0.99),
-      sqlP50Ms: percentile(sql, 0.5),
-      sqlP99Ms: percentile(sql, 0.99),
-      targetP99Ms: target
-    )
+    return Shape(name: "all subjects, 30 days, HOUR windows, pages of \(pageSize)", gateway: gateway, sql: sql, rows: rows, target: target)
   }
 
   /// One subject's 30 days by day: 30 rows in one call.
@@ -252,17 +254,6 @@ struct QueryBench: AsyncParsableCommand {
         rows += reply.rows.count
       }
     }
-    gateway.sort()
-    sql.sort()
-    return Shape(
-      name: "one subject, 30 days, DAY windows",
-      calls: gateway.count,
-      rowsPerCall: Double(rows) / Double(max(1, gateway.count)),
-      gatewayP50Ms: percentile(gateway, 0.5),
-      gatewayP99Ms: percentile(gateway, 0.99),
-      sqlP50Ms: percentile(sql, 0.5),
-      sqlP99Ms: percentile(sql, 0.99),
-      targetP99Ms: 20
-    )
+    return Shape(name: "one subject, 30 days, DAY windows", gateway: gateway, sql: sql, rows: rows, target: 20)
   }
 }

@@ -38,6 +38,21 @@ import TollgateModel
     #expect(config.listen.description == "127.0.0.1:8443")
     #expect(config.database.port == 5432)
     #expect(config.database.password == "secret")
+    #expect(config.ingestMaxBatch == 1_000)
+    #expect(config.usageLateArrival == .seconds(7 * 86_400))
+  }
+
+  @Test func meteringSettingsAreReadAndChecked() throws {
+    var flags = complete
+    flags["ingest-max-batch"] = "500"
+    let config = try ConfigResolver(flags: flags, environment: ["TOLLGATE_USAGE_LATE_ARRIVAL_HOURS": "48"]).gatewayConfig()
+    #expect(config.ingestMaxBatch == 500)
+    #expect(config.usageLateArrival == .seconds(48 * 3_600))
+    flags["ingest-max-batch"] = "0"
+    #expect(message(flags)?.contains("--ingest-max-batch") == true)
+    flags["ingest-max-batch"] = nil
+    flags["usage-late-arrival-hours"] = "forever"
+    #expect(message(flags)?.contains("--usage-late-arrival-hours") == true)
   }
 
   @Test(arguments: ["tls-cert", "tls-key", "client-ca", "trust-domain", "database-url", "audit-signing-key"])

@@ -170,6 +170,11 @@ import TollgateProtos
       }
       let stored = try await gw.count("SELECT count(*) FROM usage_events")
       #expect(stored == 5)
+      // Ingestion is mutating: each call's audit event committed with (or before) its first answer.
+      let audited = try await gw.count(
+        "SELECT count(*) FROM audit_leaves WHERE tenant_id = 'acme' AND method LIKE '/tollgate.v1.MeteringService/Ingest%'"
+      )
+      #expect(audited == 3)
       try await gw.withClient(try gw.pki.issue(tenant: "acme", role: .partner)) { client async throws in
         let rows = try await Self.allRows(
           Metering(wrapping: client),

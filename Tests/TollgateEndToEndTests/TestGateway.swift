@@ -53,15 +53,7 @@ struct TestDatabase {
 
   /// Runs statements on the maintenance database as the superuser, on a connection of its own.
   static func adminSQL(_ url: DatabaseURL, _ statements: String..., database: String = "postgres") async throws {
-    let config = PostgresConnection.Configuration(
-      host: url.host,
-      port: url.port,
-      username: url.username,
-      password: url.password,
-      database: database,
-      tls: .disable
-    )
-    let connection = try await PostgresConnection.connect(configuration: config, id: 1, logger: testLogger)
+    let connection = try await connect(url, database: database)
     defer { Task { try? await connection.close() } }
     for statement in statements {
       try await connection.query(PostgresQuery(unsafeSQL: statement), logger: testLogger)
@@ -70,8 +62,8 @@ struct TestDatabase {
 }
 
 extension TestDatabase {
-  /// The single integer `sql` returns, read as the superuser on `database`.
-  static func adminCount(_ url: DatabaseURL, _ sql: String, database: String) async throws -> Int64 {
+  /// A connection of its own to `database` with `url`'s credentials.
+  static func connect(_ url: DatabaseURL, database: String) async throws -> PostgresConnection {
     let config = PostgresConnection.Configuration(
       host: url.host,
       port: url.port,
@@ -80,7 +72,12 @@ extension TestDatabase {
       database: database,
       tls: .disable
     )
-    let connection = try await PostgresConnection.connect(configuration: config, id: 1, logger: testLogger)
+    return try await PostgresConnection.connect(configuration: config, id: 1, logger: testLogger)
+  }
+
+  /// The single integer `sql` returns, read as the superuser on `database`.
+  static func adminCount(_ url: DatabaseURL, _ sql: String, database: String) async throws -> Int64 {
+    let connection = try await connect(url, database: database)
     defer { Task { try? await connection.close() } }
     for try await n in try await connection.query(PostgresQuery(unsafeSQL: sql), logger: testLogger).decode(Int64.self) {
       return n
