@@ -3,6 +3,7 @@ import GRPCCore
 import GRPCNIOTransportHTTP2
 import GRPCProtobuf
 import SwiftProtobuf
+import Synchronization
 import Testing
 import TollgateCertificates
 import TollgateCore
@@ -395,6 +396,46 @@ import TollgateProtos
         #expect((resent.accepted, resent.duplicates) == (0, 2))
       }
       #expect(try await gw.count("SELECT count(*) FROM usage_events") == 5)
+    }
+  }
+
+  @Test func aBadBatchEndsItsStreamAfterTheEarlierAcks() async throws {
+    try await TestGateway.run { gw in
+      try await Self.setUp(gw, tenants: ["acme"], meters: [Self.meter("api_calls", .sum, groupBy: ["region"])])
+      try await gw.withClient(try gw.pki.issue(tenant: "acme", role: .agent)) { client async throws in
+        let metering = Metering(wrapping: client)
+        let acked = Mutex<[UInt64]>([])
+        let batches = [Self.batch(1, [Self.event("s1")]), Self.batch(2, []), Self.batch(3, [Self.event("s3")])]
+        let code = await statusCode {
+          try await metering.ingestStream(
+            requestProducer: { writer in
+              for batch in batches { try await writer.write(batch) }
+            },
+            onResponse: { response in
+              for try await ack in response.messages { acked.withLock { $0.append(ack.sequence) } }
+            }
+          )
+        }
+        #expect(code == .invalidArgument)
+        #expect(acked.withLock { $0 } == [1])
+        // Properties are stored as sent, whatever characters they hold, and group exactly.
+        let awkward = "quote\" back\\ new\nline tab\t \u{1} ünï"
+        let reply = try await metering.ingest(Self.batch(4, [Self.event("p1", value: 2, properties: ["region": awkward])]))
+        #expect(reply.accepted == 1)
+      }
+      #expect(try await gw.count("SELECT count(*) FROM usage_events WHERE event_id = 's1'") == 1)
+      #expect(try await gw.count("SELECT count(*) FROM usage_events WHERE event_id = 's3'") == 0)
+      try await gw.withClient(try gw.pki.issue(tenant: "acme", role: .partner)) { client async throws in
+        let rows = try await Self.allRows(
+          Metering(wrapping: client),
+          .with {
+            $0.meter = "api_calls"
+            $0.range.startTime = Google_Protobuf_Timestamp(date: Date().addingTimeInterval(-3_600))
+            $0.groupByProperties = ["region"]
+          }
+        )
+        #expect(rows.map { $0.group["region"] ?? "-" } == ["", "quote\" back\\ new\nline tab\t \u{1} ünï"])
+      }
     }
   }
 
