@@ -203,17 +203,20 @@ import TollgateProtos
       #expect(checkpoint.treeSize >= 12)
       #expect(checkpoint.origin == "tollgate/example.org/acme")
 
-      // One byte of a stored leaf (inside the request digest, so the event still decodes).
+      // One byte of a stored leaf, inside the request digest (field 9: tag 0x4a, length 0x20), so
+      // the event still decodes. A fixed offset from the end is not enough: the fields after the
+      // digest, and the latency's varint before it, vary in length from call to call.
+      let digestByte = "position('\\x4a20'::bytea IN leaf) + 10"
       try await gw.adminSQL(
         """
-        UPDATE audit_leaves SET leaf = set_byte(leaf, length(leaf) - 40, (get_byte(leaf, length(leaf) - 40) + 1) % 256)
+        UPDATE audit_leaves SET leaf = set_byte(leaf, \(digestByte), (get_byte(leaf, \(digestByte)) + 1) % 256)
         WHERE tenant_id = 'acme' AND leaf_index = 5
         """
       )
       await #expect(throws: AuditVerificationFailure.altered(index: 5)) { try await Self.verify(gw, tenant: "acme") }
       try await gw.adminSQL(
         """
-        UPDATE audit_leaves SET leaf = set_byte(leaf, length(leaf) - 40, (get_byte(leaf, length(leaf) - 40) + 255) % 256)
+        UPDATE audit_leaves SET leaf = set_byte(leaf, \(digestByte), (get_byte(leaf, \(digestByte)) + 255) % 256)
         WHERE tenant_id = 'acme' AND leaf_index = 5
         """
       )
