@@ -145,7 +145,7 @@ public struct UsageQuery: Sendable {
 
 /// What the store did with one batch of validated, in-batch-unique events.
 public struct IngestOutcome: Sendable, Hashable {
-  /// Positions (into the rows given) of events committed now.
+  /// Events committed now.
   public var accepted: Int
   /// Events already stored earlier.
   public var duplicates: Int
