@@ -83,7 +83,7 @@ let package = Package(
     .target(
       name: "TollgateServiceSupport",
       dependencies: [
-        "TollgateCore", "TollgateStore",
+        "TollgateModel", "TollgateCore", "TollgateStore",
         .product(name: "GRPCCore", package: "grpc-swift-2"),
         .product(name: "Logging", package: "swift-log"),
       ],
@@ -111,6 +111,19 @@ let package = Package(
         .product(name: "SwiftProtobuf", package: "swift-protobuf"),
         .product(name: "Crypto", package: "swift-crypto"),
         .product(name: "Logging", package: "swift-log"),
+      ],
+      swiftSettings: swiftSettings
+    ),
+    // WorkflowService: durable runs, approvals, and leases handed to workers over one stream.
+    .target(
+      name: "TollgateWorkflow",
+      dependencies: [
+        "TollgateModel", "TollgateCore", "TollgateStore", "TollgateProtos", "TollgateServiceSupport",
+        .product(name: "GRPCCore", package: "grpc-swift-2"),
+        .product(name: "GRPCProtobuf", package: "grpc-swift-protobuf"),
+        .product(name: "SwiftProtobuf", package: "swift-protobuf"),
+        .product(name: "Logging", package: "swift-log"),
+        .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
       ],
       swiftSettings: swiftSettings
     ),
@@ -163,7 +176,7 @@ let package = Package(
       name: "TollgateGateway",
       dependencies: [
         "TollgateModel", "TollgateCore", "TollgateStore", "TollgateProtos", "TollgateTenancy", "TollgateAudit",
-        "TollgateMetering",
+        "TollgateMetering", "TollgateWorkflow",
         .product(name: "GRPCCore", package: "grpc-swift-2"),
         .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
         .product(name: "GRPCProtobuf", package: "grpc-swift-protobuf"),

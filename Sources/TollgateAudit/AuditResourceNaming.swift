@@ -38,3 +38,31 @@ extension Tollgate_V1_IngestRequest: AuditResourceNaming {
   /// The batch, by its sequence number; the events are many and named in the batch itself.
   public var auditResource: String { "usage/batches/\(sequence)" }
 }
+extension Tollgate_V1_DispatchRequest: AuditResourceNaming {
+  /// The run id is not known before the call; the type and idempotency key identify the request.
+  public var auditResource: String {
+    idempotencyKey.isEmpty ? "runs/types/\(type)" : "runs/types/\(type)/keys/\(idempotencyKey)"
+  }
+}
+extension Tollgate_V1_GetRunRequest: AuditResourceNaming {
+  public var auditResource: String { "runs/\(runID)" }
+}
+extension Tollgate_V1_CancelRunRequest: AuditResourceNaming {
+  public var auditResource: String { "runs/\(runID)" }
+}
+extension Tollgate_V1_ApproveRequest: AuditResourceNaming {
+  public var auditResource: String { "runs/\(runID)" }
+}
+extension Tollgate_V1_RejectRequest: AuditResourceNaming {
+  public var auditResource: String { "runs/\(runID)" }
+}
+extension Tollgate_V1_WatchRunRequest: AuditResourceNaming {
+  public var auditResource: String { "runs/\(runID)" }
+}
+extension Tollgate_V1_WorkerMessage: AuditResourceNaming {
+  /// A worker stream, by the task types it announced.
+  public var auditResource: String {
+    guard case .hello(let hello) = kind else { return "" }
+    return "workers/\(hello.workerName)"
+  }
+}

@@ -30,6 +30,10 @@ public struct GatewayConfig: Sendable {
   public var ingestMaxBatch: Int
   /// How old a usage event's time may be and still be accepted.
   public var usageLateArrival: Duration
+  /// How long a worker's lease lives without a heartbeat.
+  public var workflowLeaseTimeout: Duration
+  /// The first retry delay of a failed run; each further attempt doubles it.
+  public var workflowRetryBase: Duration
 
   public init(
     listen: Address,
@@ -46,7 +50,9 @@ public struct GatewayConfig: Sendable {
     auditSigningKeyPath: String,
     auditBufferCapacity: Int = 10_000,
     ingestMaxBatch: Int = 1_000,
-    usageLateArrival: Duration = .seconds(7 * 86_400)
+    usageLateArrival: Duration = .seconds(7 * 86_400),
+    workflowLeaseTimeout: Duration = .seconds(30),
+    workflowRetryBase: Duration = .seconds(1)
   ) {
     self.listen = listen
     self.tlsCertificatePath = tlsCertificatePath
@@ -63,6 +69,8 @@ public struct GatewayConfig: Sendable {
     self.auditBufferCapacity = auditBufferCapacity
     self.ingestMaxBatch = ingestMaxBatch
     self.usageLateArrival = usageLateArrival
+    self.workflowLeaseTimeout = workflowLeaseTimeout
+    self.workflowRetryBase = workflowRetryBase
   }
 }
 
@@ -117,10 +125,20 @@ public struct ConfigSetting: Sendable, Hashable, CustomStringConvertible {
     help: "hours a usage event's time may lie in the past and still be accepted (default 168, 7 days)"
   )
 
+  public static let workflowLeaseTimeoutMS = ConfigSetting(
+    name: "workflow-lease-timeout-ms",
+    help: "milliseconds a worker's task lease lives without a heartbeat before the run is offered again (default 30000)"
+  )
+
+  public static let workflowRetryBaseMS = ConfigSetting(
+    name: "workflow-retry-base-ms",
+    help: "first retry delay of a failed run in milliseconds, doubled per attempt with 20% jitter, capped at an hour (default 1000)"
+  )
+
   public static let all: [ConfigSetting] = [
     .listen, .tlsCert, .tlsKey, .clientCA, .trustDomain, .databaseURL, .metricsListen, .migrate, .maxMessageBytes,
     .databaseMaxConnections, .databaseTimeoutMS, .auditSigningKey, .auditBufferCapacity, .ingestMaxBatch,
-    .usageLateArrivalHours,
+    .usageLateArrivalHours, .workflowLeaseTimeoutMS, .workflowRetryBaseMS,
   ]
 }
 
@@ -278,7 +296,9 @@ public struct ConfigResolver: Sendable {
       auditSigningKeyPath: try readableFile(.auditSigningKey),
       auditBufferCapacity: try integer(.auditBufferCapacity, default: 10_000, range: 1...10_000_000),
       ingestMaxBatch: try integer(.ingestMaxBatch, default: 1_000, range: 1...100_000),
-      usageLateArrival: .seconds(3_600 * (try integer(.usageLateArrivalHours, default: 168, range: 1...(24 * 366))))
+      usageLateArrival: .seconds(3_600 * (try integer(.usageLateArrivalHours, default: 168, range: 1...(24 * 366)))),
+      workflowLeaseTimeout: .milliseconds(try integer(.workflowLeaseTimeoutMS, default: 30_000, range: 200...86_400_000)),
+      workflowRetryBase: .milliseconds(try integer(.workflowRetryBaseMS, default: 1_000, range: 1...3_600_000))
     )
   }
 }

@@ -12,6 +12,7 @@ public import TollgateAudit
 import TollgateMerkle
 import TollgateTenancy
 import TollgateMetering
+import TollgateWorkflow
 import Foundation
 
 /// The assembled gateway: its database, identity directory, the gRPC server with its
@@ -35,6 +36,8 @@ public final class Gateway: Sendable {
   public let auditBuffer: AuditBuffer
   public let checkpointer: Checkpointer
   let auditNotifier: AuditNotifier
+  let workflowHub: WorkflowHub
+  let leaseReaper: LeaseReaper
 
   /// Services of the API that work in this build; only these are registered (an unregistered
   /// method gets UNIMPLEMENTED from the server).
@@ -42,6 +45,7 @@ public final class Gateway: Sendable {
     Tollgate_V1_TenantService.descriptor.fullyQualifiedService,
     Tollgate_V1_AuditService.descriptor.fullyQualifiedService,
     Tollgate_V1_MeteringService.descriptor.fullyQualifiedService,
+    Tollgate_V1_WorkflowService.descriptor.fullyQualifiedService,
     Grpc_Health_V1_Health.descriptor.fullyQualifiedService,
     Grpc_Reflection_V1_ServerReflection.descriptor.fullyQualifiedService,
     Grpc_Reflection_V1alpha_ServerReflection.descriptor.fullyQualifiedService,
@@ -78,6 +82,15 @@ public final class Gateway: Sendable {
     )
     let auditNotifier = AuditNotifier()
     self.auditNotifier = auditNotifier
+    let workflowHub = WorkflowHub()
+    self.workflowHub = workflowHub
+    let workflowRepository = WorkflowRepository(database: database)
+    self.leaseReaper = LeaseReaper(
+      repository: workflowRepository,
+      leaseTimeout: config.workflowLeaseTimeout,
+      logger: logger,
+      waitUntilReady: { await ready.wait() }
+    )
     let directoryLogger = logger
     let directory = IdentityDirectory { try await repository.identitySnapshot(logger: directoryLogger) }
     self.directory = directory
@@ -112,6 +125,13 @@ public final class Gateway: Sendable {
         repository: UsageRepository(database: database),
         maxBatch: config.ingestMaxBatch,
         lateArrival: config.usageLateArrival,
+        logger: logger
+      ),
+      WorkflowService(
+        repository: workflowRepository,
+        hub: workflowHub,
+        leaseTimeout: config.workflowLeaseTimeout,
+        retryBase: config.workflowRetryBase,
         logger: logger
       ),
       HealthService(
@@ -195,6 +215,15 @@ public final class Gateway: Sendable {
       ) { [auditNotifier] payload in
         auditNotifier.notify(payload: payload)
       },
+      ChannelListener(
+        channel: WorkflowRepository.channel,
+        database: database,
+        logger: logger,
+        waitUntilReady: { [ready] in await ready.wait() }
+      ) { [workflowHub] payload in
+        workflowHub.notify(payload: payload)
+      },
+      leaseReaper,
       // Stops after the server (services stop in reverse order), so it commits the events of
       // calls that finished during the drain.
       auditBuffer,

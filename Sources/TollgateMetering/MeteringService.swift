@@ -31,18 +31,6 @@ public struct MeteringService: Sendable {
     try await handlingStoreFailures(method, logger: logger, body)
   }
 
-  /// The tenant a call acts on: a tenant principal's own, or the one an operator names.
-  static func tenant() throws(TollgateError) -> TenantID {
-    let scope = try CallScope.required()
-    guard let tenant = scope.tenant else {
-      throw .invalidArgument(
-        "name the tenant to act on in the '\(CallScope.tenantMetadataKey)' request metadata",
-        [.init(field: CallScope.tenantMetadataKey, description: "is required for operators")]
-      )
-    }
-    return tenant
-  }
-
   /// Validates, de-duplicates and stores one batch; returns the counts and rejections.
   func ingest(_ request: Tollgate_V1_IngestRequest, tenant: TenantID) async throws -> Tollgate_V1_IngestResponse {
     guard !request.events.isEmpty else {
@@ -154,7 +142,7 @@ public struct MeteringService: Sendable {
 extension MeteringService: Tollgate_V1_MeteringService.SimpleServiceProtocol {
   public func ingest(request: Tollgate_V1_IngestRequest, context: ServerContext) async throws -> Tollgate_V1_IngestResponse {
     try await handling("Ingest") {
-      try await ingest(request, tenant: try Self.tenant())
+      try await ingest(request, tenant: try actingTenant())
     }
   }
 
@@ -164,7 +152,7 @@ extension MeteringService: Tollgate_V1_MeteringService.SimpleServiceProtocol {
     context: ServerContext
   ) async throws {
     try await handling("IngestStream") {
-      let tenant = try Self.tenant()
+      let tenant = try actingTenant()
       // One batch at a time, in order: each ack follows its batch's commit, so acks arrive in
       // sequence, every acknowledged event is stored, and an event sent twice is credited to the
       // earlier batch. (Overlapping batches' transactions measured no faster; the database is
@@ -189,7 +177,7 @@ extension MeteringService: Tollgate_V1_MeteringService.SimpleServiceProtocol {
     context: ServerContext
   ) async throws -> Tollgate_V1_DefineMeterResponse {
     try await handling("DefineMeter") {
-      let tenant = try Self.tenant()
+      let tenant = try actingTenant()
       let meter = try MeteringMapping.meterDefinition(request)
       let stored = try await repository.define(tenant, meter: meter, logger: logger)
       return .with { $0.meter = MeteringMapping.meter(stored) }
@@ -201,7 +189,7 @@ extension MeteringService: Tollgate_V1_MeteringService.SimpleServiceProtocol {
     context: ServerContext
   ) async throws -> Tollgate_V1_ListMetersResponse {
     try await handling("ListMeters") {
-      let tenant = try Self.tenant()
+      let tenant = try actingTenant()
       let size = try RequestFields.pageSize(request.pageSize)
       let after = try RequestFields.decodeToken(request.pageToken, kind: "meters")
       let page = try await repository.meters(tenant, after: after, limit: size, logger: logger)
@@ -217,7 +205,7 @@ extension MeteringService: Tollgate_V1_MeteringService.SimpleServiceProtocol {
     context: ServerContext
   ) async throws -> Tollgate_V1_QueryUsageResponse {
     try await handling("QueryUsage") {
-      let tenant = try Self.tenant()
+      let tenant = try actingTenant()
       let parsed = try MeteringMapping.usageQuery(request, now: Date())
       let (query, page) = try await repository.query(tenant, meterName: parsed.meterName, logger: logger) { meter in
         try parsed.resolve(meter)

@@ -29,11 +29,35 @@ public struct QuotaSettings: Codable, Hashable, Sendable {
   public var maxConcurrentCalls: UInt32
   /// Usage events accepted per calendar month (UTC); 0 means unlimited.
   public var monthlyUsageEvents: UInt64
+  /// Workflow task type -> most runs of it RUNNING at once across the fleet. Unlisted types are
+  /// bounded only by their workers' capacity. Stored under this JSON key, which the claim query
+  /// reads.
+  public var workflowTypeConcurrency: [String: UInt32]
 
-  public init(rateLimits: [QuotaClass: RateLimit], maxConcurrentCalls: UInt32, monthlyUsageEvents: UInt64) {
+  public init(
+    rateLimits: [QuotaClass: RateLimit],
+    maxConcurrentCalls: UInt32,
+    monthlyUsageEvents: UInt64,
+    workflowTypeConcurrency: [String: UInt32] = [:]
+  ) {
     self.rateLimits = rateLimits
     self.maxConcurrentCalls = maxConcurrentCalls
     self.monthlyUsageEvents = monthlyUsageEvents
+    self.workflowTypeConcurrency = workflowTypeConcurrency
+  }
+
+  enum CodingKeys: String, CodingKey {
+    case rateLimits, maxConcurrentCalls, monthlyUsageEvents, workflowTypeConcurrency
+  }
+
+  // Quotas stored before workflow limits existed have no such key.
+  public init(from decoder: any Decoder) throws {
+    let container = try decoder.container(keyedBy: CodingKeys.self)
+    rateLimits = try container.decode([QuotaClass: RateLimit].self, forKey: .rateLimits)
+    maxConcurrentCalls = try container.decode(UInt32.self, forKey: .maxConcurrentCalls)
+    monthlyUsageEvents = try container.decode(UInt64.self, forKey: .monthlyUsageEvents)
+    workflowTypeConcurrency =
+      try container.decodeIfPresent([String: UInt32].self, forKey: .workflowTypeConcurrency) ?? [:]
   }
 
   /// What a new tenant gets: generous enough for a real partner, small enough that one tenant
@@ -92,6 +116,24 @@ public struct QuotaSettings: Codable, Hashable, Sendable {
           description: "must be between 1 and 100000, got \(maxConcurrentCalls)"
         )
       )
+    }
+    for (type, limit) in workflowTypeConcurrency.sorted(by: { $0.key < $1.key }) {
+      if !WorkflowTaskType.isValid(type) {
+        out.append(
+          Violation(
+            field: "\(fieldPrefix).workflow_type_concurrency[\(type)]",
+            description: "is not a task type: \(WorkflowTaskType.rule)"
+          )
+        )
+      }
+      if limit < 1 || limit > 10_000 {
+        out.append(
+          Violation(
+            field: "\(fieldPrefix).workflow_type_concurrency[\(type)]",
+            description: "must be between 1 and 10000, got \(limit)"
+          )
+        )
+      }
     }
     return out
   }

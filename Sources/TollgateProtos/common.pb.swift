@@ -254,6 +254,10 @@ public nonisolated struct Tollgate_V1_Quota: Sendable {
   /// Maximum usage events accepted per calendar month (UTC); duplicates do not count. 0 = unlimited.
   public var monthlyUsageEvents: UInt64 = 0
 
+  /// Workflow task type -> most runs of that type RUNNING at once across the fleet (1 to 10000).
+  /// A type that is not listed has no limit beyond its workers' capacity.
+  public var workflowTypeConcurrency: Dictionary<String,UInt32> = [:]
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
@@ -402,7 +406,7 @@ nonisolated extension Tollgate_V1_RateLimit: SwiftProtobuf.Message, SwiftProtobu
 
 nonisolated extension Tollgate_V1_Quota: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".Quota"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}rate_limits\0\u{3}max_concurrent_calls\0\u{3}monthly_usage_events\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}rate_limits\0\u{3}max_concurrent_calls\0\u{3}monthly_usage_events\0\u{3}workflow_type_concurrency\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -413,6 +417,7 @@ nonisolated extension Tollgate_V1_Quota: SwiftProtobuf.Message, SwiftProtobuf._M
       case 1: try { try decoder.decodeRepeatedMessageField(value: &self.rateLimits) }()
       case 2: try { try decoder.decodeSingularUInt32Field(value: &self.maxConcurrentCalls) }()
       case 3: try { try decoder.decodeSingularUInt64Field(value: &self.monthlyUsageEvents) }()
+      case 4: try { try decoder.decodeMapField(fieldType: SwiftProtobuf._ProtobufMap<SwiftProtobuf.ProtobufString,SwiftProtobuf.ProtobufUInt32>.self, value: &self.workflowTypeConcurrency) }()
       default: break
       }
     }
@@ -428,6 +433,9 @@ nonisolated extension Tollgate_V1_Quota: SwiftProtobuf.Message, SwiftProtobuf._M
     if self.monthlyUsageEvents != 0 {
       try visitor.visitSingularUInt64Field(value: self.monthlyUsageEvents, fieldNumber: 3)
     }
+    if !self.workflowTypeConcurrency.isEmpty {
+      try visitor.visitMapField(fieldType: SwiftProtobuf._ProtobufMap<SwiftProtobuf.ProtobufString,SwiftProtobuf.ProtobufUInt32>.self, value: self.workflowTypeConcurrency, fieldNumber: 4)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -435,6 +443,7 @@ nonisolated extension Tollgate_V1_Quota: SwiftProtobuf.Message, SwiftProtobuf._M
     if lhs.rateLimits != rhs.rateLimits {return false}
     if lhs.maxConcurrentCalls != rhs.maxConcurrentCalls {return false}
     if lhs.monthlyUsageEvents != rhs.monthlyUsageEvents {return false}
+    if lhs.workflowTypeConcurrency != rhs.workflowTypeConcurrency {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

@@ -1,5 +1,6 @@
 public import Foundation
 public import TollgateCore
+public import TollgateModel
 
 /// Request fields every service validates the same way: page sizes, opaque page tokens and
 /// free text.
@@ -43,4 +44,17 @@ public enum RequestFields {
     }
     return trimmed
   }
+}
+
+/// The tenant a call acts on: a tenant principal's own, or the one an operator names in the
+/// tenant metadata.
+public func actingTenant() throws(TollgateError) -> TenantID {
+  let scope = try CallScope.required()
+  guard let tenant = scope.tenant else {
+    throw .invalidArgument(
+      "name the tenant to act on in the '\(CallScope.tenantMetadataKey)' request metadata",
+      [.init(field: CallScope.tenantMetadataKey, description: "is required for operators")]
+    )
+  }
+  return tenant
 }

@@ -19,6 +19,7 @@ public func handlingStoreFailures<T: Sendable>(
     switch error {
     case .notFound(let m): throw TollgateError.notFound(m)
     case .alreadyExists(let m): throw TollgateError.alreadyExists(m)
+    case .failedPrecondition(let m): throw TollgateError.failedPrecondition(m)
     case .unavailable(let m):
       logger.warning("database unavailable", metadata: ["method": "\(method)", "error": "\(m)"])
       throw TollgateError.unavailable("the database is unavailable; retry later")

@@ -272,5 +272,95 @@ public enum Migrator {
         "GRANT SELECT, INSERT, UPDATE ON meters, usage_events, usage_monthly TO tollgate_tenant, tollgate_platform",
       ]
     ),
+    Migration(
+      version: 4,
+      name: "workflow runs, their state history, and leases",
+      statements: [
+        // One row per run. A lease is (lease_id, lease_expires) on a RUNNING row: each attempt gets
+        // a new lease_id, so a worker's late result for an expired attempt matches nothing.
+        """
+        CREATE TABLE workflow_runs (
+          tenant_id text NOT NULL,
+          run_id uuid NOT NULL,
+          type text NOT NULL CHECK (type ~ '^[A-Za-z0-9_.:-]{1,64}$'),
+          payload bytea NOT NULL,
+          idempotency_key text,
+          priority smallint NOT NULL CHECK (priority BETWEEN -100 AND 100),
+          run_after timestamptz NOT NULL,
+          max_attempts integer NOT NULL CHECK (max_attempts BETWEEN 1 AND 100),
+          attempt integer NOT NULL DEFAULT 0 CHECK (attempt >= 0),
+          state text NOT NULL CHECK (state IN ('pending_approval', 'queued', 'running', 'succeeded', 'failed',
+                                                'dead', 'cancelled', 'rejected')),
+          required_approver text NOT NULL DEFAULT '',
+          approval_reason text NOT NULL DEFAULT '',
+          decided_by text NOT NULL DEFAULT '',
+          decision_comment text NOT NULL DEFAULT '',
+          result bytea NOT NULL DEFAULT ''::bytea,
+          last_error text NOT NULL DEFAULT '',
+          lease_id uuid,
+          lease_expires timestamptz,
+          worker text NOT NULL DEFAULT '',
+          seq bigint GENERATED ALWAYS AS IDENTITY,
+          create_time timestamptz NOT NULL DEFAULT now(),
+          update_time timestamptz NOT NULL DEFAULT now(),
+          PRIMARY KEY (tenant_id, run_id),
+          CHECK ((state = 'running') = (lease_id IS NOT NULL AND lease_expires IS NOT NULL))
+        )
+        """,
+        """
+        CREATE UNIQUE INDEX workflow_runs_idempotency ON workflow_runs (tenant_id, idempotency_key)
+          WHERE idempotency_key IS NOT NULL
+        """,
+        // The claim: ready runs of the worker's types, best first.
+        """
+        CREATE INDEX workflow_runs_ready ON workflow_runs (tenant_id, type, priority DESC, run_after, seq)
+          WHERE state IN ('queued', 'failed')
+        """,
+        "CREATE UNIQUE INDEX workflow_runs_lease ON workflow_runs (tenant_id, lease_id) WHERE lease_id IS NOT NULL",
+        "CREATE INDEX workflow_runs_expiry ON workflow_runs (lease_expires) WHERE state = 'running'",
+        "CREATE INDEX workflow_runs_running ON workflow_runs (tenant_id, type) WHERE state = 'running'",
+        "CREATE INDEX workflow_runs_newest ON workflow_runs (tenant_id, seq DESC)",
+        // Every state change, written by the trigger below whatever code path made it, so the
+        // history WatchRun streams cannot miss one.
+        """
+        CREATE TABLE workflow_run_events (
+          tenant_id text NOT NULL,
+          run_id uuid NOT NULL,
+          event_seq bigint GENERATED ALWAYS AS IDENTITY,
+          previous_state text,
+          state text NOT NULL,
+          attempt integer NOT NULL,
+          last_error text NOT NULL,
+          event_time timestamptz NOT NULL DEFAULT clock_timestamp(),
+          PRIMARY KEY (tenant_id, run_id, event_seq)
+        )
+        """,
+        // Runs as the caller (not SECURITY DEFINER), so row-level security applies to the history
+        // rows too. The notification wakes the tenant's idle workers and watchers on every replica
+        // once the change commits; identical payloads in one transaction are delivered once.
+        """
+        CREATE FUNCTION workflow_run_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+          INSERT INTO workflow_run_events (tenant_id, run_id, previous_state, state, attempt, last_error)
+          VALUES (NEW.tenant_id, NEW.run_id, CASE WHEN TG_OP = 'UPDATE' THEN OLD.state END, NEW.state,
+                  NEW.attempt, NEW.last_error);
+          PERFORM pg_notify('tollgate_workflow', 't ' || NEW.tenant_id);
+          RETURN NULL;
+        END
+        $$
+        """,
+        """
+        CREATE TRIGGER workflow_run_inserted AFTER INSERT ON workflow_runs
+          FOR EACH ROW EXECUTE FUNCTION workflow_run_changed()
+        """,
+        """
+        CREATE TRIGGER workflow_run_updated AFTER UPDATE OF state ON workflow_runs
+          FOR EACH ROW WHEN (OLD.state IS DISTINCT FROM NEW.state) EXECUTE FUNCTION workflow_run_changed()
+        """,
+      ] + tenantOwned("workflow_runs") + tenantOwned("workflow_run_events") + [
+        "GRANT SELECT, INSERT, UPDATE ON workflow_runs TO tollgate_tenant, tollgate_platform",
+        "GRANT SELECT, INSERT ON workflow_run_events TO tollgate_tenant, tollgate_platform",
+      ]
+    ),
   ]
 }

@@ -9,6 +9,8 @@ public enum StoreError: Error, Sendable {
   case unavailable(String)
   /// A tenant's quota has no room for what was asked; nothing was written.
   case quotaExhausted(String)
+  /// The record is not in a state that allows the change (e.g. approving a run that is not pending).
+  case failedPrecondition(String)
   case unexpected(String)
 
   /// Classifies any error thrown by postgres-nio (unwrapping transaction errors first).

@@ -32,6 +32,7 @@ enum TenantMapping {
       }
       q.maxConcurrentCalls = settings.maxConcurrentCalls
       q.monthlyUsageEvents = settings.monthlyUsageEvents
+      q.workflowTypeConcurrency = settings.workflowTypeConcurrency
     }
   }
 
@@ -77,6 +78,7 @@ enum TenantMapping {
     }
     if wire.maxConcurrentCalls != 0 { settings.maxConcurrentCalls = wire.maxConcurrentCalls }
     settings.monthlyUsageEvents = wire.monthlyUsageEvents
+    settings.workflowTypeConcurrency = wire.workflowTypeConcurrency
     violations += settings.violations(fieldPrefix: field).map { .init(field: $0.field, description: $0.description) }
     guard violations.isEmpty else {
       throw .invalidArgument("invalid \(field): \(violations.map { "\($0.field) \($0.description)" }.joined(separator: "; "))", violations)

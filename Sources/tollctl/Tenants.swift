@@ -102,6 +102,8 @@ struct Tenants: AsyncParsableCommand {
     var limits: [String] = []
     @Option(help: "Maximum concurrent calls (0 = default)") var maxConcurrentCalls: UInt32 = 0
     @Option(help: "Usage events per month (0 = unlimited)") var monthlyUsageEvents: UInt64 = 0
+    @Option(name: .customLong("type-concurrency"), help: "TYPE=N: at most N runs of workflow task type TYPE running at once (repeatable)")
+    var typeConcurrency: [String] = []
 
     static let classes: [String: Tollgate_V1_QuotaClass] = [
       "ingest": .ingest, "query": .query, "admin": .admin, "workflow": .workflow, "audit": .audit,
@@ -125,6 +127,13 @@ struct Tenants: AsyncParsableCommand {
       }
       quota.maxConcurrentCalls = maxConcurrentCalls
       quota.monthlyUsageEvents = monthlyUsageEvents
+      for text in typeConcurrency {
+        let parts = text.split(separator: "=", maxSplits: 1)
+        guard parts.count == 2, let limit = UInt32(parts[1]) else {
+          throw ValidationError("--type-concurrency '\(text)': expected TYPE=N, e.g. invoice-export=2")
+        }
+        quota.workflowTypeConcurrency[String(parts[0])] = limit
+      }
       let response = try await connection.withTenantService { service, metadata in
         try await service.updateQuota(.with {
           $0.tenantID = id

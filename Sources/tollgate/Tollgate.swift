@@ -52,6 +52,10 @@ struct SettingOptions: ParsableArguments {
   var ingestMaxBatch: String?
   @Option(name: .customLong("usage-late-arrival-hours"), help: ArgumentHelp(ConfigSetting.usageLateArrivalHours.help))
   var usageLateArrivalHours: String?
+  @Option(name: .customLong("workflow-lease-timeout-ms"), help: ArgumentHelp(ConfigSetting.workflowLeaseTimeoutMS.help))
+  var workflowLeaseTimeoutMS: String?
+  @Option(name: .customLong("workflow-retry-base-ms"), help: ArgumentHelp(ConfigSetting.workflowRetryBaseMS.help))
+  var workflowRetryBaseMS: String?
   @Option(name: .customLong("log-level"), help: "trace, debug, info (default), notice, warning, error, critical")
   var logLevel: String?
 
@@ -73,6 +77,8 @@ struct SettingOptions: ParsableArguments {
       ConfigSetting.auditBufferCapacity.name: auditBufferCapacity,
       ConfigSetting.ingestMaxBatch.name: ingestMaxBatch,
       ConfigSetting.usageLateArrivalHours.name: usageLateArrivalHours,
+      ConfigSetting.workflowLeaseTimeoutMS.name: workflowLeaseTimeoutMS,
+      ConfigSetting.workflowRetryBaseMS.name: workflowRetryBaseMS,
     ]
     let file = try (config ?? environment["TOLLGATE_CONFIG"]).map { path throws(ConfigError) in
       try ConfigResolver.loadFile(path)

@@ -473,4 +473,9 @@ extension TestGateway {
   func count(_ sql: String) async throws -> Int64 {
     try await TestDatabase.adminCount(database.admin, sql, database: database.name)
   }
+
+  /// The text column of every row, read as the superuser (past row-level security).
+  func strings(_ sql: String) async throws -> [String] {
+    try await TestDatabase.adminStrings(database.admin, sql, database: database.name)
+  }
 }

@@ -84,6 +84,17 @@ extension TestDatabase {
     }
     throw CancellationError()
   }
+
+  /// The text column of every row `sql` returns, read as the superuser on `database`.
+  static func adminStrings(_ url: DatabaseURL, _ sql: String, database: String) async throws -> [String] {
+    let connection = try await connect(url, database: database)
+    defer { Task { try? await connection.close() } }
+    var out: [String] = []
+    for try await text in try await connection.query(PostgresQuery(unsafeSQL: sql), logger: testLogger).decode(String.self) {
+      out.append(text)
+    }
+    return out
+  }
 }
 
 let testLogger: Logger = {

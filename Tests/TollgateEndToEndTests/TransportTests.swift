@@ -1,5 +1,6 @@
 import Foundation
 import GRPCCore
+import GRPCProtobuf
 import GRPCNIOTransportHTTP2
 import SwiftProtobuf
 import Testing
@@ -111,12 +112,18 @@ import TollgateProtos
     }
   }
 
-  @Test func unregisteredServicesAreUnimplemented() async throws {
+  @Test func unknownMethodsAreUnimplemented() async throws {
     try await TestGateway.run { gw in
       let partner = try gw.pki.issue(tenant: "acme", role: .partner)
       let code = await statusCode {
         try await gw.withClient(partner) { client in
-          try await Tollgate_V1_WorkflowService.Client(wrapping: client).getRun(.init())
+          try await client.unary(
+            request: ClientRequest(message: Tollgate_V1_GetRunRequest()),
+            descriptor: MethodDescriptor(fullyQualifiedService: "tollgate.v1.NoSuchService", method: "GetRun"),
+            serializer: ProtobufSerializer<Tollgate_V1_GetRunRequest>(),
+            deserializer: ProtobufDeserializer<Tollgate_V1_GetRunResponse>(),
+            options: .defaults
+          ) { try $0.message }
         }
       }
       #expect(code == .unimplemented)

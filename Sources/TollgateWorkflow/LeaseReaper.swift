@@ -1,0 +1,44 @@
+import Foundation
+public import Logging
+public import ServiceLifecycle
+public import TollgateStore
+
+/// Expires leases whose worker stopped heartbeating, so their runs are offered again. Every
+/// replica runs one; they skip each other's rows, so running several is safe. The period is a
+/// quarter of the lease timeout (at most a second), so a run is re-offered within about 1.25×
+/// the timeout of its last heartbeat.
+public struct LeaseReaper: Service {
+  let repository: WorkflowRepository
+  let period: Duration
+  let logger: Logger
+  let waitUntilReady: @Sendable () async -> Void
+
+  public init(
+    repository: WorkflowRepository,
+    leaseTimeout: Duration,
+    logger: Logger,
+    waitUntilReady: @escaping @Sendable () async -> Void
+  ) {
+    self.repository = repository
+    self.period = max(.milliseconds(50), min(leaseTimeout / 4, .seconds(1)))
+    self.logger = logger
+    self.waitUntilReady = waitUntilReady
+  }
+
+  public func run() async throws {
+    await cancelWhenGracefulShutdown { await waitUntilReady() }
+    let batch = 500
+    while !Task.isCancelled && !Task.isShuttingDownGracefully {
+      do {
+        var expired = batch
+        while expired == batch {
+          expired = try await repository.expireLeases(batch: batch, logger: logger)
+          if expired > 0 { logger.info("workflow leases expired", metadata: ["count": "\(expired)"]) }
+        }
+      } catch {
+        logger.warning("could not expire workflow leases; retrying", metadata: ["error": "\(error)"])
+      }
+      try? await cancelWhenGracefulShutdown { try await Task.sleep(for: period) }
+    }
+  }
+}

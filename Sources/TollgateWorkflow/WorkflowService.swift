@@ -1,0 +1,410 @@
+import Foundation
+public import GRPCCore
+public import Logging
+import ServiceLifecycle
+import Synchronization
+import SwiftProtobuf
+import TollgateCore
+import TollgateModel
+public import TollgateProtos
+public import TollgateStore
+import TollgateServiceSupport
+
+/// WorkflowService: partners dispatch and steer runs; workers hold one Connect stream each and
+/// are pushed leased tasks up to the capacity they announced.
+///
+/// Nothing here polls: a worker with free capacity claims when a notification says its tenant's
+/// runs changed, when its own capacity frees up, or when a scheduled or backing-off run it could
+/// take falls due. Leases belong to the run's attempt, not to the stream, so a worker that
+/// reconnects may still heartbeat and complete what it holds; a lease nobody heartbeats expires
+/// (``LeaseReaper``) and the run is offered again.
+public struct WorkflowService: Sendable {
+  let repository: WorkflowRepository
+  let hub: WorkflowHub
+  let leaseTimeout: Duration
+  let retryBase: Duration
+  let logger: Logger
+
+  public init(repository: WorkflowRepository, hub: WorkflowHub, leaseTimeout: Duration, retryBase: Duration, logger: Logger) {
+    self.repository = repository
+    self.hub = hub
+    self.leaseTimeout = leaseTimeout
+    self.retryBase = retryBase
+    self.logger = logger
+  }
+
+  func handling<T: Sendable>(_ method: String, _ body: () async throws -> T) async throws -> T {
+    try await handlingStoreFailures(method, logger: logger, body)
+  }
+}
+
+extension WorkflowService: Tollgate_V1_WorkflowService.SimpleServiceProtocol {
+  public func dispatch(request: Tollgate_V1_DispatchRequest, context: ServerContext) async throws -> Tollgate_V1_DispatchResponse {
+    try await handling("Dispatch") {
+      let tenant = try actingTenant()
+      let (run, created) = try await repository.dispatch(tenant, try WorkflowMapping.newRun(request), logger: logger)
+      return .with {
+        $0.run = WorkflowMapping.run(run)
+        $0.created = created
+      }
+    }
+  }
+
+  public func getRun(request: Tollgate_V1_GetRunRequest, context: ServerContext) async throws -> Tollgate_V1_GetRunResponse {
+    try await handling("GetRun") {
+      let tenant = try actingTenant()
+      let run = try await repository.run(tenant, id: try WorkflowMapping.runID(request.runID), logger: logger)
+      return .with { $0.run = WorkflowMapping.run(run) }
+    }
+  }
+
+  public func listRuns(request: Tollgate_V1_ListRunsRequest, context: ServerContext) async throws -> Tollgate_V1_ListRunsResponse {
+    try await handling("ListRuns") {
+      let tenant = try actingTenant()
+      var states: [RunState] = []
+      for (i, wire) in request.states.enumerated() {
+        guard let state = WorkflowMapping.state(wire) else {
+          throw TollgateError.invalidField("states[\(i)]", "is not a run state")
+        }
+        states.append(state)
+      }
+      if !request.type.isEmpty && !WorkflowTaskType.isValid(request.type) {
+        throw TollgateError.invalidField("type", "must be \(WorkflowTaskType.rule)")
+      }
+      let size = try RequestFields.pageSize(request.pageSize)
+      let before = try RequestFields.decodeToken(request.pageToken, kind: "runs").map { text throws(TollgateError) in
+        guard let seq = Int64(text) else {
+          throw TollgateError.invalidField("page_token", "is not a token this list returned; pass next_page_token unchanged")
+        }
+        return seq
+      }
+      let page = try await repository.list(tenant, states: states, type: request.type, before: before, limit: size, logger: logger)
+      return .with {
+        $0.runs = page.items.map(WorkflowMapping.run)
+        $0.nextPageToken = page.nextKey.map { RequestFields.encodeToken(kind: "runs", key: $0) } ?? ""
+      }
+    }
+  }
+
+  public func cancelRun(request: Tollgate_V1_CancelRunRequest, context: ServerContext) async throws -> Tollgate_V1_CancelRunResponse {
+    try await handling("CancelRun") {
+      let tenant = try actingTenant()
+      let id = try WorkflowMapping.runID(request.runID)
+      let reason = try RequestFields.text(request.reason, field: "reason", max: 1_024)
+      let run = try await repository.cancel(tenant, id: id, reason: reason, logger: logger)
+      return .with { $0.run = WorkflowMapping.run(run) }
+    }
+  }
+
+  public func approve(request: Tollgate_V1_ApproveRequest, context: ServerContext) async throws -> Tollgate_V1_ApproveResponse {
+    try await handling("Approve") {
+      let run = try await decide(approve: true, runID: request.runID, approver: request.approverID, comment: request.comment)
+      return .with { $0.run = WorkflowMapping.run(run) }
+    }
+  }
+
+  public func reject(request: Tollgate_V1_RejectRequest, context: ServerContext) async throws -> Tollgate_V1_RejectResponse {
+    try await handling("Reject") {
+      let run = try await decide(approve: false, runID: request.runID, approver: request.approverID, comment: request.comment)
+      return .with { $0.run = WorkflowMapping.run(run) }
+    }
+  }
+
+  func decide(approve: Bool, runID: String, approver: String, comment: String) async throws -> RunRecord {
+    let tenant = try actingTenant()
+    let id = try WorkflowMapping.runID(runID)
+    let approver = try RequestFields.text(approver, field: "approver_id", max: 256, required: true)
+    let comment = try RequestFields.text(comment, field: "comment", max: 2_048)
+    return try await repository.decide(tenant, id: id, approve: approve, approver: approver, comment: comment, logger: logger)
+  }
+
+  public func watchRun(
+    request: Tollgate_V1_WatchRunRequest,
+    response: RPCWriter<Tollgate_V1_RunEvent>,
+    context: ServerContext
+  ) async throws {
+    try await handling("WatchRun") {
+      let tenant = try actingTenant()
+      let id = try WorkflowMapping.runID(request.runID)
+      // Subscribed before the first read, so a change between a read and the wait still wakes us.
+      let subscription = hub.subscribe(tenant)
+      defer { subscription.cancel() }
+      var wakes = subscription.wakes.makeAsyncIterator()
+      var after: Int64 = 0
+      while true {
+        let (_, transitions) = try await repository.history(tenant, id: id, after: after, logger: logger)
+        for transition in transitions {
+          try await response.write(WorkflowMapping.event(transition))
+          after = transition.sequence
+          if transition.run.state.isFinal { return }
+        }
+        let woken: Void? = await withGracefulShutdownHandler {
+          await wakes.next()
+        } onGracefulShutdown: {
+          subscription.cancel()
+        }
+        if Task.isShuttingDownGracefully {
+          throw TollgateError.unavailable("the gateway is shutting down; call WatchRun again to keep watching")
+        }
+        // Ends when the client cancels (the iterator returns nil on cancellation).
+        guard woken != nil else { return }
+      }
+    }
+  }
+
+  public func connect(
+    request: RPCAsyncSequence<Tollgate_V1_WorkerMessage, any Error>,
+    response: RPCWriter<Tollgate_V1_ServerMessage>,
+    context: ServerContext
+  ) async throws {
+    try await handling("Connect") {
+      let tenant = try actingTenant()
+      let session = WorkerSession()
+      let subscription = hub.subscribe(tenant)
+      defer { subscription.cancel() }
+      let (outbound, out) = AsyncStream.makeStream(of: Tollgate_V1_ServerMessage.self)
+      let (hello, helloSent) = AsyncStream.makeStream(of: Void.self, bufferingPolicy: .bufferingNewest(1))
+      try await withThrowingTaskGroup(of: Part.self) { group in
+        // The worker's messages, in order, until the worker closes its side.
+        group.addTask {
+          var first = true
+          for try await message in request {
+            try await handle(message, first: first, tenant: tenant, session: session, out: out, subscription: subscription)
+            if first { helloSent.yield() }
+            first = false
+          }
+          return .reader
+        }
+        // One writer: the claimer, the reader and revocations all send through `out`.
+        group.addTask {
+          for await message in outbound { try await response.write(message) }
+          return .writer
+        }
+        group.addTask {
+          var started = hello.makeAsyncIterator()
+          if await started.next() != nil {
+            try await claimLoop(tenant: tenant, session: session, out: out, subscription: subscription)
+          }
+          return .other
+        }
+        group.addTask {
+          for await revocation in subscription.revocations where session.release(revocation.lease) {
+            out.yield(.with {
+              $0.revoked = .with {
+                $0.leaseID = revocation.lease.uuidString.lowercased()
+                $0.reason = revocation.reason
+              }
+            })
+            subscription.wake()
+          }
+          return .other
+        }
+        group.addTask {
+          let (shutdown, trigger) = AsyncStream.makeStream(of: Void.self)
+          await withGracefulShutdownHandler {
+            for await _ in shutdown { return }
+          } onGracefulShutdown: {
+            trigger.yield()
+          }
+          if Task.isShuttingDownGracefully {
+            throw TollgateError.unavailable(
+              "the gateway is shutting down; reconnect. Leases stay valid until they expire: heartbeat or complete them on the new stream"
+            )
+          }
+          return .other
+        }
+        // The worker closing its side ends the call once the answers already queued are written;
+        // a failure or the drain ends it at once (the error leaves this closure).
+        while let part = try await group.next() {
+          switch part {
+          case .reader:
+            session.close()
+            helloSent.finish()
+            out.finish()
+          case .writer:
+            group.cancelAll()
+            return
+          case .other:
+            continue
+          }
+        }
+      }
+    }
+  }
+
+  enum Part: Sendable {
+    case reader, writer, other
+  }
+
+  func handle(
+    _ message: Tollgate_V1_WorkerMessage,
+    first: Bool,
+    tenant: TenantID,
+    session: WorkerSession,
+    out: AsyncStream<Tollgate_V1_ServerMessage>.Continuation,
+    subscription: WorkflowHub.Subscription
+  ) async throws {
+    switch message.kind {
+    case .hello(let hello):
+      guard first else { throw TollgateError.invalidField("hello", "is sent once, as the first message of the stream") }
+      let hello = try WorkflowMapping.hello(hello)
+      session.configure(types: hello.types, capacity: hello.capacity, name: hello.name)
+      logger.debug("worker connected", metadata: ["tenant": "\(tenant)", "worker": "\(hello.name)", "types": "\(hello.types)"])
+    case _ where first:
+      throw TollgateError.invalidField("kind", "the first message of a worker stream must be hello")
+    case .heartbeat(let heartbeat):
+      var ids: [UUID] = []
+      for (i, text) in heartbeat.leaseIds.enumerated() { ids.append(try WorkflowMapping.leaseID(text, field: "heartbeat.lease_ids[\(i)]")) }
+      if ids.isEmpty { ids = session.heldLeases }
+      let live = try await repository.heartbeat(tenant, leases: ids, leaseTimeout: leaseTimeout, logger: logger)
+      for lease in ids where !live.contains(lease) {
+        // Ended while the worker was not told (e.g. expired during a reconnect): say so now.
+        _ = session.release(lease)
+        out.yield(.with {
+          $0.revoked = .with {
+            $0.leaseID = lease.uuidString.lowercased()
+            $0.reason = "LEASE_EXPIRED"
+          }
+        })
+      }
+    case .completed(let completed):
+      let lease = try WorkflowMapping.leaseID(completed.leaseID, field: "completed.lease_id")
+      if completed.result.count > WorkflowMapping.maxResultBytes {
+        out.yield(ack(lease, accepted: false, "the result is \(completed.result.count) bytes; at most \(WorkflowMapping.maxResultBytes) are stored. Report a failure or a smaller result"))
+        return
+      }
+      let recorded = try await repository.complete(tenant, lease: lease, result: Array(completed.result), logger: logger)
+      finish(lease, recorded: recorded, session: session, out: out, subscription: subscription)
+    case .failed(let failed):
+      let lease = try WorkflowMapping.leaseID(failed.leaseID, field: "failed.lease_id")
+      let error = String(failed.error.prefix(WorkflowMapping.maxErrorCharacters))
+      let state = try await repository.fail(
+        tenant,
+        lease: lease,
+        error: error,
+        retryable: failed.retryable,
+        retryBase: retryBase,
+        logger: logger
+      )
+      finish(lease, recorded: state != nil, session: session, out: out, subscription: subscription)
+    case nil:
+      throw TollgateError.invalidField("kind", "a worker message needs one of hello, heartbeat, completed, failed")
+    }
+  }
+
+  func finish(
+    _ lease: UUID,
+    recorded: Bool,
+    session: WorkerSession,
+    out: AsyncStream<Tollgate_V1_ServerMessage>.Continuation,
+    subscription: WorkflowHub.Subscription
+  ) {
+    _ = session.release(lease)
+    out.yield(
+      ack(lease, accepted: recorded, recorded ? "" : "the lease is no longer held (it expired or the run was cancelled); the result was not recorded")
+    )
+    subscription.wake()
+  }
+
+  func ack(_ lease: UUID, accepted: Bool, _ message: String) -> Tollgate_V1_ServerMessage {
+    .with {
+      $0.ack = .with {
+        $0.leaseID = lease.uuidString.lowercased()
+        $0.accepted = accepted
+        $0.message = message
+      }
+    }
+  }
+
+  /// Claims whenever the worker has room and something may be ready; otherwise waits for a
+  /// wake-up (a notification, freed capacity) or the next scheduled run's due time.
+  func claimLoop(
+    tenant: TenantID,
+    session: WorkerSession,
+    out: AsyncStream<Tollgate_V1_ServerMessage>.Continuation,
+    subscription: WorkflowHub.Subscription
+  ) async throws {
+    var wakes = subscription.wakes.makeAsyncIterator()
+    var timer: Task<Void, Never>?
+    defer { timer?.cancel() }
+    let timeout = Google_Protobuf_Duration(seconds: leaseTimeout.components.seconds, nanos: Int32(leaseTimeout.components.attoseconds / 1_000_000_000))
+    while !Task.isCancelled && !session.isClosed {
+      let (types, free, name) = session.claimable
+      if free > 0 {
+        let claim = try await repository.claim(
+          tenant,
+          types: types,
+          limit: free,
+          worker: name,
+          leaseTimeout: leaseTimeout,
+          logger: logger
+        )
+        session.hold(claim.leases.map(\.leaseID))
+        for lease in claim.leases {
+          out.yield(.with {
+            $0.task = .with {
+              $0.leaseID = lease.leaseID.uuidString.lowercased()
+              $0.runID = lease.run.id.uuidString.lowercased()
+              $0.type = lease.run.type
+              $0.payload = Data(lease.run.payload)
+              $0.attempt = UInt32(lease.run.attempt)
+              $0.leaseTimeout = timeout
+            }
+          })
+        }
+        timer?.cancel()
+        timer = nil
+        if let due = claim.nextDue {
+          // Not before 20 ms: the database's clock decides what is due, and a local clock running
+          // ahead of it must not spin.
+          let delay = max(due.timeIntervalSinceNow, 0.02)
+          timer = Task { [subscription] in
+            try? await Task.sleep(for: .milliseconds(Int64(delay * 1000) + 5))
+            if !Task.isCancelled { subscription.wake() }
+          }
+        }
+      }
+      guard await wakes.next() != nil else { return }
+    }
+  }
+}
+
+/// One worker stream's state: what it announced and the leases it was handed.
+final class WorkerSession: Sendable {
+  private struct State {
+    var types: [String] = []
+    var capacity = 0
+    var name = ""
+    var held: Set<UUID> = []
+    var closed = false
+  }
+  private let state = Mutex(State())
+
+  /// The worker closed its side: claim nothing more for it.
+  func close() { state.withLock { $0.closed = true } }
+
+  var isClosed: Bool { state.withLock { $0.closed } }
+
+  func configure(types: [String], capacity: Int, name: String) {
+    state.withLock {
+      $0.types = types
+      $0.capacity = capacity
+      $0.name = name
+    }
+  }
+
+  var claimable: (types: [String], free: Int, name: String) {
+    state.withLock { ($0.types, max(0, $0.capacity - $0.held.count), $0.name) }
+  }
+
+  var heldLeases: [UUID] { state.withLock { Array($0.held) } }
+
+  func hold(_ leases: [UUID]) {
+    state.withLock { $0.held.formUnion(leases) }
+  }
+
+  /// True if this stream held `lease`.
+  func release(_ lease: UUID) -> Bool {
+    state.withLock { $0.held.remove(lease) != nil }
+  }
+}

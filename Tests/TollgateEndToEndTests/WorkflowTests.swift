@@ -1,0 +1,528 @@
+import Foundation
+import GRPCCore
+import GRPCNIOTransportHTTP2
+import GRPCProtobuf
+import SwiftProtobuf
+import Synchronization
+import Testing
+import TollgateCertificates
+import TollgateCore
+import TollgateModel
+import TollgateProtos
+
+/// WorkflowService over real mTLS against real Postgres, with real worker streams.
+@Suite(.timeLimit(.minutes(2))) struct WorkflowTests {
+  typealias Workflow = Tollgate_V1_WorkflowService.Client<HTTP2ClientTransport.Posix>
+
+  static func createTenants(_ gw: TestGateway, _ tenants: [String], typeConcurrency: [String: UInt32] = [:]) async throws {
+    try await gw.withClient(try gw.pki.issueOperator()) { client async throws in
+      let admin = Tollgate_V1_TenantService.Client(wrapping: client)
+      for tenant in tenants {
+        _ = try await admin.createTenant(.with {
+          $0.tenantID = tenant
+          $0.quota.workflowTypeConcurrency = typeConcurrency
+        })
+      }
+    }
+  }
+
+  static func dispatch(
+    _ workflow: Workflow,
+    _ type: String = "export",
+    payload: String = "",
+    key: String = "",
+    priority: Int32 = 0,
+    maxAttempts: UInt32 = 0,
+    approver: String = "",
+    runAfter: Date? = nil
+  ) async throws -> Tollgate_V1_Run {
+    try await workflow.dispatch(.with {
+      $0.type = type
+      $0.payload = Data(payload.utf8)
+      $0.idempotencyKey = key
+      $0.priority = priority
+      $0.maxAttempts = maxAttempts
+      if !approver.isEmpty { $0.approval = .with { $0.requiredApprover = approver; $0.reason = "over budget" } }
+      if let runAfter { $0.runAfter = Google_Protobuf_Timestamp(date: runAfter) }
+    }).run
+  }
+
+  @Test func dispatchIsIdempotentValidatedAndListed() async throws {
+    try await TestGateway.run { gw in
+      try await Self.createTenants(gw, ["acme"])
+      try await gw.withClient(try gw.pki.issue(tenant: "acme", role: .partner)) { client async throws in
+        let workflow = Workflow(wrapping: client)
+        let first = try await workflow.dispatch(.with {
+          $0.type = "invoice-export"
+          $0.payload = Data("inv-1".utf8)
+          $0.idempotencyKey = "inv-1"
+        })
+        #expect(first.created)
+        #expect(first.run.state == .queued)
+        #expect(first.run.maxAttempts == 3)
+        let again = try await workflow.dispatch(.with {
+          $0.type = "invoice-export"
+          $0.payload = Data("inv-1".utf8)
+          $0.idempotencyKey = "inv-1"
+        })
+        #expect(!again.created)
+        #expect(again.run.runID == first.run.runID)
+        // The same key for a different request is refused rather than guessed at.
+        #expect(await statusCode { try await Self.dispatch(workflow, "invoice-export", payload: "other", key: "inv-1") } == .alreadyExists)
+        do {
+          _ = try await workflow.dispatch(.with {
+            $0.type = "bad type!"
+            $0.priority = 500
+            $0.maxAttempts = 101
+            $0.approval = .with { $0.reason = "no approver named" }
+          })
+          Issue.record("an invalid dispatch was accepted")
+        } catch let error as RPCError {
+          #expect(error.code == .invalidArgument)
+          let fields = try #require(try error.unpackGoogleRPCStatus()).details.compactMap(\.badRequest)
+            .flatMap(\.violations).map(\.field)
+          #expect(Set(fields) == ["type", "priority", "max_attempts", "approval.required_approver"])
+        }
+        #expect(await statusCode { try await workflow.getRun(.with { $0.runID = "nope" }) } == .invalidArgument)
+        #expect(await statusCode { try await workflow.getRun(.with { $0.runID = UUID().uuidString }) } == .notFound)
+        #expect(try await workflow.getRun(.with { $0.runID = first.run.runID }).run.payload == Data("inv-1".utf8))
+
+        for i in 0..<4 { _ = try await Self.dispatch(workflow, "report", payload: "r\(i)") }
+        let page1 = try await workflow.listRuns(.with { $0.pageSize = 3 })
+        #expect(page1.runs.map { String(decoding: $0.payload, as: UTF8.self) } == ["r3", "r2", "r1"])
+        let page2 = try await workflow.listRuns(.with { $0.pageSize = 3; $0.pageToken = page1.nextPageToken })
+        #expect(page2.runs.map { String(decoding: $0.payload, as: UTF8.self) } == ["r0", "inv-1"])
+        #expect(page2.nextPageToken.isEmpty)
+        let reports = try await workflow.listRuns(.with { $0.type = "report"; $0.states = [.queued] })
+        #expect(reports.runs.count == 4)
+        #expect(try await workflow.listRuns(.with { $0.states = [.succeeded] }).runs.isEmpty)
+        #expect(await statusCode { try await workflow.listRuns(.with { $0.pageToken = "bogus" }) } == .invalidArgument)
+      }
+      // Dispatch is a partner's; agents have no business here.
+      try await gw.withClient(try gw.pki.issue(tenant: "acme", role: .agent)) { client async throws in
+        #expect(await statusCode { try await Self.dispatch(Workflow(wrapping: client)) } == .permissionDenied)
+      }
+      #expect(
+        try await gw.count(
+          "SELECT count(*) FROM audit_leaves WHERE tenant_id = 'acme' AND method = '/tollgate.v1.WorkflowService/Dispatch'"
+        ) >= 3
+      )
+    }
+  }
+
+  @Test func aWorkerIsPushedTasksAndWatchersSeeEveryState() async throws {
+    try await TestGateway.run { gw in
+      try await Self.createTenants(gw, ["acme"])
+      let partner = try gw.pki.issue(tenant: "acme", role: .partner)
+      try await gw.withClient(try gw.pki.issue(tenant: "acme", role: .worker)) { workerClient async throws in
+        try await TestWorker.with(workerClient, types: ["export"], capacity: 2) { worker in
+          // Connected and idle before the dispatch: the task must reach it without polling.
+          try await gw.withClient(partner) { client async throws in
+            let workflow = Workflow(wrapping: client)
+            let run = try await Self.dispatch(workflow, payload: "p1")
+            let task = try await worker.nextTask()
+            #expect(task.runID == run.runID)
+            #expect(task.payload == Data("p1".utf8))
+            #expect(task.attempt == 1)
+            #expect(task.leaseTimeout.seconds == 30)
+            worker.send(.with { $0.heartbeat = .init() })
+            worker.send(.with { $0.completed = .with { $0.leaseID = task.leaseID; $0.result = Data("done".utf8) } })
+            let ack = try await worker.nextAck()
+            #expect(ack.accepted)
+            // A second completion of the same lease is refused: the lease ended with the first.
+            worker.send(.with { $0.completed = .with { $0.leaseID = task.leaseID; $0.result = Data("again".utf8) } })
+            #expect(try await worker.nextAck().accepted == false)
+            let stored = try await workflow.getRun(.with { $0.runID = run.runID }).run
+            #expect(stored.state == .succeeded)
+            #expect(stored.result == Data("done".utf8))
+
+            let events = try await workflow.watchRun(.with { $0.runID = run.runID }) { response in
+              var events: [Tollgate_V1_RunEvent] = []
+              for try await event in response.messages { events.append(event) }
+              return events
+            }
+            #expect(events.map(\.run.state) == [.queued, .running, .succeeded])
+            #expect(events.map(\.previousState) == [.unspecified, .queued, .running])
+            #expect(events.last?.run.result == Data("done".utf8))
+          }
+        }
+      }
+    }
+  }
+
+  @Test func approvalGatesARunUntilApprovedAndRejectionIsFinal() async throws {
+    try await TestGateway.run { gw in
+      try await Self.createTenants(gw, ["acme"])
+      try await gw.withClient(try gw.pki.issue(tenant: "acme", role: .partner)) { client async throws in
+        let workflow = Workflow(wrapping: client)
+        let gated = try await Self.dispatch(workflow, payload: "gated", priority: 100, approver: "finance-lead")
+        #expect(gated.state == .pendingApproval)
+        #expect(gated.approval.requiredApprover == "finance-lead")
+        let plain = try await Self.dispatch(workflow, payload: "plain", priority: -100)
+        let doomed = try await Self.dispatch(workflow, payload: "doomed", approver: "finance-lead")
+        try await gw.withClient(try gw.pki.issue(tenant: "acme", role: .worker)) { workerClient async throws in
+          try await TestWorker.with(workerClient, types: ["export"], capacity: 1) { worker in
+            // The gated run has the higher priority, but only the plain one may start.
+            let first = try await worker.nextTask()
+            #expect(first.runID == plain.runID)
+            try await worker.complete(first)
+            #expect(
+              await statusCode { try await workflow.approve(.with { $0.runID = gated.runID }) } == .invalidArgument,
+              "approver_id is required"
+            )
+            let approved = try await workflow.approve(.with {
+              $0.runID = gated.runID
+              $0.approverID = "jane@acme.example"
+              $0.comment = "ok for Q3"
+            })
+            #expect(approved.run.state == .queued)
+            let second = try await worker.nextTask()
+            #expect(second.runID == gated.runID)
+            try await worker.complete(second)
+          }
+        }
+        let rejected = try await workflow.reject(.with { $0.runID = doomed.runID; $0.approverID = "jane@acme.example" })
+        #expect(rejected.run.state == .rejected)
+        for id in [doomed.runID, gated.runID, plain.runID] {
+          #expect(
+            await statusCode { try await workflow.approve(.with { $0.runID = id; $0.approverID = "jane" }) } == .failedPrecondition
+          )
+        }
+        #expect(await statusCode { try await workflow.cancelRun(.with { $0.runID = doomed.runID }) } == .failedPrecondition)
+        // Who decided, and why, is stored with the run and in the audit log's request digest.
+        let decided = try await gw.count(
+          "SELECT count(*) FROM workflow_runs WHERE decided_by = 'jane@acme.example' AND decision_comment = 'ok for Q3'"
+        )
+        #expect(decided == 1)
+        #expect(
+          try await gw.count(
+            "SELECT count(*) FROM audit_leaves WHERE method IN ('/tollgate.v1.WorkflowService/Approve', '/tollgate.v1.WorkflowService/Reject')"
+          ) == 6
+        )
+      }
+    }
+  }
+
+  @Test func failedAttemptsAreRetriedWithBackoffUntilDead() async throws {
+    try await TestGateway.run(configure: { $0.workflowRetryBase = .milliseconds(20) }) { gw in
+      try await Self.createTenants(gw, ["acme"])
+      try await gw.withClient(try gw.pki.issue(tenant: "acme", role: .partner)) { client async throws in
+        let workflow = Workflow(wrapping: client)
+        let flaky = try await Self.dispatch(workflow, payload: "flaky", maxAttempts: 3)
+        try await gw.withClient(try gw.pki.issue(tenant: "acme", role: .worker)) { workerClient async throws in
+          try await TestWorker.with(workerClient, types: ["export"], capacity: 1) { worker in
+            for attempt in 1...3 {
+              let task = try await worker.nextTask()
+              #expect(task.runID == flaky.runID)
+              #expect(task.attempt == UInt32(attempt))
+              worker.send(.with { $0.failed = .with { $0.leaseID = task.leaseID; $0.error = "boom \(attempt)"; $0.retryable = true } })
+              #expect(try await worker.nextAck().accepted)
+            }
+            let dead = try await workflow.getRun(.with { $0.runID = flaky.runID }).run
+            #expect(dead.state == .dead)
+            #expect(dead.attempt == 3)
+            #expect(dead.lastError == "boom 3")
+
+            let fatal = try await Self.dispatch(workflow, payload: "fatal", maxAttempts: 5)
+            let task = try await worker.nextTask()
+            #expect(task.runID == fatal.runID)
+            worker.send(.with { $0.failed = .with { $0.leaseID = task.leaseID; $0.error = "bad input"; $0.retryable = false } })
+            #expect(try await worker.nextAck().accepted)
+            let run = try await workflow.getRun(.with { $0.runID = fatal.runID }).run
+            #expect((run.state, run.attempt, run.lastError) == (.dead, 1, "bad input"))
+          }
+        }
+        let history = try await gw.strings(
+          "SELECT state FROM workflow_run_events WHERE run_id = '\(flaky.runID)' ORDER BY event_seq"
+        )
+        #expect(history == ["queued", "running", "failed", "running", "failed", "running", "dead"])
+      }
+    }
+  }
+
+  @Test func anExpiredLeaseIsOfferedAgainAndItsLateResultRefused() async throws {
+    try await TestGateway.run(configure: { $0.workflowLeaseTimeout = .milliseconds(300) }) { gw in
+      try await Self.createTenants(gw, ["acme"])
+      let workerCert = try gw.pki.issue(tenant: "acme", role: .worker)
+      try await gw.withClient(try gw.pki.issue(tenant: "acme", role: .partner)) { client async throws in
+        let workflow = Workflow(wrapping: client)
+        let run = try await Self.dispatch(workflow, payload: "slow")
+        try await gw.withClient(workerCert) { workerClient async throws in
+          try await TestWorker.with(workerClient, types: ["export"], capacity: 1) { stalled in
+            let first = try await stalled.nextTask()
+            #expect(first.attempt == 1)
+            // No heartbeat: the lease expires, this worker is told, and the run is offered again,
+            // here to the same worker (the only one connected).
+            let revoked = try await stalled.next()
+            #expect(revoked.revoked.leaseID == first.leaseID)
+            #expect(revoked.revoked.reason == "LEASE_EXPIRED")
+            let second = try await stalled.nextTask()
+            #expect(second.runID == run.runID)
+            #expect(second.attempt == 2)
+            #expect(second.leaseID != first.leaseID)
+            // The first attempt's result arrives late and must not overwrite the second.
+            stalled.send(.with { $0.completed = .with { $0.leaseID = first.leaseID; $0.result = Data("stale".utf8) } })
+            let refused = try await stalled.nextAck()
+            #expect(!refused.accepted)
+            #expect(refused.message.contains("no longer held"))
+            stalled.send(.with { $0.completed = .with { $0.leaseID = second.leaseID; $0.result = Data("fresh".utf8) } })
+            #expect(try await stalled.nextAck().accepted)
+          }
+        }
+        let done = try await workflow.getRun(.with { $0.runID = run.runID }).run
+        #expect((done.state, done.result, done.attempt) == (.succeeded, Data("fresh".utf8), 2))
+      }
+    }
+  }
+
+  @Test func cancellingARunningRunTellsItsWorker() async throws {
+    try await TestGateway.run { gw in
+      try await Self.createTenants(gw, ["acme"])
+      try await gw.withClient(try gw.pki.issue(tenant: "acme", role: .partner)) { client async throws in
+        let workflow = Workflow(wrapping: client)
+        let run = try await Self.dispatch(workflow, payload: "long")
+        try await gw.withClient(try gw.pki.issue(tenant: "acme", role: .worker)) { workerClient async throws in
+          try await TestWorker.with(workerClient, types: ["export"], capacity: 1) { worker in
+            let task = try await worker.nextTask()
+            let cancelled = try await workflow.cancelRun(.with { $0.runID = run.runID; $0.reason = "customer withdrew" })
+            #expect(cancelled.run.state == .cancelled)
+            let revoked = try await worker.next()
+            #expect(revoked.revoked.leaseID == task.leaseID)
+            #expect(revoked.revoked.reason == "CANCELLED")
+            worker.send(.with { $0.completed = .with { $0.leaseID = task.leaseID } })
+            #expect(try await worker.nextAck().accepted == false)
+          }
+        }
+        #expect(try await workflow.getRun(.with { $0.runID = run.runID }).run.state == .cancelled)
+        #expect(await statusCode { try await workflow.cancelRun(.with { $0.runID = run.runID }) } == .failedPrecondition)
+        // A queued run is cancelled without any worker involved.
+        let queued = try await Self.dispatch(workflow, "nobody-runs-this")
+        #expect(try await workflow.cancelRun(.with { $0.runID = queued.runID }).run.state == .cancelled)
+      }
+    }
+  }
+
+  @Test func scheduledRunsStartWhenDueAndPrioritiesAreHonoured() async throws {
+    try await TestGateway.run { gw in
+      try await Self.createTenants(gw, ["acme"])
+      try await gw.withClient(try gw.pki.issue(tenant: "acme", role: .partner)) { client async throws in
+        let workflow = Workflow(wrapping: client)
+        let low = try await Self.dispatch(workflow, payload: "low", priority: -5)
+        let high = try await Self.dispatch(workflow, payload: "high", priority: 50)
+        try await gw.withClient(try gw.pki.issue(tenant: "acme", role: .worker)) { workerClient async throws in
+          try await TestWorker.with(workerClient, types: ["export"], capacity: 1) { worker in
+            let first = try await worker.nextTask()
+            #expect(first.runID == high.runID)
+            try await worker.complete(first)
+            let second = try await worker.nextTask()
+            #expect(second.runID == low.runID)
+            try await worker.complete(second)
+            // Nothing else is ready: a scheduled run reaches the idle worker at its due time, not
+            // before, and within a second of it.
+            let due = Date().addingTimeInterval(1)
+            let later = try await Self.dispatch(workflow, payload: "later", runAfter: due)
+            let third = try await worker.nextTask()
+            let received = Date()
+            #expect(third.runID == later.runID)
+            #expect(received >= due.addingTimeInterval(-0.05))
+            #expect(received < due.addingTimeInterval(1))
+            try await worker.complete(third)
+          }
+        }
+      }
+    }
+  }
+
+  @Test func workersOnlyEverSeeTheirOwnTenantsRuns() async throws {
+    try await TestGateway.run { gw in
+      try await Self.createTenants(gw, ["acme", "globex"])
+      let acmeRun = try await gw.withClient(try gw.pki.issue(tenant: "acme", role: .partner)) { client async throws in
+        try await Self.dispatch(Workflow(wrapping: client), payload: "acme-secret")
+      }
+      try await gw.withClient(try gw.pki.issue(tenant: "globex", role: .partner)) { client async throws in
+        let workflow = Workflow(wrapping: client)
+        #expect(await statusCode { try await workflow.getRun(.with { $0.runID = acmeRun.runID }) } == .notFound)
+        #expect(await statusCode { try await workflow.cancelRun(.with { $0.runID = acmeRun.runID }) } == .notFound)
+        #expect(try await workflow.listRuns(.init()).runs.isEmpty)
+        let globexRun = try await Self.dispatch(workflow, payload: "globex-own")
+        try await gw.withClient(try gw.pki.issue(tenant: "globex", role: .worker)) { workerClient async throws in
+          try await TestWorker.with(workerClient, types: ["export"], capacity: 4) { worker in
+            let task = try await worker.nextTask()
+            #expect(task.runID == globexRun.runID)
+            // acme's lease ids mean nothing on globex's stream.
+            try await worker.complete(task)
+          }
+        }
+      }
+      #expect(try await gw.strings("SELECT state FROM workflow_runs WHERE run_id = '\(acmeRun.runID)'") == ["queued"])
+    }
+  }
+
+  @Test func aPerTypeConcurrencyLimitHoldsAcrossWorkers() async throws {
+    try await TestGateway.run { gw in
+      try await Self.createTenants(gw, ["acme"], typeConcurrency: ["export": 1])
+      try await gw.withClient(try gw.pki.issue(tenant: "acme", role: .partner)) { client async throws in
+        let workflow = Workflow(wrapping: client)
+        for i in 0..<3 { _ = try await Self.dispatch(workflow, payload: "e\(i)") }
+        _ = try await Self.dispatch(workflow, "report", payload: "unlimited")
+        try await gw.withClient(try gw.pki.issue(tenant: "acme", role: .worker, name: "w1")) { c1 async throws in
+          try await gw.withClient(try gw.pki.issue(tenant: "acme", role: .worker, name: "w2")) { c2 async throws in
+            try await TestWorker.withWorkers([(c1, ["export", "report"], 4), (c2, ["export"], 4)]) { workers, inbox in
+              // Each task is completed as soon as it arrives; while one export runs, no worker may
+              // be handed another, though both have room. The report is not held up by the limit.
+              var exports = 0
+              var reports = 0
+              var acks = 0
+              while exports < 3 || reports < 1 || acks < 4 {
+                let (who, message) = try await inbox.next()
+                switch message.kind {
+                case .task(let task):
+                  if task.type == "export" {
+                    exports += 1
+                    #expect(try await gw.count("SELECT count(*) FROM workflow_runs WHERE type = 'export' AND state = 'running'") == 1)
+                  } else {
+                    reports += 1
+                  }
+                  workers[who].send(.with { $0.completed = .with { $0.leaseID = task.leaseID } })
+                case .ack(let ack):
+                  #expect(ack.accepted)
+                  acks += 1
+                default:
+                  Issue.record("unexpected message \(message)")
+                }
+              }
+            }
+          }
+        }
+        #expect(try await gw.count("SELECT count(*) FROM workflow_runs WHERE state = 'succeeded'") == 4)
+        let code = await statusCode {
+          try await gw.withClient(try gw.pki.issueOperator()) { c in
+            try await Tollgate_V1_TenantService.Client(wrapping: c).updateQuota(.with {
+              $0.tenantID = "acme"
+              $0.quota.workflowTypeConcurrency = ["export": 0, "bad type": 2]
+            })
+          }
+        }
+        #expect(code == .invalidArgument)
+      }
+    }
+  }
+}
+
+/// Messages from one or more worker streams, tagged with the worker's position.
+final class WorkerInbox {
+  var iterator: AsyncThrowingStream<(Int, Tollgate_V1_ServerMessage), any Error>.AsyncIterator
+
+  init(_ stream: AsyncThrowingStream<(Int, Tollgate_V1_ServerMessage), any Error>) {
+    iterator = stream.makeAsyncIterator()
+  }
+
+  func next() async throws -> (Int, Tollgate_V1_ServerMessage) {
+    guard let next = try await iterator.next() else { throw WorkerStreamEnded() }
+    return next
+  }
+}
+
+struct WorkerStreamEnded: Error {}
+
+/// A worker's Connect stream driven by a test: messages go out with ``send(_:)``, answers come in
+/// through the inbox.
+final class TestWorker {
+  let outbox: AsyncStream<Tollgate_V1_WorkerMessage>.Continuation
+  let inbox: WorkerInbox?
+
+  init(outbox: AsyncStream<Tollgate_V1_WorkerMessage>.Continuation, inbox: WorkerInbox?) {
+    self.outbox = outbox
+    self.inbox = inbox
+  }
+
+  func send(_ message: Tollgate_V1_WorkerMessage) { outbox.yield(message) }
+
+  func next() async throws -> Tollgate_V1_ServerMessage { try await inbox!.next().1 }
+
+  func nextTask() async throws -> Tollgate_V1_TaskAssignment {
+    let message = try await next()
+    guard case .task(let task) = message.kind else { throw UnexpectedMessage(message: message) }
+    return task
+  }
+
+  func nextAck() async throws -> Tollgate_V1_ResultAck {
+    let message = try await next()
+    guard case .ack(let ack) = message.kind else { throw UnexpectedMessage(message: message) }
+    return ack
+  }
+
+  /// Completes `task` and expects the completion to be recorded.
+  func complete(_ task: Tollgate_V1_TaskAssignment) async throws {
+    send(.with { $0.completed = .with { $0.leaseID = task.leaseID; $0.result = Data("ok".utf8) } })
+    let ack = try await nextAck()
+    #expect(ack.accepted && ack.leaseID == task.leaseID)
+  }
+
+  struct UnexpectedMessage: Error { let message: Tollgate_V1_ServerMessage }
+
+  /// One worker stream with its own inbox, closed (half-close, then the server's end) after `body`.
+  static func with<T: Sendable>(
+    _ client: GRPCClient<HTTP2ClientTransport.Posix>,
+    types: [String],
+    capacity: UInt32,
+    _ body: (TestWorker) async throws -> T
+  ) async throws -> T {
+    try await withWorkers([(client, types, capacity)]) { workers, inbox in
+      try await body(TestWorker(outbox: workers[0].outbox, inbox: inbox))
+    }
+  }
+
+  /// Several worker streams sharing one inbox.
+  static func withWorkers<T: Sendable>(
+    _ specs: [(GRPCClient<HTTP2ClientTransport.Posix>, [String], UInt32)],
+    _ body: ([TestWorker], WorkerInbox) async throws -> T
+  ) async throws -> T {
+    let (messages, received) = AsyncThrowingStream.makeStream(of: (Int, Tollgate_V1_ServerMessage).self)
+    var workers: [TestWorker] = []
+    var outboxes: [AsyncStream<Tollgate_V1_WorkerMessage>] = []
+    for (i, spec) in specs.enumerated() {
+      let (requests, outbox) = AsyncStream.makeStream(of: Tollgate_V1_WorkerMessage.self)
+      outbox.yield(.with {
+        $0.hello = .with {
+          $0.taskTypes = spec.1
+          $0.capacity = spec.2
+          $0.workerName = "test-worker-\(i)"
+        }
+      })
+      workers.append(TestWorker(outbox: outbox, inbox: nil))
+      outboxes.append(requests)
+    }
+    return try await withThrowingTaskGroup(of: Void.self) { group in
+      for (i, spec) in specs.enumerated() {
+        let requests = outboxes[i]
+        let client = spec.0
+        group.addTask {
+          do {
+            try await Tollgate_V1_WorkflowService.Client(wrapping: client).connect(
+              requestProducer: { writer in
+                for await message in requests { try await writer.write(message) }
+              },
+              onResponse: { response in
+                for try await message in response.messages { received.yield((i, message)) }
+              }
+            )
+          } catch {
+            received.finish(throwing: error)
+          }
+        }
+      }
+      let result: T
+      do {
+        result = try await body(workers, WorkerInbox(messages))
+      } catch {
+        for worker in workers { worker.outbox.finish() }
+        group.cancelAll()
+        throw error
+      }
+      for worker in workers { worker.outbox.finish() }
+      try await group.waitForAll()
+      return result
+    }
+  }
+}
