@@ -58,7 +58,7 @@ struct Audit: AsyncParsableCommand {
       var request = try filters.request()
       request.follow = follow
       let json = self.json
-      try await connection.withClient { client, metadata in
+      try await connection.withClient(longLived: follow) { client, metadata in
         try await AuditReader(client: client, metadata: metadata).records(request, options: .streaming) { record in
           // Written straight to the descriptor so a follower's lines appear as they arrive.
           FileHandle.standardOutput.write(Data((try Audit.line(record, json: json) + "\n").utf8))

@@ -12,7 +12,7 @@ struct Tollctl: AsyncParsableCommand {
   static let configuration = CommandConfiguration(
     commandName: "tollctl",
     abstract: "Tollgate's admin and client CLI.",
-    subcommands: [Certs.self, Tenants.self, Meters.self, Usage.self, Audit.self, Health.self]
+    subcommands: [Certs.self, Tenants.self, Meters.self, Usage.self, Audit.self, Runs.self, Worker.self, Health.self]
   )
 }
 
@@ -57,10 +57,13 @@ struct ConnectionOptions: ParsableArguments {
   }
 
   /// Runs `body` with a client; a gRPC failure prints its status and exits non-zero.
+  /// `longLived` calls (followers, workers) get no deadline; others get the default 30 s.
   func withClient<T: Sendable>(
+    longLived: Bool = false,
     _ body: (GRPCClient<HTTP2ClientTransport.Posix>, Metadata) async throws -> T
   ) async throws -> T {
-    let connection = try connection()
+    var connection = try connection()
+    if longLived { connection.defaultTimeout = nil }
     do {
       return try await connection.withClient { client in try await body(client, metadata) }
     } catch let error as RPCError {

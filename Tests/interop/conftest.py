@@ -52,7 +52,7 @@ def stubs(work_dir):
     assert rc == 0, "protoc failed"
     sys.path.insert(0, str(out))
     from tollgate.v1 import audit_service_pb2, audit_service_pb2_grpc, common_pb2, tenant_service_pb2, tenant_service_pb2_grpc
-    from tollgate.v1 import metering_service_pb2, metering_service_pb2_grpc
+    from tollgate.v1 import metering_service_pb2, metering_service_pb2_grpc, workflow_service_pb2, workflow_service_pb2_grpc
 
     class Stubs:
         common = common_pb2
@@ -62,6 +62,8 @@ def stubs(work_dir):
         audit_grpc = audit_service_pb2_grpc
         metering = metering_service_pb2
         metering_grpc = metering_service_pb2_grpc
+        workflow = workflow_service_pb2
+        workflow_grpc = workflow_service_pb2_grpc
 
     return Stubs
 
@@ -122,15 +124,17 @@ def metrics_url(gateway):
     return f"http://127.0.0.1:{Gateway.metrics_port}/metrics"
 
 
-def start_gateway(pki, app_url):
-    """Starts `tollgate serve` on free ports; returns (process, port, metrics port)."""
+def start_gateway(pki, app_url, extra_args=()):
+    """Starts `tollgate serve` on free ports; returns (process, port, metrics port). Failed workflow
+    attempts are retried after 50 ms (doubling), so retry tests take no time."""
     server = pki.root / "server"
     proc = subprocess.Popen(
         [_env("TOLLGATE_BIN"), "serve", "--listen", "127.0.0.1:0",
          "--tls-cert", str(server / "cert.pem"), "--tls-key", str(server / "key.pem"),
          "--client-ca", str(pki.root / "ca" / "ca.pem"), "--trust-domain", TRUST_DOMAIN,
          "--database-url", app_url, "--database-timeout-ms", "2000", "--max-message-bytes", "65536",
-         "--metrics-listen", "127.0.0.1:0", "--audit-signing-key", str(pki.root / "audit.key")],
+         "--metrics-listen", "127.0.0.1:0", "--audit-signing-key", str(pki.root / "audit.key"),
+         "--workflow-retry-base-ms", "50", *extra_args],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
     lines = queue.Queue()
