@@ -336,15 +336,18 @@ public enum Migrator {
         )
         """,
         // Runs as the caller (not SECURITY DEFINER), so row-level security applies to the history
-        // rows too. The notification wakes the tenant's idle workers and watchers on every replica
-        // once the change commits; identical payloads in one transaction are delivered once.
+        // rows too. The notification (`t <tenant> <state> <previous state or -> <type>`) reaches every
+        // replica once the change commits, waking the tenant's watchers and, when a run became
+        // ready or left RUNNING, its workers. Identical payloads in one transaction arrive once.
         """
         CREATE FUNCTION workflow_run_changed() RETURNS trigger LANGUAGE plpgsql AS $$
         BEGIN
           INSERT INTO workflow_run_events (tenant_id, run_id, previous_state, state, attempt, last_error)
           VALUES (NEW.tenant_id, NEW.run_id, CASE WHEN TG_OP = 'UPDATE' THEN OLD.state END, NEW.state,
                   NEW.attempt, NEW.last_error);
-          PERFORM pg_notify('tollgate_workflow', 't ' || NEW.tenant_id);
+          PERFORM pg_notify('tollgate_workflow',
+            't ' || NEW.tenant_id || ' ' || NEW.state || ' ' || CASE WHEN TG_OP = 'UPDATE' THEN OLD.state ELSE '-' END
+            || ' ' || NEW.type);
           RETURN NULL;
         END
         $$

@@ -244,12 +244,24 @@ public struct WorkflowRepository: Sendable {
     /// When the next run of these types becomes ready (scheduled or backing off), if the claim
     /// came up short and one is waiting.
     public var nextDue: Date?
+    /// A per-type concurrency limit kept this claim from taking runs of some type.
+    public var heldBackByLimit: Bool
   }
+
+  static let readyRuns = """
+    FROM workflow_runs
+    WHERE state IN ('queued', 'failed') AND run_after <= now()
+    """
+  static let bestFirst = "ORDER BY priority DESC, run_after, seq"
 
   /// Leases up to `limit` ready runs of `types`, best first (priority, then due time, then
   /// dispatch order), skipping rows other claimers hold. Types with a per-type concurrency limit
   /// in the tenant's quota are claimed under a per-(tenant, type) advisory lock, so the limit
   /// holds across every worker and replica.
+  ///
+  /// The common case (none of the worker's types is limited) is one statement to pick and one to
+  /// lease: the pick also reads the tenant's limits, and only if one applies does the claim take
+  /// the locks and pick again.
   public func claim(
     _ tenant: TenantID,
     types: [String],
@@ -259,60 +271,32 @@ public struct WorkflowRepository: Sendable {
     logger: Logger
   ) async throws(StoreError) -> Claim {
     let leaseMillis = leaseTimeout.milliseconds
-    return try await database.withTenant(tenant, logger: logger) { connection in
-      var limits: [String: Int] = [:]
-      for try await (type, max) in try await connection.query(
+    return try await database.withTenant(tenant, mutation: true, logger: logger) { connection in
+      var picked: [UUID] = []
+      var limitsText = "{}"
+      for try await (id, limits) in try await connection.query(
         """
-        SELECT key, value::integer FROM tenants,
-          jsonb_each_text(coalesce(quota->'workflowTypeConcurrency', '{}'::jsonb))
-        WHERE key = ANY(\(types)::text[])
+        SELECT run_id, (SELECT coalesce(quota->'workflowTypeConcurrency', '{}'::jsonb)::text FROM tenants)
+        \(unescaped: Self.readyRuns) AND type = ANY(\(types)::text[])
+        \(unescaped: Self.bestFirst) LIMIT \(limit) FOR UPDATE SKIP LOCKED
         """,
         logger: logger
-      ).decode((String, Int).self) {
-        limits[type] = max
+      ).decode((UUID, String).self) {
+        picked.append(id)
+        limitsText = limits
       }
-      var room: [String: Int] = [:]
-      for type in limits.keys.sorted() {
-        // Sorted, so two claimers never wait on each other's locks in opposite orders.
-        try await connection.query(
-          "SELECT pg_advisory_xact_lock(hashtextextended(\(tenant.rawValue + "/" + type), 7707))",
+      let allLimits = (try? JSONDecoder().decode([String: Int].self, from: Data(limitsText.utf8))) ?? [:]
+      let limits = allLimits.filter { types.contains($0.key) }
+      var heldBack = false
+      if !limits.isEmpty {
+        (picked, heldBack) = try await Self.pickWithinLimits(
+          tenant,
+          types: types,
+          limits: limits,
+          limit: limit,
+          connection: connection,
           logger: logger
         )
-        let running = try await connection.query(
-          "SELECT count(*)::integer FROM workflow_runs WHERE state = 'running' AND type = \(type)",
-          logger: logger
-        ).decode(Int.self)
-        var count = 0
-        for try await n in running { count = n }
-        room[type] = max(0, limits[type]! - count)
-      }
-      var eligible = types.filter { room[$0] ?? 1 > 0 }
-      var picked: [UUID] = []
-      while picked.count < limit && !eligible.isEmpty {
-        let rows = try await connection.query(
-          """
-          SELECT run_id, type FROM workflow_runs
-          WHERE state IN ('queued', 'failed') AND type = ANY(\(eligible)::text[]) AND run_after <= now()
-            AND NOT (run_id = ANY(\(picked)::uuid[]))
-          ORDER BY priority DESC, run_after, seq
-          LIMIT \(limit - picked.count) FOR UPDATE SKIP LOCKED
-          """,
-          logger: logger
-        )
-        var exhausted = false
-        var sawAny = false
-        for try await (id, type) in rows.decode((UUID, String).self) {
-          sawAny = true
-          if let left = room[type] {
-            guard left > 0 else { exhausted = true; continue }
-            room[type] = left - 1
-            if left - 1 == 0 { exhausted = true }
-          }
-          picked.append(id)
-        }
-        // Another round only helps when a limited type filled up and left room for the others.
-        guard sawAny, exhausted else { break }
-        eligible = eligible.filter { room[$0] ?? 1 > 0 }
       }
       var leases: [Lease] = []
       if !picked.isEmpty {
@@ -331,7 +315,7 @@ public struct WorkflowRepository: Sendable {
         for try await row in rows {
           leases.append(Lease(leaseID: try row.makeRandomAccess()["lease"].decode(UUID.self), run: try Self.decodeRun(row)))
         }
-        // Best first, as chosen (UPDATE ... RETURNING has no order).
+        // Best first, as picked (UPDATE ... RETURNING has no order).
         let order = Dictionary(uniqueKeysWithValues: picked.enumerated().map { ($1, $0) })
         leases.sort { order[$0.run.id]! < order[$1.run.id]! }
       }
@@ -347,8 +331,66 @@ public struct WorkflowRepository: Sendable {
           nextDue = due
         }
       }
-      return Claim(leases: leases, nextDue: nextDue)
+      return Claim(leases: leases, nextDue: nextDue, heldBackByLimit: heldBack)
     }
+  }
+
+  /// Picks again, honouring per-type limits: under each limited type's advisory lock (taken in
+  /// name order, so two claimers never wait on each other in opposite orders), a type takes at
+  /// most its limit minus the runs of it already RUNNING.
+  static func pickWithinLimits(
+    _ tenant: TenantID,
+    types: [String],
+    limits: [String: Int],
+    limit: Int,
+    connection: PostgresConnection,
+    logger: Logger
+  ) async throws -> (picked: [UUID], heldBack: Bool) {
+    var room: [String: Int] = [:]
+    for type in limits.keys.sorted() {
+      try await connection.query(
+        "SELECT pg_advisory_xact_lock(hashtextextended(\(tenant.rawValue + "/" + type), 7707))",
+        logger: logger
+      )
+      var running = 0
+      for try await n in try await connection.query(
+        "SELECT count(*)::integer FROM workflow_runs WHERE state = 'running' AND type = \(type)",
+        logger: logger
+      ).decode(Int.self) {
+        running = n
+      }
+      room[type] = max(0, limits[type]! - running)
+    }
+    var heldBack = room.values.contains(0)
+    var eligible = types.filter { room[$0] ?? 1 > 0 }
+    var picked: [UUID] = []
+    while picked.count < limit && !eligible.isEmpty {
+      // Rows this transaction already locked are not skipped by its own SKIP LOCKED.
+      let rows = try await connection.query(
+        """
+        SELECT run_id, type \(unescaped: readyRuns)
+          AND type = ANY(\(eligible)::text[]) AND NOT (run_id = ANY(\(picked)::uuid[]))
+        \(unescaped: bestFirst) LIMIT \(limit - picked.count) FOR UPDATE SKIP LOCKED
+        """,
+        logger: logger
+      )
+      var filled = false
+      var sawAny = false
+      for try await (id, type) in rows.decode((UUID, String).self) {
+        sawAny = true
+        if let left = room[type] {
+          guard left > 0 else { continue }
+          room[type] = left - 1
+          if left == 1 { filled = true }
+        }
+        picked.append(id)
+      }
+      // Another round only helps when a limited type filled up and left room for the others.
+      guard sawAny, filled else { break }
+      heldBack = true
+      eligible = eligible.filter { room[$0] ?? 1 > 0 }
+    }
+    return (picked, heldBack)
   }
 
   /// Extends the listed leases; returns those still live (the rest expired or were revoked).

@@ -4,19 +4,33 @@ public import TollgateModel
 
 /// Fans the workflow notification channel out to this replica's worker streams and watchers.
 ///
-/// `t <tenant>`: a run of the tenant changed state (dispatched, approved, finished, re-queued),
-/// so its idle workers should try a claim and its watchers re-read. `r <tenant> <lease> <reason>`:
-/// a lease ended (cancelled, expired), so whichever stream holds it tells its worker. A nil
-/// payload (the listener reconnected and may have missed some) wakes everyone.
+/// `t <tenant> <state> <previous> <type>`: a run of the tenant changed state. Watchers re-read. A
+/// run that became QUEUED or FAILED (ready now or later) wakes one worker for its type with room,
+/// taking turns, so one dispatch costs one claim here rather than one per connected worker; a
+/// worker whose claim filled its room passes the turn on, since more may be ready. A run that
+/// left RUNNING frees a slot of its type's concurrency limit, so it wakes the workers a limit
+/// held back.
+/// `r <tenant> <lease> <reason>`: a lease ended (cancelled, expired); whichever stream holds it
+/// tells its worker. A nil payload (the listener reconnected and may have missed some) wakes all.
 public final class WorkflowHub: Sendable {
+  public enum Kind: Sendable {
+    case watcher
+    /// `wantsWork` says whether the worker has room for a run of the type (nil: any of its
+    /// types); `heldBackByLimit` whether its last claim left ready runs behind because of a
+    /// per-type limit.
+    case worker(wantsWork: @Sendable (String?) -> Bool, heldBackByLimit: @Sendable () -> Bool)
+  }
+
   private struct Subscriber {
-    let tenant: TenantID
+    let kind: Kind
     let wake: AsyncStream<Void>.Continuation
     let revoke: AsyncStream<Revocation>.Continuation
   }
   private struct State {
     var next = 0
     var subscribers: [TenantID: [Int: Subscriber]] = [:]
+    /// Per tenant, the worker id that was woken last (the turn passes in id order).
+    var lastWoken: [TenantID: Int] = [:]
   }
   private let state = Mutex(State())
 
@@ -32,12 +46,14 @@ public final class WorkflowHub: Sendable {
   /// are all kept. Subscribe before the first read, so a change between a read and the wait
   /// still wakes.
   public final class Subscription: Sendable {
+    let id: Int
     public let wakes: AsyncStream<Void>
     public let revocations: AsyncStream<Revocation>
     let wakeContinuation: AsyncStream<Void>.Continuation
     let revokeContinuation: AsyncStream<Revocation>.Continuation
 
-    init() {
+    init(id: Int) {
+      self.id = id
       (wakes, wakeContinuation) = AsyncStream.makeStream(of: Void.self, bufferingPolicy: .bufferingNewest(1))
       (revocations, revokeContinuation) = AsyncStream.makeStream(of: Revocation.self)
     }
@@ -52,24 +68,54 @@ public final class WorkflowHub: Sendable {
     }
   }
 
-  public func subscribe(_ tenant: TenantID) -> Subscription {
-    let subscription = Subscription()
+  public func subscribe(_ tenant: TenantID, as kind: Kind) -> Subscription {
     let id = state.withLock { state -> Int in
       state.next += 1
-      state.subscribers[tenant, default: [:]][state.next] = Subscriber(
-        tenant: tenant,
+      return state.next
+    }
+    let subscription = Subscription(id: id)
+    state.withLock { state in
+      state.subscribers[tenant, default: [:]][id] = Subscriber(
+        kind: kind,
         wake: subscription.wakeContinuation,
         revoke: subscription.revokeContinuation
       )
-      return state.next
     }
     subscription.wakeContinuation.onTermination = { [weak self] _ in
       self?.state.withLock { state in
         state.subscribers[tenant]?[id] = nil
-        if state.subscribers[tenant]?.isEmpty == true { state.subscribers[tenant] = nil }
+        if state.subscribers[tenant]?.isEmpty == true {
+          state.subscribers[tenant] = nil
+          state.lastWoken[tenant] = nil
+        }
       }
     }
     return subscription
+  }
+
+  /// Wakes the next of `tenant`'s workers in turn that has room for a run of `type` (nil: of
+  /// any type), other than `except`. True if one was woken.
+  @discardableResult
+  public func wakeNextWorker(_ tenant: TenantID, type: String?, except: Subscription? = nil) -> Bool {
+    let target = state.withLock { state -> AsyncStream<Void>.Continuation? in
+      guard let subscribers = state.subscribers[tenant] else { return nil }
+      let workers = subscribers.filter { if case .worker = $0.value.kind { return true } else { return false } }
+        .sorted { $0.key < $1.key }
+      guard !workers.isEmpty else { return nil }
+      let last = state.lastWoken[tenant] ?? 0
+      let start = workers.firstIndex { $0.key > last } ?? 0
+      for offset in 0..<workers.count {
+        let (id, subscriber) = workers[(start + offset) % workers.count]
+        if id == except?.id { continue }
+        if case .worker(let wantsWork, _) = subscriber.kind, wantsWork(type) {
+          state.lastWoken[tenant] = id
+          return subscriber.wake
+        }
+      }
+      return nil
+    }
+    target?.yield()
+    return target != nil
   }
 
   public func notify(payload: String?) {
@@ -82,7 +128,19 @@ public final class WorkflowHub: Sendable {
     let targets = state.withLock { Array(($0.subscribers[tenant] ?? [:]).values) }
     switch parts[0] {
     case "t":
-      for subscriber in targets { subscriber.wake.yield() }
+      let newState = parts.count > 2 ? RunState(rawValue: String(parts[2])) : nil
+      let previous = parts.count > 3 ? RunState(rawValue: String(parts[3])) : nil
+      for subscriber in targets {
+        switch subscriber.kind {
+        case .watcher:
+          subscriber.wake.yield()
+        case .worker(_, let heldBackByLimit):
+          if previous == .running && heldBackByLimit() { subscriber.wake.yield() }
+        }
+      }
+      if newState == .queued || newState == .failed || newState == nil {
+        wakeNextWorker(tenant, type: parts.count > 4 ? String(parts[4]) : nil)
+      }
     case "r":
       guard parts.count >= 4, let lease = UUID(uuidString: String(parts[2])) else { return }
       let revocation = Revocation(lease: lease, reason: String(parts[3]))

@@ -127,7 +127,7 @@ extension WorkflowService: Tollgate_V1_WorkflowService.SimpleServiceProtocol {
       let tenant = try actingTenant()
       let id = try WorkflowMapping.runID(request.runID)
       // Subscribed before the first read, so a change between a read and the wait still wakes us.
-      let subscription = hub.subscribe(tenant)
+      let subscription = hub.subscribe(tenant, as: .watcher)
       defer { subscription.cancel() }
       var wakes = subscription.wakes.makeAsyncIterator()
       var after: Int64 = 0
@@ -160,8 +160,15 @@ extension WorkflowService: Tollgate_V1_WorkflowService.SimpleServiceProtocol {
     try await handling("Connect") {
       let tenant = try actingTenant()
       let session = WorkerSession()
-      let subscription = hub.subscribe(tenant)
-      defer { subscription.cancel() }
+      let subscription = hub.subscribe(
+        tenant,
+        as: .worker(wantsWork: { session.wants($0) }, heldBackByLimit: { session.heldBackByLimit })
+      )
+      defer {
+        subscription.cancel()
+        // A wake-up this stream took but can no longer act on goes to the next worker.
+        hub.wakeNextWorker(tenant, type: nil)
+      }
       let (outbound, out) = AsyncStream.makeStream(of: Tollgate_V1_ServerMessage.self)
       let (hello, helloSent) = AsyncStream.makeStream(of: Void.self, bufferingPolicy: .bufferingNewest(1))
       try await withThrowingTaskGroup(of: Part.self) { group in
@@ -339,7 +346,9 @@ extension WorkflowService: Tollgate_V1_WorkflowService.SimpleServiceProtocol {
           leaseTimeout: leaseTimeout,
           logger: logger
         )
-        session.hold(claim.leases.map(\.leaseID))
+        session.hold(claim.leases.map(\.leaseID), heldBackByLimit: claim.heldBackByLimit)
+        // A full claim may have left more ready runs: let the next worker with room look.
+        if claim.leases.count == free { hub.wakeNextWorker(tenant, type: nil, except: subscription) }
         for lease in claim.leases {
           out.yield(.with {
             $0.task = .with {
@@ -377,6 +386,7 @@ final class WorkerSession: Sendable {
     var name = ""
     var held: Set<UUID> = []
     var closed = false
+    var heldBackByLimit = false
   }
   private let state = Mutex(State())
 
@@ -399,8 +409,20 @@ final class WorkerSession: Sendable {
 
   var heldLeases: [UUID] { state.withLock { Array($0.held) } }
 
-  func hold(_ leases: [UUID]) {
-    state.withLock { $0.held.formUnion(leases) }
+  func hold(_ leases: [UUID], heldBackByLimit: Bool) {
+    state.withLock {
+      $0.held.formUnion(leases)
+      $0.heldBackByLimit = heldBackByLimit
+    }
+  }
+
+  var heldBackByLimit: Bool { state.withLock { $0.heldBackByLimit } }
+
+  /// Whether a ready run of `type` (nil: of any type) is worth a claim by this worker.
+  func wants(_ type: String?) -> Bool {
+    state.withLock { s in
+      !s.closed && s.capacity > s.held.count && (type.map { s.types.contains($0) } ?? true)
+    }
   }
 
   /// True if this stream held `lease`.

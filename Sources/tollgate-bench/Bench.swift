@@ -26,7 +26,7 @@ struct TollgateBench: AsyncParsableCommand {
   static let configuration = CommandConfiguration(
     commandName: "tollgate-bench",
     abstract: "Tollgate benchmarks (run through tools/bench, which starts PostgreSQL).",
-    subcommands: [AuditBench.self, IngestBench.self, QueryBench.self]
+    subcommands: [AuditBench.self, IngestBench.self, QueryBench.self, WorkflowBench.self]
   )
 }
 
