@@ -417,22 +417,26 @@ public struct WorkflowRepository: Sendable {
     }
   }
 
-  /// Records a successful attempt. False when the lease is no longer live (expired, cancelled):
-  /// then nothing changes, so a late result never overwrites a newer attempt.
-  public func complete(_ tenant: TenantID, lease: UUID, result: [UInt8], logger: Logger) async throws(StoreError) -> Bool {
-    try await database.withTenant(tenant, logger: logger) { connection in
+  /// Records successful attempts, in one transaction. Returns the leases that were live; a lease
+  /// that is not (expired, cancelled) changes nothing, so a late result never overwrites a newer
+  /// attempt.
+  public func complete(_ tenant: TenantID, results: [(lease: UUID, result: [UInt8])], logger: Logger) async throws(StoreError) -> Set<UUID> {
+    guard !results.isEmpty else { return [] }
+    let leases = results.map(\.lease)
+    let bytes = results.map { ByteBuffer(bytes: $0.result) }
+    return try await database.withTenant(tenant, logger: logger) { connection in
       let rows = try await connection.query(
         """
-        UPDATE workflow_runs
-        SET state = 'succeeded', result = \(ByteBuffer(bytes: result)), lease_id = NULL, lease_expires = NULL,
-            update_time = now()
-        WHERE lease_id = \(lease) AND state = 'running'
-        RETURNING run_id
+        UPDATE workflow_runs r
+        SET state = 'succeeded', result = c.result, lease_id = NULL, lease_expires = NULL, update_time = now()
+        FROM unnest(\(leases)::uuid[], \(bytes)::bytea[]) AS c(lease, result)
+        WHERE r.lease_id = c.lease AND r.state = 'running'
+        RETURNING c.lease
         """,
         logger: logger
       )
-      var completed = false
-      for try await _ in rows { completed = true }
+      var completed = Set<UUID>()
+      for try await lease in rows.decode(UUID.self) { completed.insert(lease) }
       return completed
     }
   }

@@ -173,12 +173,37 @@ extension WorkflowService: Tollgate_V1_WorkflowService.SimpleServiceProtocol {
       let (hello, helloSent) = AsyncStream.makeStream(of: Void.self, bufferingPolicy: .bufferingNewest(1))
       try await withThrowingTaskGroup(of: Part.self) { group in
         // The worker's messages, in order, until the worker closes its side.
+        let inbox = WorkerInbox()
+        group.addTask {
+          do {
+            for try await message in request { inbox.put(message) }
+            inbox.close(nil)
+          } catch {
+            inbox.close(error)
+          }
+          return .other
+        }
+        // The worker's messages in order, a batch at a time: completions that arrived together
+        // are committed together, each answered with its own ack.
         group.addTask {
           var first = true
-          for try await message in request {
-            try await handle(message, first: first, tenant: tenant, session: session, out: out, subscription: subscription)
-            if first { helloSent.yield() }
-            first = false
+          while let batch = try await inbox.take() {
+            var i = 0
+            while i < batch.count {
+              if !first, case .completed = batch[i].kind {
+                var completions: [Tollgate_V1_TaskCompleted] = []
+                while i < batch.count, case .completed(let completed) = batch[i].kind {
+                  completions.append(completed)
+                  i += 1
+                }
+                try await complete(completions, tenant: tenant, session: session, out: out, subscription: subscription)
+                continue
+              }
+              try await handle(batch[i], first: first, tenant: tenant, session: session, out: out, subscription: subscription)
+              if first { helloSent.yield() }
+              first = false
+              i += 1
+            }
           }
           return .reader
         }
@@ -275,13 +300,7 @@ extension WorkflowService: Tollgate_V1_WorkflowService.SimpleServiceProtocol {
         })
       }
     case .completed(let completed):
-      let lease = try WorkflowMapping.leaseID(completed.leaseID, field: "completed.lease_id")
-      if completed.result.count > WorkflowMapping.maxResultBytes {
-        out.yield(ack(lease, accepted: false, "the result is \(completed.result.count) bytes; at most \(WorkflowMapping.maxResultBytes) are stored. Report a failure or a smaller result"))
-        return
-      }
-      let recorded = try await repository.complete(tenant, lease: lease, result: Array(completed.result), logger: logger)
-      finish(lease, recorded: recorded, session: session, out: out, subscription: subscription)
+      try await complete([completed], tenant: tenant, session: session, out: out, subscription: subscription)
     case .failed(let failed):
       let lease = try WorkflowMapping.leaseID(failed.leaseID, field: "failed.lease_id")
       let error = String(failed.error.prefix(WorkflowMapping.maxErrorCharacters))
@@ -296,6 +315,32 @@ extension WorkflowService: Tollgate_V1_WorkflowService.SimpleServiceProtocol {
       finish(lease, recorded: state != nil, session: session, out: out, subscription: subscription)
     case nil:
       throw TollgateError.invalidField("kind", "a worker message needs one of hello, heartbeat, completed, failed")
+    }
+  }
+
+  /// Records completions in one transaction and acks each, in order.
+  func complete(
+    _ completions: [Tollgate_V1_TaskCompleted],
+    tenant: TenantID,
+    session: WorkerSession,
+    out: AsyncStream<Tollgate_V1_ServerMessage>.Continuation,
+    subscription: WorkflowHub.Subscription
+  ) async throws {
+    let leases = try completions.map { try WorkflowMapping.leaseID($0.leaseID, field: "completed.lease_id") }
+    var results: [(UUID, [UInt8])] = []
+    var seen = Set<UUID>()
+    for (lease, completed) in zip(leases, completions)
+    where completed.result.count <= WorkflowMapping.maxResultBytes && seen.insert(lease).inserted {
+      results.append((lease, Array(completed.result)))
+    }
+    var recorded = try await repository.complete(tenant, results: results, logger: logger)
+    for (lease, completed) in zip(leases, completions) {
+      if completed.result.count > WorkflowMapping.maxResultBytes {
+        out.yield(ack(lease, accepted: false, "the result is \(completed.result.count) bytes; at most \(WorkflowMapping.maxResultBytes) are stored. Report a failure or a smaller result"))
+        continue
+      }
+      // A lease completed twice in one batch: only the first counts.
+      finish(lease, recorded: recorded.remove(lease) != nil, session: session, out: out, subscription: subscription)
     }
   }
 
@@ -374,6 +419,53 @@ extension WorkflowService: Tollgate_V1_WorkflowService.SimpleServiceProtocol {
         }
       }
       guard await wakes.next() != nil else { return }
+    }
+  }
+}
+
+/// A worker's messages as they arrive, taken by the processor a batch at a time (all that came
+/// while it was busy), so completions that arrive together can commit together.
+final class WorkerInbox: Sendable {
+  private struct State {
+    var messages: [Tollgate_V1_WorkerMessage] = []
+    var ended = false
+    var failure: (any Error)?
+  }
+  private let state = Mutex(State())
+  private let signal: AsyncStream<Void>
+  private let signaller: AsyncStream<Void>.Continuation
+
+  init() {
+    (signal, signaller) = AsyncStream.makeStream(of: Void.self, bufferingPolicy: .bufferingNewest(1))
+  }
+
+  func put(_ message: Tollgate_V1_WorkerMessage) {
+    state.withLock { $0.messages.append(message) }
+    signaller.yield()
+  }
+
+  /// The worker's side ended, normally (nil) or with `error`.
+  func close(_ error: (any Error)?) {
+    state.withLock {
+      $0.ended = true
+      $0.failure = error
+    }
+    signaller.yield()
+  }
+
+  /// Every message not yet taken; nil once the worker's side has ended and all were taken.
+  /// One consumer only.
+  func take() async throws -> [Tollgate_V1_WorkerMessage]? {
+    var wakes = signal.makeAsyncIterator()
+    while true {
+      let (batch, ended, failure) = state.withLock { s -> ([Tollgate_V1_WorkerMessage], Bool, (any Error)?) in
+        defer { s.messages = [] }
+        return (s.messages, s.ended, s.failure)
+      }
+      if !batch.isEmpty { return batch }
+      if let failure { throw failure }
+      if ended { return nil }
+      guard await wakes.next() != nil else { throw CancellationError() }
     }
   }
 }

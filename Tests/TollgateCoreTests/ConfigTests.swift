@@ -40,6 +40,21 @@ import TollgateModel
     #expect(config.database.password == "secret")
     #expect(config.ingestMaxBatch == 1_000)
     #expect(config.usageLateArrival == .seconds(7 * 86_400))
+    #expect(config.workflowLeaseTimeout == .seconds(30))
+    #expect(config.workflowRetryBase == .seconds(1))
+  }
+
+  @Test func workflowSettingsAreReadAndChecked() throws {
+    var flags = complete
+    flags["workflow-lease-timeout-ms"] = "2500"
+    let config = try ConfigResolver(flags: flags, environment: ["TOLLGATE_WORKFLOW_RETRY_BASE_MS": "40"]).gatewayConfig()
+    #expect(config.workflowLeaseTimeout == .milliseconds(2_500))
+    #expect(config.workflowRetryBase == .milliseconds(40))
+    flags["workflow-lease-timeout-ms"] = "10"
+    #expect(message(flags)?.contains("--workflow-lease-timeout-ms") == true)
+    flags["workflow-lease-timeout-ms"] = nil
+    flags["workflow-retry-base-ms"] = "soon"
+    #expect(message(flags)?.contains("--workflow-retry-base-ms") == true)
   }
 
   @Test func meteringSettingsAreReadAndChecked() throws {

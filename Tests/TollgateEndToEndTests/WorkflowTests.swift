@@ -358,6 +358,32 @@ import TollgateProtos
     }
   }
 
+  @Test func drainEndsWorkerStreamsWithUnavailableAndLeavesTheirLeases() async throws {
+    try await TestGateway.run { gw in
+      try await Self.createTenants(gw, ["acme"])
+      let run = try await gw.withClient(try gw.pki.issue(tenant: "acme", role: .partner)) { client async throws in
+        try await Self.dispatch(Workflow(wrapping: client), payload: "held over a drain")
+      }
+      try await gw.withClient(try gw.pki.issue(tenant: "acme", role: .worker)) { workerClient async throws in
+        try await TestWorker.with(workerClient, types: ["export"], capacity: 1) { worker in
+          let task = try await worker.nextTask()
+          #expect(task.runID == run.runID)
+          await gw.beginShutdown()
+          do {
+            let message = try await worker.next()
+            Issue.record("the worker stream went on during the drain: \(message)")
+          } catch let error as RPCError {
+            #expect(error.code == .unavailable)
+            #expect(error.message.contains("reconnect"))
+          }
+        }
+      }
+      // The lease is the attempt's, not the stream's: still held, to be completed after a
+      // reconnect or to expire.
+      #expect(try await gw.strings("SELECT state FROM workflow_runs WHERE run_id = '\(run.runID)'") == ["running"])
+    }
+  }
+
   @Test func aPerTypeConcurrencyLimitHoldsAcrossWorkers() async throws {
     try await TestGateway.run { gw in
       try await Self.createTenants(gw, ["acme"], typeConcurrency: ["export": 1])
