@@ -335,19 +335,40 @@ public enum Migrator {
           PRIMARY KEY (tenant_id, run_id, event_seq)
         )
         """,
+        // Who is watching which run (WatchRun), so that state changes nobody needs to hear of
+        // (a claim, a completion) send no notification: a transaction that notifies takes a
+        // database-wide lock through its commit, which would serialise every claim and completion.
+        """
+        CREATE TABLE workflow_watches (
+          tenant_id text NOT NULL,
+          run_id uuid NOT NULL,
+          watch_id uuid NOT NULL,
+          create_time timestamptz NOT NULL DEFAULT now(),
+          PRIMARY KEY (tenant_id, run_id, watch_id)
+        )
+        """,
         // Runs as the caller (not SECURITY DEFINER), so row-level security applies to the history
-        // rows too. The notification (`t <tenant> <state> <previous state or -> <type>`) reaches every
-        // replica once the change commits, waking the tenant's watchers and, when a run became
-        // ready or left RUNNING, its workers. Identical payloads in one transaction arrive once.
+        // rows too. The notification (`t <tenant> <state> <previous state or -> <type>`) reaches
+        // every replica once the change commits. It is sent when a run became ready (QUEUED, or
+        // FAILED and due later), when a run left RUNNING and its type has a concurrency limit
+        // (a slot freed), and when someone watches the run; identical payloads in one transaction
+        // arrive once.
         """
         CREATE FUNCTION workflow_run_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+        DECLARE
+          previous text := CASE WHEN TG_OP = 'UPDATE' THEN OLD.state END;
         BEGIN
           INSERT INTO workflow_run_events (tenant_id, run_id, previous_state, state, attempt, last_error)
-          VALUES (NEW.tenant_id, NEW.run_id, CASE WHEN TG_OP = 'UPDATE' THEN OLD.state END, NEW.state,
-                  NEW.attempt, NEW.last_error);
-          PERFORM pg_notify('tollgate_workflow',
-            't ' || NEW.tenant_id || ' ' || NEW.state || ' ' || CASE WHEN TG_OP = 'UPDATE' THEN OLD.state ELSE '-' END
-            || ' ' || NEW.type);
+          VALUES (NEW.tenant_id, NEW.run_id, previous, NEW.state, NEW.attempt, NEW.last_error);
+          IF NEW.state IN ('queued', 'failed')
+             OR (previous = 'running' AND EXISTS (
+                   SELECT 1 FROM tenants
+                   WHERE tenant_id = NEW.tenant_id AND quota->'workflowTypeConcurrency' ? NEW.type))
+             OR EXISTS (SELECT 1 FROM workflow_watches WHERE tenant_id = NEW.tenant_id AND run_id = NEW.run_id)
+          THEN
+            PERFORM pg_notify('tollgate_workflow',
+              't ' || NEW.tenant_id || ' ' || NEW.state || ' ' || coalesce(previous, '-') || ' ' || NEW.type);
+          END IF;
           RETURN NULL;
         END
         $$
@@ -360,9 +381,10 @@ public enum Migrator {
         CREATE TRIGGER workflow_run_updated AFTER UPDATE OF state ON workflow_runs
           FOR EACH ROW WHEN (OLD.state IS DISTINCT FROM NEW.state) EXECUTE FUNCTION workflow_run_changed()
         """,
-      ] + tenantOwned("workflow_runs") + tenantOwned("workflow_run_events") + [
+      ] + tenantOwned("workflow_runs") + tenantOwned("workflow_run_events") + tenantOwned("workflow_watches") + [
         "GRANT SELECT, INSERT, UPDATE ON workflow_runs TO tollgate_tenant, tollgate_platform",
         "GRANT SELECT, INSERT ON workflow_run_events TO tollgate_tenant, tollgate_platform",
+        "GRANT SELECT, INSERT, DELETE ON workflow_watches TO tollgate_tenant, tollgate_platform",
       ]
     ),
   ]

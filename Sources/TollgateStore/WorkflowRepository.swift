@@ -206,6 +206,34 @@ public struct WorkflowRepository: Sendable {
     }
   }
 
+  /// Registers a watcher of run `id`, so its state changes are announced. The run's row is
+  /// share-locked first: a change in flight commits before the watch does (and the watcher's first
+  /// read sees it), or starts after and sees the watch (and announces itself).
+  public func watch(_ tenant: TenantID, id: UUID, logger: Logger) async throws(StoreError) -> UUID {
+    let watch = UUID()
+    try await database.withTenant(tenant, logger: logger) { connection in
+      var exists = false
+      for try await _ in try await connection.query(
+        "SELECT 1 FROM workflow_runs WHERE run_id = \(id) FOR SHARE",
+        logger: logger
+      ) {
+        exists = true
+      }
+      guard exists else { throw StoreError.notFound("run \(id.uuidString.lowercased()) does not exist") }
+      try await connection.query(
+        "INSERT INTO workflow_watches (tenant_id, run_id, watch_id) VALUES (\(tenant.rawValue), \(id), \(watch))",
+        logger: logger
+      )
+    }
+    return watch
+  }
+
+  public func unwatch(_ tenant: TenantID, id: UUID, watch: UUID, logger: Logger) async throws(StoreError) {
+    try await database.withTenant(tenant, logger: logger) { connection in
+      try await connection.query("DELETE FROM workflow_watches WHERE run_id = \(id) AND watch_id = \(watch)", logger: logger)
+    }
+  }
+
   /// The run and its recorded state changes after `after` (0: all), oldest first.
   public func history(
     _ tenant: TenantID,
@@ -476,7 +504,8 @@ public struct WorkflowRepository: Sendable {
 
   /// Ends leases whose worker stopped heartbeating, across all tenants: the run is offered again
   /// at once while attempts remain, and is DEAD otherwise. The lease's holder, if still
-  /// connected, is told. Returns how many expired.
+  /// connected, is told. Returns how many expired. Also drops watches a crashed replica left on
+  /// finished runs.
   public func expireLeases(batch: Int = 500, logger: Logger) async throws(StoreError) -> Int {
     try await database.withPlatform(logger: logger) { connection in
       let rows = try await connection.query(
@@ -498,6 +527,15 @@ public struct WorkflowRepository: Sendable {
       )
       var count = 0
       for try await _ in rows { count += 1 }
+      // Watches a crashed replica left behind, once their run has finished.
+      try await connection.query(
+        """
+        DELETE FROM workflow_watches w USING workflow_runs r
+        WHERE r.tenant_id = w.tenant_id AND r.run_id = w.run_id
+          AND r.state IN ('succeeded', 'dead', 'cancelled', 'rejected') AND w.create_time < now() - interval '1 minute'
+        """,
+        logger: logger
+      )
       return count
     }
   }

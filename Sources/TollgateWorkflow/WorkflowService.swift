@@ -129,6 +129,10 @@ extension WorkflowService: Tollgate_V1_WorkflowService.SimpleServiceProtocol {
       // Subscribed before the first read, so a change between a read and the wait still wakes us.
       let subscription = hub.subscribe(tenant, as: .watcher)
       defer { subscription.cancel() }
+      let watch = try await repository.watch(tenant, id: id, logger: logger)
+      defer {
+        Task { [repository, logger] in try? await repository.unwatch(tenant, id: id, watch: watch, logger: logger) }
+      }
       var wakes = subscription.wakes.makeAsyncIterator()
       var after: Int64 = 0
       while true {

@@ -168,6 +168,10 @@ struct WorkflowBench: AsyncParsableCommand {
           try await callers.waitForAll()
         }
       }
+      FileHandle.standardError.write(Data(String(
+        format: "  (dispatching took %.1f s; completions trailed by %d runs)\n",
+        elapsedSeconds(ContinuousClock.now - start), total - completed.value.load(ordering: .relaxed)
+      ).utf8))
       var done = allDone.makeAsyncIterator()
       _ = await done.next()
       let elapsed = elapsedSeconds(ContinuousClock.now - start)

@@ -144,6 +144,28 @@ import TollgateProtos
             #expect(events.map(\.run.state) == [.queued, .running, .succeeded])
             #expect(events.map(\.previousState) == [.unspecified, .queued, .running])
             #expect(events.last?.run.result == Data("done".utf8))
+
+            // A watcher that is there before the run moves sees each change as it happens,
+            // including those that are announced only because someone watches (claim, completion).
+            let gated = try await Self.dispatch(workflow, payload: "p2", approver: "ops")
+            let (watching, watchStarted) = AsyncStream.makeStream(of: Void.self)
+            let watcher = Task {
+              try await workflow.watchRun(.with { $0.runID = gated.runID }) { response in
+                var states: [Tollgate_V1_RunState] = []
+                for try await event in response.messages {
+                  states.append(event.run.state)
+                  if states.count == 1 { watchStarted.yield() }
+                }
+                return states
+              }
+            }
+            var started = watching.makeAsyncIterator()
+            _ = await started.next()
+            _ = try await workflow.approve(.with { $0.runID = gated.runID; $0.approverID = "ops-lead" })
+            let second = try await worker.nextTask()
+            #expect(second.runID == gated.runID)
+            try await worker.complete(second)
+            #expect(try await watcher.value == [.pendingApproval, .queued, .running, .succeeded])
           }
         }
       }
