@@ -85,6 +85,7 @@ let package = Package(
       dependencies: [
         "TollgateModel", "TollgateCore", "TollgateStore",
         .product(name: "GRPCCore", package: "grpc-swift-2"),
+        .product(name: "NIOCore", package: "swift-nio"),
         .product(name: "Logging", package: "swift-log"),
       ],
       swiftSettings: swiftSettings

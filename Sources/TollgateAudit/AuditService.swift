@@ -46,12 +46,7 @@ public struct AuditService: RegistrableRPCService {
         let message = try await ServerRequest(stream: request).message
         return StreamingServerResponse { writer in
           try await handling("StreamEvents") {
-            do {
-              try await self.streamEvents(message, writer: writer)
-            } catch let error as ChannelError where error == .ioOnClosedChannel || error == .alreadyClosed {
-              // The client went away mid-stream: an ordinary end, not a failure to log.
-              throw RPCError(code: .cancelled, message: "the client closed the stream")
-            }
+            try await self.streamEvents(message, writer: writer)
           }
           return [:]
         }

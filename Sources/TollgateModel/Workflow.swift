@@ -125,12 +125,3 @@ public struct Lease: Sendable {
     self.run = run
   }
 }
-
-/// Retry delay after failed attempt `attempt` (from 1): base · 2^(attempt−1), capped, with ±20%
-/// jitter so runs that failed together do not come back together.
-public func retryBackoff(attempt: Int, base: Duration, cap: Duration = .seconds(3600), jitter: Double) -> Duration {
-  let exponent = min(max(attempt - 1, 0), 30)
-  let raw = min(base * (1 << exponent), cap)
-  let factor = 1 + 0.2 * (2 * min(max(jitter, 0), 1) - 1)
-  return raw * factor
-}

@@ -1,5 +1,6 @@
 public import GRPCCore
 public import Logging
+import NIOCore
 public import TollgateCore
 public import TollgateStore
 
@@ -31,6 +32,9 @@ public func handlingStoreFailures<T: Sendable>(
     }
   } catch let error as RPCError {
     throw error
+  } catch let error as ChannelError where error == .ioOnClosedChannel || error == .alreadyClosed {
+    // The client went away mid-stream: an ordinary end, not a failure to log.
+    throw RPCError(code: .cancelled, message: "the client closed the stream")
   } catch {
     logger.error("unexpected failure", metadata: ["method": "\(method)", "error": "\(error)"])
     throw TollgateError.internalError

@@ -63,7 +63,8 @@ struct BenchSetup {
     )
   }
 
-  func connection(port: Int, _ subject: CertificateAuthority.Subject) throws -> GatewayConnection {
+  /// `timeout` is every call's deadline; nil for streams that must outlive any phase (workers).
+  func connection(port: Int, _ subject: CertificateAuthority.Subject, timeout: Duration? = .seconds(600)) throws -> GatewayConnection {
     let issued = try ca.issue(subject)
     return GatewayConnection(
       host: "127.0.0.1",
@@ -71,7 +72,7 @@ struct BenchSetup {
       certificatePEM: Array(try PEMFiles.certificatePEM(issued.certificate).utf8),
       privateKeyPEM: Array(try PEMFiles.privateKeyPEM(issued.privateKey).utf8),
       serverCAPEM: Array(try PEMFiles.certificatePEM(ca.certificate).utf8),
-      defaultTimeout: .seconds(600)
+      defaultTimeout: timeout
     )
   }
 

@@ -206,8 +206,10 @@ struct TestGateway: Sendable {
         clientCAPath: pki.caFile.path,
         trustDomain: pki.ca.trustDomain,
         database: database.app,
-        databaseMaxConnections: 6,
-        databaseTimeout: .seconds(1),
+        databaseMaxConnections: 8,
+        // Generous: the whole suite runs at once on two cores, and a database operation can wait
+        // behind others' migrations. Outage tests set their own.
+        databaseTimeout: .seconds(3),
         auditSigningKeyPath: pki.auditKeyFile.path
       )
       configure(&config)

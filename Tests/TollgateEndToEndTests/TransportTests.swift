@@ -167,7 +167,7 @@ import TollgateProtos
   }
 
   @Test func databaseOutageIsUnavailableAndRecovers() async throws {
-    try await TestGateway.run { gw in
+    try await TestGateway.run(configure: { $0.databaseTimeout = .seconds(1) }) { gw in
       let op = try gw.pki.issueOperator()
       try await gw.withClient(op) { client async throws in
         let tenants = Tollgate_V1_TenantService.Client(wrapping: client)

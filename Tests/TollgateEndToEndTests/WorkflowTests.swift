@@ -263,7 +263,8 @@ import TollgateProtos
   }
 
   @Test func anExpiredLeaseIsOfferedAgainAndItsLateResultRefused() async throws {
-    try await TestGateway.run(configure: { $0.workflowLeaseTimeout = .milliseconds(300) }) { gw in
+    // Long enough that the second attempt's lease, heartbeated at once, outlives a loaded machine.
+    try await TestGateway.run(configure: { $0.workflowLeaseTimeout = .seconds(1) }) { gw in
       try await Self.createTenants(gw, ["acme"])
       let workerCert = try gw.pki.issue(tenant: "acme", role: .worker)
       try await gw.withClient(try gw.pki.issue(tenant: "acme", role: .partner)) { client async throws in
@@ -282,6 +283,7 @@ import TollgateProtos
             #expect(second.runID == run.runID)
             #expect(second.attempt == 2)
             #expect(second.leaseID != first.leaseID)
+            stalled.send(.with { $0.heartbeat = .with { $0.leaseIds = [second.leaseID] } })
             // The first attempt's result arrives late and must not overwrite the second.
             stalled.send(.with { $0.completed = .with { $0.leaseID = first.leaseID; $0.result = Data("stale".utf8) } })
             let refused = try await stalled.nextAck()
