@@ -163,34 +163,33 @@ struct Runs: AsyncParsableCommand {
     }
   }
 
-  struct Approve: AsyncParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Approve a PENDING_APPROVAL run; it becomes QUEUED.")
+  /// What Approve and Reject both take.
+  struct Decision: ParsableArguments {
     @OptionGroup var connection: ConnectionOptions
     @Argument var runID: String
-    @Option(help: "The approving person's id (audited)") var approver: String
+    @Option(help: "The deciding person's id (audited)") var approver: String
     @Option(help: "Comment (audited)") var comment: String = ""
 
-    func run() async throws {
-      let response = try await connection.withWorkflow { workflow, metadata in
-        try await workflow.approve(.with { $0.runID = runID; $0.approverID = approver; $0.comment = comment }, metadata: metadata)
+    func decide(approve: Bool) async throws {
+      let run = try await connection.withWorkflow { workflow, metadata in
+        approve
+          ? try await workflow.approve(.with { $0.runID = runID; $0.approverID = approver; $0.comment = comment }, metadata: metadata).run
+          : try await workflow.reject(.with { $0.runID = runID; $0.approverID = approver; $0.comment = comment }, metadata: metadata).run
       }
-      try printJSON(response.run)
+      try printJSON(run)
     }
+  }
+
+  struct Approve: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Approve a PENDING_APPROVAL run; it becomes QUEUED.")
+    @OptionGroup var decision: Decision
+    func run() async throws { try await decision.decide(approve: true) }
   }
 
   struct Reject: AsyncParsableCommand {
     static let configuration = CommandConfiguration(abstract: "Reject a PENDING_APPROVAL run; it becomes REJECTED.")
-    @OptionGroup var connection: ConnectionOptions
-    @Argument var runID: String
-    @Option(help: "The rejecting person's id (audited)") var approver: String
-    @Option(help: "Comment (audited)") var comment: String = ""
-
-    func run() async throws {
-      let response = try await connection.withWorkflow { workflow, metadata in
-        try await workflow.reject(.with { $0.runID = runID; $0.approverID = approver; $0.comment = comment }, metadata: metadata)
-      }
-      try printJSON(response.run)
-    }
+    @OptionGroup var decision: Decision
+    func run() async throws { try await decision.decide(approve: false) }
   }
 
   struct Watch: AsyncParsableCommand {

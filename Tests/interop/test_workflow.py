@@ -321,3 +321,22 @@ def test_tollctl_runs_and_worker(gateway, pki, stubs, tenant):
     assert rejected["state"] == "RUN_STATE_REJECTED"
     refused = tollctl("runs", "approve", gated["run_id"], "--approver", "ann", *partner, check=False)
     assert refused.returncode == 2 and "failedPrecondition" in refused.stderr.replace("failed_precondition", "failedPrecondition")
+
+
+def test_a_bad_worker_hello_is_invalid_argument(gateway, pki, stubs, tenant):
+    w = stubs.workflow
+    stub = stub_for(gateway, pki.principal(tenant, "worker", "wk"), stubs)
+    worker = PyWorker(stub, w, ["bad type!"], 0)
+    try:
+        with pytest.raises(grpc.RpcError) as err:
+            worker.next()
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert bad_request_fields(err.value) == {"hello.task_types[0]", "hello.capacity"}
+    finally:
+        worker.close()
+    # A stream that starts with anything but hello is refused too.
+    requests = iter([w.WorkerMessage(heartbeat=w.Heartbeat())])
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.Connect(requests, timeout=TIMEOUT))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "first message" in err.value.details()
