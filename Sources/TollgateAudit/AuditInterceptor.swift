@@ -202,35 +202,17 @@ final class AuditedCall: Sendable {
 
   func entry(code: Int32, message: String) -> AuditEntry {
     let (digest, resource) = state.withLock { ($0.digest, $0.resource) }
-    let elapsed = ContinuousClock.now - start
-    var event = Tollgate_V1_AuditEvent()
-    event.time = Google_Protobuf_Timestamp(date: time)
-    event.principal = .with {
-      $0.spiffeID = scope.principal.spiffeID.description
-      $0.role = Tollgate_V1_Role(scope.principal.role)
-      $0.tenantID = scope.principal.tenant?.rawValue ?? ""
-      $0.name = scope.principal.spiffeID.name
-      $0.certificateSha256 = scope.principal.certificateSHA256
-    }
-    event.tenantID = scope.tenant?.rawValue ?? ""
-    event.method = "/" + method.fullyQualifiedMethod
-    event.resource = resource
-    event.outcomeCode = code
-    event.outcomeMessage = message
-    let (seconds, attoseconds) = elapsed.components
-    event.latency = Google_Protobuf_Duration(seconds: seconds, nanos: Int32(attoseconds / 1_000_000_000))
-    event.requestSha256 = Data(digest)
-    event.impersonated = scope.impersonated
-    event.traceID = traceID
-    // Serialized once; these bytes are the leaf, stored and served as they are.
-    let bytes: [UInt8] = (try? event.serializedBytes()) ?? []
-    return AuditEntry(
-      log: log,
-      leaf: ByteBuffer(bytes: bytes),
+    return AuditEventBuilder.entry(
+      scope: scope,
+      tenant: scope.tenant,
+      method: "/" + method.fullyQualifiedMethod,
+      resource: resource,
+      code: code,
+      message: message,
+      requestSHA256: digest,
+      traceID: traceID,
       time: time,
-      method: event.method,
-      principal: event.principal.spiffeID,
-      outcome: code
+      latency: ContinuousClock.now - start
     )
   }
 

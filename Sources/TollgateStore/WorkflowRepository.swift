@@ -17,6 +17,27 @@ public struct WorkflowRepository: Sendable {
     self.database = database
   }
 
+  /// A state change made outside a partner's call (a lease, a worker's result, an expiry), for
+  /// the audit log.
+  public struct RunChange: Sendable {
+    public var tenant: TenantID
+    public var runID: UUID
+    public var lease: UUID
+    public var attempt: Int
+    public var state: RunState
+  }
+
+  /// Audit events for changes, appended in the transaction that makes them.
+  public typealias AuditRecords = @Sendable ([RunChange]) -> [AuditEntry]
+
+  /// Appends `entries` as the transaction's last statements (with platform rights: the append
+  /// may touch logs the tenant scope cannot see, such as a new log's head row).
+  static func appendAudit(_ entries: [AuditEntry], connection: PostgresConnection, logger: Logger) async throws {
+    guard !entries.isEmpty else { return }
+    try await connection.query("SELECT set_config('role', \(Database.platformRole), true)", logger: logger)
+    try await AuditLogRepository.append(entries, on: connection, logger: logger)
+  }
+
   static let runColumns = """
     run_id, type, payload, coalesce(idempotency_key, '') AS idempotency_key, priority::integer AS priority, run_after,
     max_attempts, attempt, state, required_approver, approval_reason, result, last_error, create_time,
@@ -296,6 +317,7 @@ public struct WorkflowRepository: Sendable {
     limit: Int,
     worker: String,
     leaseTimeout: Duration,
+    audit: @escaping AuditRecords,
     logger: Logger
   ) async throws(StoreError) -> Claim {
     let leaseMillis = leaseTimeout.milliseconds
@@ -359,6 +381,11 @@ public struct WorkflowRepository: Sendable {
           nextDue = due
         }
       }
+      try await Self.appendAudit(
+        audit(leases.map { RunChange(tenant: tenant, runID: $0.run.id, lease: $0.leaseID, attempt: $0.run.attempt, state: .running) }),
+        connection: connection,
+        logger: logger
+      )
       return Claim(leases: leases, nextDue: nextDue, heldBackByLimit: heldBack)
     }
   }
@@ -448,7 +475,12 @@ public struct WorkflowRepository: Sendable {
   /// Records successful attempts, in one transaction. Returns the leases that were live; a lease
   /// that is not (expired, cancelled) changes nothing, so a late result never overwrites a newer
   /// attempt.
-  public func complete(_ tenant: TenantID, results: [(lease: UUID, result: [UInt8])], logger: Logger) async throws(StoreError) -> Set<UUID> {
+  public func complete(
+    _ tenant: TenantID,
+    results: [(lease: UUID, result: [UInt8])],
+    audit: @escaping AuditRecords,
+    logger: Logger
+  ) async throws(StoreError) -> Set<UUID> {
     guard !results.isEmpty else { return [] }
     let leases = results.map(\.lease)
     let bytes = results.map { ByteBuffer(bytes: $0.result) }
@@ -459,13 +491,16 @@ public struct WorkflowRepository: Sendable {
         SET state = 'succeeded', result = c.result, lease_id = NULL, lease_expires = NULL, update_time = now()
         FROM unnest(\(leases)::uuid[], \(bytes)::bytea[]) AS c(lease, result)
         WHERE r.lease_id = c.lease AND r.state = 'running'
-        RETURNING c.lease
+        RETURNING c.lease, r.run_id, r.attempt
         """,
         logger: logger
       )
-      var completed = Set<UUID>()
-      for try await lease in rows.decode(UUID.self) { completed.insert(lease) }
-      return completed
+      var changes: [RunChange] = []
+      for try await (lease, run, attempt) in rows.decode((UUID, UUID, Int).self) {
+        changes.append(RunChange(tenant: tenant, runID: run, lease: lease, attempt: attempt, state: .succeeded))
+      }
+      try await Self.appendAudit(audit(changes), connection: connection, logger: logger)
+      return Set(changes.map(\.lease))
     }
   }
 
@@ -478,6 +513,7 @@ public struct WorkflowRepository: Sendable {
     error: String,
     retryable: Bool,
     retryBase: Duration,
+    audit: @escaping AuditRecords,
     logger: Logger
   ) async throws(StoreError) -> RunState? {
     let baseMillis = retryBase.milliseconds
@@ -492,13 +528,18 @@ public struct WorkflowRepository: Sendable {
               ELSE run_after END,
             last_error = \(error), lease_id = NULL, lease_expires = NULL, update_time = now()
         WHERE lease_id = \(lease) AND state = 'running'
-        RETURNING state
+        RETURNING state, run_id, attempt
         """,
         logger: logger
       )
-      var state: RunState?
-      for try await text in rows.decode(String.self) { state = RunState(rawValue: text) }
-      return state
+      var changes: [RunChange] = []
+      for try await (text, run, attempt) in rows.decode((String, UUID, Int).self) {
+        if let state = RunState(rawValue: text) {
+          changes.append(RunChange(tenant: tenant, runID: run, lease: lease, attempt: attempt, state: state))
+        }
+      }
+      try await Self.appendAudit(audit(changes), connection: connection, logger: logger)
+      return changes.first?.state
     }
   }
 
@@ -506,7 +547,7 @@ public struct WorkflowRepository: Sendable {
   /// at once while attempts remain, and is DEAD otherwise. The lease's holder, if still
   /// connected, is told. Returns how many expired. Also drops watches a crashed replica left on
   /// finished runs.
-  public func expireLeases(batch: Int = 500, logger: Logger) async throws(StoreError) -> Int {
+  public func expireLeases(batch: Int = 500, audit: @escaping AuditRecords, logger: Logger) async throws(StoreError) -> Int {
     try await database.withPlatform(logger: logger) { connection in
       let rows = try await connection.query(
         """
@@ -521,12 +562,17 @@ public struct WorkflowRepository: Sendable {
             run_after = now(), lease_id = NULL, lease_expires = NULL, update_time = now()
         FROM expired
         WHERE r.tenant_id = expired.tenant_id AND r.run_id = expired.run_id
-        RETURNING pg_notify(\(Self.channel), 'r ' || expired.tenant_id || ' ' || expired.lease_id::text || ' LEASE_EXPIRED')
+        RETURNING expired.tenant_id, r.run_id, expired.lease_id, r.attempt, r.state,
+          pg_notify(\(Self.channel), 'r ' || expired.tenant_id || ' ' || expired.lease_id::text || ' LEASE_EXPIRED')
         """,
         logger: logger
       )
-      var count = 0
-      for try await _ in rows { count += 1 }
+      var changes: [RunChange] = []
+      for try await (tenant, run, lease, attempt, state, _) in rows.decode((String, UUID, UUID, Int, String, String).self) {
+        guard let tenant = try? TenantID(validating: tenant), let state = RunState(rawValue: state) else { continue }
+        changes.append(RunChange(tenant: tenant, runID: run, lease: lease, attempt: attempt, state: state))
+      }
+      let count = changes.count
       // Watches a crashed replica left behind, once their run has finished.
       try await connection.query(
         """
@@ -536,6 +582,7 @@ public struct WorkflowRepository: Sendable {
         """,
         logger: logger
       )
+      try await Self.appendAudit(audit(changes), connection: connection, logger: logger)
       return count
     }
   }

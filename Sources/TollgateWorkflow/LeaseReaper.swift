@@ -2,6 +2,8 @@ import Foundation
 public import Logging
 public import ServiceLifecycle
 public import TollgateStore
+import TollgateAudit
+import TollgateModel
 
 /// Expires leases whose worker stopped heartbeating, so their runs are offered again. Every
 /// replica runs one; they skip each other's rows, so running several is safe. The period is a
@@ -25,6 +27,22 @@ public struct LeaseReaper: Service {
     self.waitUntilReady = waitUntilReady
   }
 
+  /// The gateway's own events (no principal): which attempt's lease ran out, and what became of
+  /// the run.
+  static let audit: WorkflowRepository.AuditRecords = { changes in
+    changes.map { change in
+      AuditEventBuilder.entry(
+        scope: nil,
+        tenant: change.tenant,
+        method: "tollgate.internal/LeaseExpired",
+        resource: "runs/\(change.runID.uuidString.lowercased())/attempts/\(change.attempt)",
+        code: 0,
+        message: change.state == .dead
+          ? "lease expired (no heartbeat); DEAD, attempts used up" : "lease expired (no heartbeat); offered again"
+      )
+    }
+  }
+
   public func run() async throws {
     await cancelWhenGracefulShutdown { await waitUntilReady() }
     let batch = 500
@@ -32,7 +50,7 @@ public struct LeaseReaper: Service {
       do {
         var expired = batch
         while expired == batch {
-          expired = try await repository.expireLeases(batch: batch, logger: logger)
+          expired = try await repository.expireLeases(batch: batch, audit: Self.audit, logger: logger)
           if expired > 0 { logger.info("workflow leases expired", metadata: ["count": "\(expired)"]) }
         }
       } catch {

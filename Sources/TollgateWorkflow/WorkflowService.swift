@@ -1,3 +1,4 @@
+import Crypto
 import Foundation
 public import GRPCCore
 public import Logging
@@ -9,6 +10,7 @@ import TollgateModel
 public import TollgateProtos
 public import TollgateStore
 import TollgateServiceSupport
+import TollgateAudit
 
 /// WorkflowService: partners dispatch and steer runs; workers hold one Connect stream each and
 /// are pushed leased tasks up to the capacity they announced.
@@ -163,7 +165,7 @@ extension WorkflowService: Tollgate_V1_WorkflowService.SimpleServiceProtocol {
   ) async throws {
     try await handling("Connect") {
       let tenant = try actingTenant()
-      let session = WorkerSession()
+      let session = WorkerSession(scope: try CallScope.required())
       let subscription = hub.subscribe(
         tenant,
         as: .worker(wantsWork: { session.wants($0) }, heldBackByLimit: { session.heldBackByLimit })
@@ -314,12 +316,48 @@ extension WorkflowService: Tollgate_V1_WorkflowService.SimpleServiceProtocol {
         error: error,
         retryable: failed.retryable,
         retryBase: retryBase,
+        audit: workerAudit(session, tenant: tenant, digests: [lease: Self.digest(failed)]) { change in
+          change.state == .dead ? "failed; DEAD (\(failed.retryable ? "attempts used up" : "not retryable"))" : "failed; to be retried"
+        },
         logger: logger
       )
       finish(lease, recorded: state != nil, session: session, out: out, subscription: subscription)
     case nil:
       throw TollgateError.invalidField("kind", "a worker message needs one of hello, heartbeat, completed, failed")
     }
+  }
+
+  static let connectMethod = "/" + Tollgate_V1_WorkflowService.Method.Connect.descriptor.fullyQualifiedMethod
+
+  /// Audit events for what a worker's stream changed: one per run, by the worker's principal,
+  /// with the digest of the worker's message where one caused it.
+  func workerAudit(
+    _ session: WorkerSession,
+    tenant: TenantID,
+    digests: [UUID: [UInt8]] = [:],
+    outcome: @escaping @Sendable (WorkflowRepository.RunChange) -> String
+  ) -> WorkflowRepository.AuditRecords {
+    let scope = session.scope
+    return { changes in
+      changes.map { change in
+        AuditEventBuilder.entry(
+          scope: scope,
+          tenant: tenant,
+          method: Self.connectMethod,
+          resource: "runs/\(change.runID.uuidString.lowercased())/attempts/\(change.attempt)",
+          code: 0,
+          message: outcome(change),
+          requestSHA256: digests[change.lease] ?? []
+        )
+      }
+    }
+  }
+
+  static func digest(_ message: some SwiftProtobuf.Message) -> [UInt8] {
+    var options = BinaryEncodingOptions()
+    options.useDeterministicOrdering = true
+    guard let bytes: [UInt8] = try? message.serializedBytes(options: options) else { return [] }
+    return Array(SHA256.hash(data: bytes))
   }
 
   /// Records completions in one transaction and acks each, in order.
@@ -337,7 +375,14 @@ extension WorkflowService: Tollgate_V1_WorkflowService.SimpleServiceProtocol {
     where completed.result.count <= WorkflowMapping.maxResultBytes && seen.insert(lease).inserted {
       results.append((lease, Array(completed.result)))
     }
-    var recorded = try await repository.complete(tenant, results: results, logger: logger)
+    var digests: [UUID: [UInt8]] = [:]
+    for (lease, completed) in zip(leases, completions) { digests[lease] = Self.digest(completed) }
+    var recorded = try await repository.complete(
+      tenant,
+      results: results,
+      audit: workerAudit(session, tenant: tenant, digests: digests) { _ in "completed" },
+      logger: logger
+    )
     for (lease, completed) in zip(leases, completions) {
       if completed.result.count > WorkflowMapping.maxResultBytes {
         out.yield(ack(lease, accepted: false, "the result is \(completed.result.count) bytes; at most \(WorkflowMapping.maxResultBytes) are stored. Report a failure or a smaller result"))
@@ -393,6 +438,7 @@ extension WorkflowService: Tollgate_V1_WorkflowService.SimpleServiceProtocol {
           limit: free,
           worker: name,
           leaseTimeout: leaseTimeout,
+          audit: workerAudit(session, tenant: tenant) { _ in "leased to worker '\(name)'" },
           logger: logger
         )
         session.hold(claim.leases.map(\.leaseID), heldBackByLimit: claim.heldBackByLimit)
@@ -476,6 +522,13 @@ final class WorkerInbox: Sendable {
 
 /// One worker stream's state: what it announced and the leases it was handed.
 final class WorkerSession: Sendable {
+  /// The worker's identity, for the audit events of what it does on the stream.
+  let scope: CallScope
+
+  init(scope: CallScope) {
+    self.scope = scope
+  }
+
   private struct State {
     var types: [String] = []
     var capacity = 0

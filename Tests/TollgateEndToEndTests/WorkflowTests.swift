@@ -258,6 +258,12 @@ import TollgateProtos
           "SELECT state FROM workflow_run_events WHERE run_id = '\(flaky.runID)' ORDER BY event_seq"
         )
         #expect(history == ["queued", "running", "failed", "running", "failed", "running", "dead"])
+        // What happened on the worker's stream is in the tenant's audit log, by the worker: the
+        // Connect call itself, four leases and four failures, each in the transaction that made it.
+        let onTheStream = try await gw.count(
+          "SELECT count(*) FROM audit_leaves WHERE tenant_id = 'acme' AND method = '/tollgate.v1.WorkflowService/Connect' AND principal LIKE '%/worker/%'"
+        )
+        #expect(onTheStream == 9)
       }
     }
   }
@@ -295,6 +301,11 @@ import TollgateProtos
         }
         let done = try await workflow.getRun(.with { $0.runID = run.runID }).run
         #expect((done.state, done.result, done.attempt) == (.succeeded, Data("fresh".utf8), 2))
+        // The expiry is the gateway's own act, recorded without a principal.
+        let expiries = try await gw.strings(
+          "SELECT principal FROM audit_leaves WHERE tenant_id = 'acme' AND method = 'tollgate.internal/LeaseExpired'"
+        )
+        #expect(expiries == [""])
       }
     }
   }
