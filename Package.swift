@@ -121,7 +121,6 @@ let package = Package(
       dependencies: [
         "TollgateModel", "TollgateCore", "TollgateStore", "TollgateProtos", "TollgateServiceSupport", "TollgateAudit",
         .product(name: "GRPCCore", package: "grpc-swift-2"),
-        .product(name: "Crypto", package: "swift-crypto"),
         .product(name: "GRPCProtobuf", package: "grpc-swift-protobuf"),
         .product(name: "SwiftProtobuf", package: "swift-protobuf"),
         .product(name: "Logging", package: "swift-log"),

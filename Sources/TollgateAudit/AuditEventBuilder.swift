@@ -1,6 +1,7 @@
+import Crypto
 public import Foundation
 import NIOCore
-import SwiftProtobuf
+public import SwiftProtobuf
 public import TollgateCore
 public import TollgateModel
 import TollgateProtos
@@ -41,8 +42,7 @@ public enum AuditEventBuilder {
     event.resource = resource
     event.outcomeCode = code
     event.outcomeMessage = message
-    let (seconds, attoseconds) = latency.components
-    event.latency = Google_Protobuf_Duration(seconds: seconds, nanos: Int32(attoseconds / 1_000_000_000))
+    event.latency = Google_Protobuf_Duration(rounding: latency, rule: .towardZero)
     event.requestSha256 = Data(requestSHA256)
     event.traceID = traceID
     // Serialized once; these bytes are the leaf, stored and served as they are.
@@ -55,5 +55,14 @@ public enum AuditEventBuilder {
       principal: event.principal.spiffeID,
       outcome: code
     )
+  }
+
+  /// The SHA-256 of a request message's deterministic serialization, which is what an event's
+  /// `request_sha256` commits to (the wire bytes are not available to interceptors).
+  public static func requestDigest(_ message: any SwiftProtobuf.Message) -> [UInt8] {
+    var options = BinaryEncodingOptions()
+    options.useDeterministicOrdering = true
+    guard let bytes: [UInt8] = try? message.serializedBytes(options: options) else { return [] }
+    return Array(SHA256.hash(data: bytes))
   }
 }

@@ -1,8 +1,6 @@
-import Crypto
 import Foundation
 public import GRPCCore
 public import Logging
-import NIOCore
 import Synchronization
 import SwiftProtobuf
 public import TollgateCore
@@ -177,19 +175,13 @@ final class AuditedCall: Sendable {
     set { state.withLock { $0.pending = newValue } }
   }
 
-  var log: AuditLogID { AuditLogID(tenant: scope.tenant) }
-
   /// Digests the first request message (the only one of a unary call).
   func observe<Input>(_ message: Input) {
     guard !state.withLock({ $0.sawMessage }) else { return }
     var digest: [UInt8] = []
     var resource = ""
     if let message = message as? any SwiftProtobuf.Message {
-      var options = BinaryEncodingOptions()
-      options.useDeterministicOrdering = true
-      if let bytes: [UInt8] = try? message.serializedBytes(options: options) {
-        digest = Array(SHA256.hash(data: bytes))
-      }
+      digest = AuditEventBuilder.requestDigest(message)
       resource = (message as? any AuditResourceNaming)?.auditResource ?? ""
     }
     state.withLock { state in

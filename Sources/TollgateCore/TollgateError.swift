@@ -1,5 +1,6 @@
 public import GRPCCore
 import GRPCProtobuf
+import TollgateModel
 
 /// An error a client can act on. Every layer's failures are mapped to one of these before they
 /// leave a handler or interceptor; the mapping to gRPC status and google.rpc details lives here
@@ -66,8 +67,7 @@ extension TollgateError: RPCErrorConvertible {
       if let retryAfter { details.append(.retryInfo(delay: retryAfter)) }
       var metadata = GoogleRPCStatus(code: .resourceExhausted, message: message, details: details).rpcErrorMetadata
       if let retryAfter {
-        let (seconds, attoseconds) = retryAfter.components
-        metadata.addString(String(max(0, seconds * 1000 + attoseconds / 1_000_000_000_000_000)), forKey: "grpc-retry-pushback-ms")
+        metadata.addString(String(max(0, retryAfter.wholeMilliseconds)), forKey: "grpc-retry-pushback-ms")
       }
       return metadata
     }

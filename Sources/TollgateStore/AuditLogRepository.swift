@@ -163,6 +163,16 @@ public struct AuditLogRepository: Sendable {
     return CompactRange(size: UInt64(size), hashes: hashes)
   }
 
+  /// Appends `entries` as the last statements of the caller's transaction, with platform rights:
+  /// the events' logs need not be the tenant the transaction is scoped to (an operator's
+  /// platform-log event for a change to one tenant, a new log's head row), and nothing
+  /// tenant-scoped runs after them.
+  static func appendWithPlatformRights(_ entries: [AuditEntry], on connection: PostgresConnection, logger: Logger) async throws {
+    guard !entries.isEmpty else { return }
+    try await connection.query("SELECT set_config('role', \(Database.platformRole), true)", logger: logger)
+    try await append(entries, on: connection, logger: logger)
+  }
+
   /// Appends `entries` (of any logs) in a transaction of their own, committed on return.
   @discardableResult
   public func append(_ entries: [AuditEntry], logger: Logger) async throws(StoreError) -> [AuditLogID: Range<UInt64>] {

@@ -121,11 +121,7 @@ public final class Database: Service, Sendable {
           return try await connection.withTransaction(logger: logger) { connection in
             let result = try await body(connection)
             if let entry = pending?.claim() {
-              // The call's log need not be the tenant this transaction is scoped to (an operator's
-              // platform-log event for a change to one tenant), and this is the transaction's last
-              // statement, so it appends with platform rights.
-              try await connection.query("SELECT set_config('role', \(Database.platformRole), true)", logger: logger)
-              try await AuditLogRepository.append([entry], on: connection, logger: logger)
+              try await AuditLogRepository.appendWithPlatformRights([entry], on: connection, logger: logger)
             }
             return result
           }

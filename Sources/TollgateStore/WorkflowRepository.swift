@@ -6,8 +6,9 @@ public import TollgateModel
 
 /// Workflow runs: dispatch, reads, decisions, and the worker side (claims, heartbeats, results,
 /// lease expiry). Every state change goes through an UPDATE of `state`, which the table's trigger
-/// records in `workflow_run_events` and announces on ``channel`` (`t <tenant>`); revocations of a
-/// lease are announced as `r <tenant> <lease> <reason>` in the transaction that ends it.
+/// records in `workflow_run_events` and, when someone needs to hear it, announces on ``channel``
+/// (migration 4 says when); revocations of a lease are announced as `r <tenant> <lease> <reason>`
+/// in the transaction that ends it.
 public struct WorkflowRepository: Sendable {
   public static let channel = "tollgate_workflow"
 
@@ -30,19 +31,15 @@ public struct WorkflowRepository: Sendable {
   /// Audit events for changes, appended in the transaction that makes them.
   public typealias AuditRecords = @Sendable ([RunChange]) -> [AuditEntry]
 
-  /// Appends `entries` as the transaction's last statements (with platform rights: the append
-  /// may touch logs the tenant scope cannot see, such as a new log's head row).
-  static func appendAudit(_ entries: [AuditEntry], connection: PostgresConnection, logger: Logger) async throws {
-    guard !entries.isEmpty else { return }
-    try await connection.query("SELECT set_config('role', \(Database.platformRole), true)", logger: logger)
-    try await AuditLogRepository.append(entries, on: connection, logger: logger)
-  }
-
   static let runColumns = """
     run_id, type, payload, coalesce(idempotency_key, '') AS idempotency_key, priority::integer AS priority, run_after,
     max_attempts, attempt, state, required_approver, approval_reason, result, last_error, create_time,
     update_time, seq
     """
+
+  /// The same columns from an `UPDATE workflow_runs r ... FROM` whose other source also has a
+  /// `run_id`.
+  static let updatedRunColumns = runColumns.replacingOccurrences(of: "run_id,", with: "r.run_id,")
 
   static func decodeRun(_ row: PostgresRow) throws -> RunRecord {
     let r = row.makeRandomAccess()
@@ -175,7 +172,7 @@ public struct WorkflowRepository: Sendable {
         SET state = 'cancelled', lease_id = NULL, lease_expires = NULL, update_time = now(),
             decision_comment = \(reason)
         FROM target WHERE r.run_id = target.run_id
-        RETURNING \(unescaped: Self.runColumns.replacingOccurrences(of: "run_id,", with: "r.run_id,")), target.lease_id AS revoked
+        RETURNING \(unescaped: Self.updatedRunColumns), target.lease_id AS revoked
         """,
         logger: logger
       )
@@ -255,13 +252,14 @@ public struct WorkflowRepository: Sendable {
     }
   }
 
-  /// The run and its recorded state changes after `after` (0: all), oldest first.
+  /// The run's recorded state changes after `after` (0: all), oldest first, each with the run as
+  /// it was then.
   public func history(
     _ tenant: TenantID,
     id: UUID,
     after: Int64,
     logger: Logger
-  ) async throws(StoreError) -> (RunRecord, [RunTransition]) {
+  ) async throws(StoreError) -> [RunTransition] {
     try await database.withTenant(tenant, logger: logger) { connection in
       let run = try await Self.run(id, connection: connection, logger: logger)
       let rows = try await connection.query(
@@ -281,7 +279,7 @@ public struct WorkflowRepository: Sendable {
         if snapshot.state != .succeeded { snapshot.result = [] }
         out.append(RunTransition(sequence: seq, previous: previous.flatMap(RunState.init(rawValue:)), time: time, run: snapshot))
       }
-      return (run, out)
+      return out
     }
   }
 
@@ -320,7 +318,7 @@ public struct WorkflowRepository: Sendable {
     audit: @escaping AuditRecords,
     logger: Logger
   ) async throws(StoreError) -> Claim {
-    let leaseMillis = leaseTimeout.milliseconds
+    let leaseMillis = leaseTimeout.wholeMilliseconds
     return try await database.withTenant(tenant, mutation: true, logger: logger) { connection in
       var picked: [UUID] = []
       var limitsText = "{}"
@@ -358,7 +356,7 @@ public struct WorkflowRepository: Sendable {
               lease_expires = now() + \(leaseMillis) * interval '1 millisecond', worker = \(worker), update_time = now()
           FROM unnest(\(picked)::uuid[], \(leaseIDs)::uuid[]) AS l(run_id, lease)
           WHERE r.run_id = l.run_id
-          RETURNING \(unescaped: Self.runColumns.replacingOccurrences(of: "run_id,", with: "r.run_id,")), l.lease
+          RETURNING \(unescaped: Self.updatedRunColumns), l.lease
           """,
           logger: logger
         )
@@ -381,9 +379,9 @@ public struct WorkflowRepository: Sendable {
           nextDue = due
         }
       }
-      try await Self.appendAudit(
+      try await AuditLogRepository.appendWithPlatformRights(
         audit(leases.map { RunChange(tenant: tenant, runID: $0.run.id, lease: $0.leaseID, attempt: $0.run.attempt, state: .running) }),
-        connection: connection,
+        on: connection,
         logger: logger
       )
       return Claim(leases: leases, nextDue: nextDue, heldBackByLimit: heldBack)
@@ -456,7 +454,7 @@ public struct WorkflowRepository: Sendable {
     logger: Logger
   ) async throws(StoreError) -> Set<UUID> {
     guard !leases.isEmpty else { return [] }
-    let leaseMillis = leaseTimeout.milliseconds
+    let leaseMillis = leaseTimeout.wholeMilliseconds
     return try await database.withTenant(tenant, logger: logger) { connection in
       let rows = try await connection.query(
         """
@@ -499,7 +497,7 @@ public struct WorkflowRepository: Sendable {
       for try await (lease, run, attempt) in rows.decode((UUID, UUID, Int).self) {
         changes.append(RunChange(tenant: tenant, runID: run, lease: lease, attempt: attempt, state: .succeeded))
       }
-      try await Self.appendAudit(audit(changes), connection: connection, logger: logger)
+      try await AuditLogRepository.appendWithPlatformRights(audit(changes), on: connection, logger: logger)
       return Set(changes.map(\.lease))
     }
   }
@@ -516,7 +514,7 @@ public struct WorkflowRepository: Sendable {
     audit: @escaping AuditRecords,
     logger: Logger
   ) async throws(StoreError) -> RunState? {
-    let baseMillis = retryBase.milliseconds
+    let baseMillis = retryBase.wholeMilliseconds
     return try await database.withTenant(tenant, logger: logger) { connection in
       let rows = try await connection.query(
         """
@@ -538,7 +536,7 @@ public struct WorkflowRepository: Sendable {
           changes.append(RunChange(tenant: tenant, runID: run, lease: lease, attempt: attempt, state: state))
         }
       }
-      try await Self.appendAudit(audit(changes), connection: connection, logger: logger)
+      try await AuditLogRepository.appendWithPlatformRights(audit(changes), on: connection, logger: logger)
       return changes.first?.state
     }
   }
@@ -582,15 +580,8 @@ public struct WorkflowRepository: Sendable {
         """,
         logger: logger
       )
-      try await Self.appendAudit(audit(changes), connection: connection, logger: logger)
+      try await AuditLogRepository.appendWithPlatformRights(audit(changes), on: connection, logger: logger)
       return count
     }
-  }
-}
-
-extension Duration {
-  var milliseconds: Int64 {
-    let (seconds, attoseconds) = components
-    return seconds * 1000 + attoseconds / 1_000_000_000_000_000
   }
 }

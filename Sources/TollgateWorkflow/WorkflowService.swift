@@ -1,4 +1,3 @@
-import Crypto
 import Foundation
 public import GRPCCore
 public import Logging
@@ -138,7 +137,7 @@ extension WorkflowService: Tollgate_V1_WorkflowService.SimpleServiceProtocol {
       var wakes = subscription.wakes.makeAsyncIterator()
       var after: Int64 = 0
       while true {
-        let (_, transitions) = try await repository.history(tenant, id: id, after: after, logger: logger)
+        let transitions = try await repository.history(tenant, id: id, after: after, logger: logger)
         for transition in transitions {
           try await response.write(WorkflowMapping.event(transition))
           after = transition.sequence
@@ -227,12 +226,7 @@ extension WorkflowService: Tollgate_V1_WorkflowService.SimpleServiceProtocol {
         }
         group.addTask {
           for await revocation in subscription.revocations where session.release(revocation.lease) {
-            out.yield(.with {
-              $0.revoked = .with {
-                $0.leaseID = revocation.lease.uuidString.lowercased()
-                $0.reason = revocation.reason
-              }
-            })
+            out.yield(revoked(revocation.lease, revocation.reason))
             subscription.wake()
           }
           return .other
@@ -298,12 +292,7 @@ extension WorkflowService: Tollgate_V1_WorkflowService.SimpleServiceProtocol {
       for lease in ids where !live.contains(lease) {
         // Ended while the worker was not told (e.g. expired during a reconnect): say so now.
         _ = session.release(lease)
-        out.yield(.with {
-          $0.revoked = .with {
-            $0.leaseID = lease.uuidString.lowercased()
-            $0.reason = "LEASE_EXPIRED"
-          }
-        })
+        out.yield(revoked(lease, "LEASE_EXPIRED"))
       }
     case .completed(let completed):
       try await complete([completed], tenant: tenant, session: session, out: out, subscription: subscription)
@@ -316,7 +305,7 @@ extension WorkflowService: Tollgate_V1_WorkflowService.SimpleServiceProtocol {
         error: error,
         retryable: failed.retryable,
         retryBase: retryBase,
-        audit: workerAudit(session, tenant: tenant, digests: [lease: Self.digest(failed)]) { change in
+        audit: workerAudit(session, tenant: tenant, digests: [lease: AuditEventBuilder.requestDigest(failed)]) { change in
           change.state == .dead ? "failed; DEAD (\(failed.retryable ? "attempts used up" : "not retryable"))" : "failed; to be retried"
         },
         logger: logger
@@ -353,13 +342,6 @@ extension WorkflowService: Tollgate_V1_WorkflowService.SimpleServiceProtocol {
     }
   }
 
-  static func digest(_ message: some SwiftProtobuf.Message) -> [UInt8] {
-    var options = BinaryEncodingOptions()
-    options.useDeterministicOrdering = true
-    guard let bytes: [UInt8] = try? message.serializedBytes(options: options) else { return [] }
-    return Array(SHA256.hash(data: bytes))
-  }
-
   /// Records completions in one transaction and acks each, in order.
   func complete(
     _ completions: [Tollgate_V1_TaskCompleted],
@@ -376,7 +358,7 @@ extension WorkflowService: Tollgate_V1_WorkflowService.SimpleServiceProtocol {
       results.append((lease, Array(completed.result)))
     }
     var digests: [UUID: [UInt8]] = [:]
-    for (lease, completed) in zip(leases, completions) { digests[lease] = Self.digest(completed) }
+    for (lease, completed) in zip(leases, completions) { digests[lease] = AuditEventBuilder.requestDigest(completed) }
     var recorded = try await repository.complete(
       tenant,
       results: results,
@@ -407,6 +389,15 @@ extension WorkflowService: Tollgate_V1_WorkflowService.SimpleServiceProtocol {
     subscription.wake()
   }
 
+  func revoked(_ lease: UUID, _ reason: String) -> Tollgate_V1_ServerMessage {
+    .with {
+      $0.revoked = .with {
+        $0.leaseID = lease.uuidString.lowercased()
+        $0.reason = reason
+      }
+    }
+  }
+
   func ack(_ lease: UUID, accepted: Bool, _ message: String) -> Tollgate_V1_ServerMessage {
     .with {
       $0.ack = .with {
@@ -428,7 +419,7 @@ extension WorkflowService: Tollgate_V1_WorkflowService.SimpleServiceProtocol {
     var wakes = subscription.wakes.makeAsyncIterator()
     var timer: Task<Void, Never>?
     defer { timer?.cancel() }
-    let timeout = Google_Protobuf_Duration(seconds: leaseTimeout.components.seconds, nanos: Int32(leaseTimeout.components.attoseconds / 1_000_000_000))
+    let timeout = Google_Protobuf_Duration(rounding: leaseTimeout, rule: .towardZero)
     while !Task.isCancelled && !session.isClosed {
       let (types, free, name) = session.claimable
       if free > 0 {

@@ -60,8 +60,7 @@ struct Audit: AsyncParsableCommand {
       let json = self.json
       try await connection.withClient(longLived: follow) { client, metadata in
         try await AuditReader(client: client, metadata: metadata).records(request, options: .streaming) { record in
-          // Written straight to the descriptor so a follower's lines appear as they arrive.
-          FileHandle.standardOutput.write(Data((try Audit.line(record, json: json) + "\n").utf8))
+          emitLine(try Audit.line(record, json: json))
           return true
         }
       }

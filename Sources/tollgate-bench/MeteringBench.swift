@@ -190,7 +190,7 @@ struct IngestBench: AsyncParsableCommand {
         try await stream(Tollgate_V1_MeteringService.Client(wrapping: client), connection: c, until: deadline)
       }
     }
-    let stored = try await count(admin)
+    let stored = try await adminCount(admin, "SELECT count(*)::bigint FROM usage_events")
     guard stored == phase.events else {
       throw ValidationError("acks counted \(phase.events) accepted events but the table holds \(stored)")
     }
@@ -313,10 +313,12 @@ struct IngestBench: AsyncParsableCommand {
     }
   }
 
-  func count(_ admin: PostgresClient) async throws -> Int {
-    for try await n in try await admin.query("SELECT count(*)::bigint FROM usage_events", logger: benchLogger).decode(Int64.self) {
-      return Int(n)
-    }
-    return 0
+}
+
+/// The single count `sql` returns, read as the superuser.
+func adminCount(_ admin: PostgresClient, _ sql: String) async throws -> Int {
+  for try await n in try await admin.query(PostgresQuery(unsafeSQL: sql), logger: benchLogger).decode(Int64.self) {
+    return Int(n)
   }
+  return 0
 }

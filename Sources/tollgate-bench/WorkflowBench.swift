@@ -91,7 +91,7 @@ struct WorkflowBench: AsyncParsableCommand {
         try await admin.query("CHECKPOINT", logger: benchLogger)
         let through = try await gatewayPhase(setup, port: port)
         FileHandle.standardError.write(Data(String(format: "gateway: %d runs in %.1f s\n", through.runs, through.seconds).utf8))
-        let stored = try await count(admin, "SELECT count(*)::bigint FROM workflow_runs WHERE state = 'succeeded'")
+        let stored = try await adminCount(admin, "SELECT count(*)::bigint FROM workflow_runs WHERE state = 'succeeded'")
         guard stored == runs else { throw ValidationError("\(stored) runs succeeded in the database, expected \(runs)") }
         let pickup = try await pickupPhase(setup, port: port, admin: admin)
         var bare: Throughput?
@@ -389,13 +389,6 @@ struct WorkflowBench: AsyncParsableCommand {
     }
     let elapsed = elapsedSeconds(ContinuousClock.now - start)
     return Throughput(runs: total, seconds: elapsed, runsPerSecond: Double(total) / elapsed)
-  }
-
-  func count(_ admin: PostgresClient, _ sql: String) async throws -> Int {
-    for try await n in try await admin.query(PostgresQuery(unsafeSQL: sql), logger: benchLogger).decode(Int64.self) {
-      return Int(n)
-    }
-    return 0
   }
 }
 
