@@ -86,6 +86,7 @@ let package = Package(
         "TollgateModel", "TollgateCore", "TollgateStore",
         .product(name: "GRPCCore", package: "grpc-swift-2"),
         .product(name: "NIOCore", package: "swift-nio"),
+        .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
         .product(name: "Logging", package: "swift-log"),
       ],
       swiftSettings: swiftSettings

@@ -3,7 +3,6 @@ public import GRPCCore
 import GRPCProtobuf
 public import Logging
 public import NIOCore
-import ServiceLifecycle
 import SwiftProtobuf
 import TollgateCore
 import TollgateMerkle
@@ -224,16 +223,14 @@ public struct AuditService: RegistrableRPCService {
           lastCheckpointSent = .now
         }
       }
-      let woken: Void? = await withGracefulShutdownHandler {
-        await wakeUps?.next()
-      } onGracefulShutdown: { [continuation = subscription?.1] in
-        continuation?.finish()
-      }
-      if Task.isShuttingDownGracefully {
-        throw TollgateError.unavailable("the gateway is shutting down; reconnect with start_index \(next)")
-      }
       // Ends when the client cancels (the stream's iterator returns nil on cancellation).
-      guard woken != nil else { return }
+      guard
+        try await nextWakeUp(
+          &wakeUps!,
+          stop: { [continuation = subscription?.1] in continuation?.finish() },
+          drainMessage: "the gateway is shutting down; reconnect with start_index \(next)"
+        )
+      else { return }
     }
   }
 }

@@ -143,16 +143,14 @@ extension WorkflowService: Tollgate_V1_WorkflowService.SimpleServiceProtocol {
           after = transition.sequence
           if transition.run.state.isFinal { return }
         }
-        let woken: Void? = await withGracefulShutdownHandler {
-          await wakes.next()
-        } onGracefulShutdown: {
-          subscription.cancel()
-        }
-        if Task.isShuttingDownGracefully {
-          throw TollgateError.unavailable("the gateway is shutting down; call WatchRun again to keep watching")
-        }
         // Ends when the client cancels (the iterator returns nil on cancellation).
-        guard woken != nil else { return }
+        guard
+          try await nextWakeUp(
+            &wakes,
+            stop: { subscription.cancel() },
+            drainMessage: "the gateway is shutting down; call WatchRun again to keep watching"
+          )
+        else { return }
       }
     }
   }
