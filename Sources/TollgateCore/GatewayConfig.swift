@@ -34,6 +34,21 @@ public struct GatewayConfig: Sendable {
   public var workflowLeaseTimeout: Duration
   /// The first retry delay of a failed run; each further attempt doubles it.
   public var workflowRetryBase: Duration
+  /// How often this replica renews its quota leases and learns the others' demand.
+  public var quotaSyncInterval: Duration
+  /// Open client connections this replica accepts; more are closed on accept.
+  public var maxConnections: Int
+  /// Concurrent streams (calls) one HTTP/2 connection may open.
+  public var maxConcurrentStreamsPerConnection: Int
+  /// Calls in flight on this replica before new calls are shed with UNAVAILABLE.
+  public var maxConcurrentCalls: Int
+  /// Idle time on a connection before the server pings it, and how long the ping may go unanswered.
+  public var keepaliveTime: Duration
+  public var keepaliveTimeout: Duration
+  /// A connection with no open streams for this long is closed with GOAWAY.
+  public var idleTimeout: Duration
+  /// The deadline of a unary call whose client sent none.
+  public var defaultDeadline: Duration
 
   public init(
     listen: Address,
@@ -52,7 +67,15 @@ public struct GatewayConfig: Sendable {
     ingestMaxBatch: Int = 1_000,
     usageLateArrival: Duration = .seconds(7 * 86_400),
     workflowLeaseTimeout: Duration = .seconds(30),
-    workflowRetryBase: Duration = .seconds(1)
+    workflowRetryBase: Duration = .seconds(1),
+    quotaSyncInterval: Duration = .milliseconds(250),
+    maxConnections: Int = 1_000,
+    maxConcurrentStreamsPerConnection: Int = 100,
+    maxConcurrentCalls: Int = 5_000,
+    keepaliveTime: Duration = .seconds(120),
+    keepaliveTimeout: Duration = .seconds(20),
+    idleTimeout: Duration = .seconds(900),
+    defaultDeadline: Duration = .seconds(30)
   ) {
     self.listen = listen
     self.tlsCertificatePath = tlsCertificatePath
@@ -71,6 +94,14 @@ public struct GatewayConfig: Sendable {
     self.usageLateArrival = usageLateArrival
     self.workflowLeaseTimeout = workflowLeaseTimeout
     self.workflowRetryBase = workflowRetryBase
+    self.quotaSyncInterval = quotaSyncInterval
+    self.maxConnections = maxConnections
+    self.maxConcurrentStreamsPerConnection = maxConcurrentStreamsPerConnection
+    self.maxConcurrentCalls = maxConcurrentCalls
+    self.keepaliveTime = keepaliveTime
+    self.keepaliveTimeout = keepaliveTimeout
+    self.idleTimeout = idleTimeout
+    self.defaultDeadline = defaultDeadline
   }
 }
 
@@ -135,10 +166,51 @@ public struct ConfigSetting: Sendable, Hashable, CustomStringConvertible {
     help: "first retry delay of a failed run in milliseconds, doubled per attempt with 20% jitter, capped at an hour (default 1000)"
   )
 
+  public static let quotaSyncIntervalMS = ConfigSetting(
+    name: "quota-sync-interval-ms",
+    help: "milliseconds between renewals of this replica's quota leases in Postgres; leases live 4 intervals, at least 1 s (default 250)"
+  )
+
+  public static let maxConnections = ConfigSetting(
+    name: "max-connections",
+    help: "client connections this replica keeps open; more are closed on accept (default 1000)"
+  )
+
+  public static let maxConcurrentStreams = ConfigSetting(
+    name: "max-concurrent-streams",
+    help: "concurrent calls one HTTP/2 connection may open, advertised in SETTINGS (default 100)"
+  )
+
+  public static let maxConcurrentCalls = ConfigSetting(
+    name: "max-concurrent-calls",
+    help: "calls in flight on this replica before new ones are shed with UNAVAILABLE (default 5000)"
+  )
+
+  public static let keepaliveTimeMS = ConfigSetting(
+    name: "keepalive-time-ms",
+    help: "milliseconds without reads before the server pings a connection (default 120000)"
+  )
+
+  public static let keepaliveTimeoutMS = ConfigSetting(
+    name: "keepalive-timeout-ms",
+    help: "milliseconds a keepalive ping may go unanswered before the connection is closed (default 20000)"
+  )
+
+  public static let idleTimeoutMS = ConfigSetting(
+    name: "idle-timeout-ms",
+    help: "milliseconds a connection may have no open calls before it is closed with GOAWAY (default 900000)"
+  )
+
+  public static let defaultDeadlineMS = ConfigSetting(
+    name: "default-deadline-ms",
+    help: "deadline in milliseconds of a unary call that arrives without grpc-timeout (default 30000)"
+  )
+
   public static let all: [ConfigSetting] = [
     .listen, .tlsCert, .tlsKey, .clientCA, .trustDomain, .databaseURL, .metricsListen, .migrate, .maxMessageBytes,
     .databaseMaxConnections, .databaseTimeoutMS, .auditSigningKey, .auditBufferCapacity, .ingestMaxBatch,
-    .usageLateArrivalHours, .workflowLeaseTimeoutMS, .workflowRetryBaseMS,
+    .usageLateArrivalHours, .workflowLeaseTimeoutMS, .workflowRetryBaseMS, .quotaSyncIntervalMS, .maxConnections,
+    .maxConcurrentStreams, .maxConcurrentCalls, .keepaliveTimeMS, .keepaliveTimeoutMS, .idleTimeoutMS, .defaultDeadlineMS,
   ]
 }
 
@@ -298,7 +370,15 @@ public struct ConfigResolver: Sendable {
       ingestMaxBatch: try integer(.ingestMaxBatch, default: 1_000, range: 1...100_000),
       usageLateArrival: .seconds(3_600 * (try integer(.usageLateArrivalHours, default: 168, range: 1...(24 * 366)))),
       workflowLeaseTimeout: .milliseconds(try integer(.workflowLeaseTimeoutMS, default: 30_000, range: 200...86_400_000)),
-      workflowRetryBase: .milliseconds(try integer(.workflowRetryBaseMS, default: 1_000, range: 1...3_600_000))
+      workflowRetryBase: .milliseconds(try integer(.workflowRetryBaseMS, default: 1_000, range: 1...3_600_000)),
+      quotaSyncInterval: .milliseconds(try integer(.quotaSyncIntervalMS, default: 250, range: 20...10_000)),
+      maxConnections: try integer(.maxConnections, default: 1_000, range: 1...1_000_000),
+      maxConcurrentStreamsPerConnection: try integer(.maxConcurrentStreams, default: 100, range: 1...100_000),
+      maxConcurrentCalls: try integer(.maxConcurrentCalls, default: 5_000, range: 1...1_000_000),
+      keepaliveTime: .milliseconds(try integer(.keepaliveTimeMS, default: 120_000, range: 1_000...86_400_000)),
+      keepaliveTimeout: .milliseconds(try integer(.keepaliveTimeoutMS, default: 20_000, range: 100...3_600_000)),
+      idleTimeout: .milliseconds(try integer(.idleTimeoutMS, default: 900_000, range: 1_000...86_400_000)),
+      defaultDeadline: .milliseconds(try integer(.defaultDeadlineMS, default: 30_000, range: 10...3_600_000))
     )
   }
 }

@@ -38,6 +38,9 @@ public final class Gateway: Sendable {
   let auditNotifier: AuditNotifier
   let workflowHub: WorkflowHub
   let leaseReaper: LeaseReaper
+  public let quotaLimiter: QuotaLimiter
+  public let quotaCoordinator: QuotaCoordinator
+  let connectionLimit: ConnectionLimit
 
   /// Services of the API that work in this build; only these are registered (an unregistered
   /// method gets UNIMPLEMENTED from the server).
@@ -51,9 +54,15 @@ public final class Gateway: Sendable {
     Grpc_Reflection_V1alpha_ServerReflection.descriptor.fullyQualifiedService,
   ]
 
-  /// `withoutAudit` assembles the chain without the audit interceptor. It exists only so the
-  /// benchmark can measure what auditing costs; no flag or setting reaches it.
-  public init(config: GatewayConfig, logger: Logger, withoutAudit: Bool = false) throws(ConfigError) {
+  /// `withoutAudit` and `withoutQuota` assemble the chain without the audit or the quota
+  /// interceptor. They exist only so the benchmarks can measure what each costs; no flag or
+  /// setting reaches them.
+  public init(
+    config: GatewayConfig,
+    logger: Logger,
+    withoutAudit: Bool = false,
+    withoutQuota: Bool = false
+  ) throws(ConfigError) {
     self.config = config
     self.logger = logger
     let metrics = GatewayMetrics()
@@ -91,6 +100,17 @@ public final class Gateway: Sendable {
       logger: logger,
       waitUntilReady: { await ready.wait() }
     )
+    let quotaLimiter = QuotaLimiter()
+    self.quotaLimiter = quotaLimiter
+    self.quotaCoordinator = QuotaCoordinator(
+      limiter: quotaLimiter,
+      repository: QuotaLeaseRepository(database: database),
+      interval: config.quotaSyncInterval,
+      logger: logger,
+      waitUntilReady: { await ready.wait() }
+    )
+    let connectionLimit = ConnectionLimit(maximum: config.maxConnections)
+    self.connectionLimit = connectionLimit
     let directoryLogger = logger
     let directory = IdentityDirectory { try await repository.identitySnapshot(logger: directoryLogger) }
     self.directory = directory
@@ -106,6 +126,11 @@ public final class Gateway: Sendable {
         // for a window update between batches; 1 MiB lets a few batches queue behind the one in
         // its transaction.
         $0.http2.targetWindowSize = 1 << 20
+        $0.http2.maxConcurrentStreams = config.maxConcurrentStreamsPerConnection
+        $0.connection.keepalive.time = config.keepaliveTime
+        $0.connection.keepalive.timeout = config.keepaliveTimeout
+        $0.connection.maxIdleTime = config.idleTimeout
+        $0.channelDebuggingCallbacks.onAcceptTCPConnection = { channel in connectionLimit.admit(channel) }
         // Answer an over-limit message with RESOURCE_EXHAUSTED instead of the transport's stream reset.
         let limit = config.maxRequestMessageBytes
         $0.channelDebuggingCallbacks.onAcceptHTTP2Stream = { channel in
@@ -150,8 +175,13 @@ public final class Gateway: Sendable {
         metrics: metrics,
         identity: CertificateIdentity(trustDomain: config.trustDomain),
         directory: directory,
+        limits: ServerLimitsInterceptor(
+          maxConcurrentCalls: config.maxConcurrentCalls,
+          defaultDeadline: config.defaultDeadline
+        ),
         audit: withoutAudit
-          ? nil : AuditInterceptor(policy: .standard, buffer: auditBuffer, repository: auditRepository, logger: logger)
+          ? nil : AuditInterceptor(policy: .standard, buffer: auditBuffer, repository: auditRepository, logger: logger),
+        quota: withoutQuota ? nil : QuotaInterceptor(policy: .standard, directory: directory, limiter: quotaLimiter)
       )
     )
   }
@@ -169,22 +199,26 @@ public final class Gateway: Sendable {
   }
 
   /// The interceptor chain, outermost first. Metrics is outermost so refused calls are counted
-  /// and timed too. Identity comes next: everything after it reads the caller's ``CallScope``.
-  /// Audit follows, ahead of authorization, so every call with a known caller is recorded,
-  /// denied ones included. Authorization comes last, so nothing past it (quota, the handler)
-  /// runs for a caller who may not make the call.
+  /// and timed too. The process-wide limits come next, so a call shed for overload costs nothing
+  /// more. Identity follows: everything after it reads the caller's ``CallScope``. Audit follows,
+  /// ahead of authorization, so every call with a known caller is recorded, denied and
+  /// over-quota ones included. Authorization comes before quota, so a caller who may not make a
+  /// call never spends its tenant's quota; quota comes last, right before the handler.
   static func interceptors(
     metrics: GatewayMetrics,
     identity: CertificateIdentity,
     directory: IdentityDirectory,
-    audit: AuditInterceptor?
+    limits: ServerLimitsInterceptor,
+    audit: AuditInterceptor?,
+    quota: QuotaInterceptor?
   ) -> [any ServerInterceptor] {
     [
       MetricsInterceptor(metrics: metrics),
+      limits,
       IdentityInterceptor(identity: identity, directory: directory),
     ] + (audit.map { [$0] } ?? []) + [
       AuthorizationInterceptor(policy: .standard, directory: directory),
-    ]
+    ] + (quota.map { [$0] } ?? [])
   }
 
   /// The address the server is bound to, once it is listening (port 0 resolves to the real port).
@@ -224,6 +258,8 @@ public final class Gateway: Sendable {
         workflowHub.notify(payload: payload)
       },
       leaseReaper,
+      // Stops after the server, so it gives its leases back only once no call can use them.
+      quotaCoordinator,
       // Stops after the server (services stop in reverse order), so it commits the events of
       // calls that finished during the drain.
       auditBuffer,

@@ -6,3 +6,11 @@ extension Duration {
     return seconds * 1000 + attoseconds / 1_000_000_000_000_000
   }
 }
+
+extension Duration {
+  /// Seconds as a floating-point number (rates and timings).
+  public var seconds: Double {
+    let (seconds, attoseconds) = components
+    return Double(seconds) + Double(attoseconds) / 1e18
+  }
+}

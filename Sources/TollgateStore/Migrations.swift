@@ -387,5 +387,26 @@ public enum Migrator {
         "GRANT SELECT, INSERT, DELETE ON workflow_watches TO tollgate_tenant, tollgate_platform",
       ]
     ),
+    Migration(
+      version: 5,
+      name: "quota leases shared by the replicas of a fleet",
+      statements: [
+        // One row per (tenant, resource, replica) that replica is using: resource is a quota class
+        // (demand = its admission attempts per second) or 'calls' (demand = calls in flight). A
+        // replica's share of a rate is its demand over the sum of live demands. Rows of a replica
+        // that stops renewing them expire, and their share goes back to the others.
+        """
+        CREATE TABLE quota_leases (
+          tenant_id text NOT NULL REFERENCES tenants (tenant_id),
+          resource text NOT NULL,
+          replica_id text NOT NULL,
+          demand double precision NOT NULL CHECK (demand >= 0),
+          expires_at timestamptz NOT NULL,
+          PRIMARY KEY (tenant_id, resource, replica_id)
+        )
+        """,
+        "GRANT SELECT, INSERT, UPDATE, DELETE ON quota_leases TO tollgate_platform",
+      ]
+    ),
   ]
 }

@@ -123,7 +123,8 @@ public struct TenantRepository: Sendable {
     return try await updateReturning(
       id,
       logger: logger,
-      notify: false,
+      // Every replica enforces quotas from its identity snapshot, so a change is news to all.
+      notify: true,
       "UPDATE tenants SET quota = \(quotaJSON)::jsonb, update_time = now() WHERE tenant_id = \(id.rawValue)"
     )
   }
@@ -248,10 +249,13 @@ public struct TenantRepository: Sendable {
   public func identitySnapshot(logger: Logger) async throws(StoreError) -> IdentitySnapshot {
     try await database.withPlatform(logger: logger) { connection in
       var snapshot = IdentitySnapshot()
-      for try await (id, state) in try await connection.query("SELECT tenant_id, state FROM tenants", logger: logger)
-        .decode((String, String).self)
-      {
-        snapshot.tenantStates[try TenantID(validating: id)] = TenantState(rawValue: state) ?? .suspended
+      for try await (id, state, quota) in try await connection.query(
+        "SELECT tenant_id, state, quota::text FROM tenants",
+        logger: logger
+      ).decode((String, String, String).self) {
+        let tenant = try TenantID(validating: id)
+        snapshot.tenantStates[tenant] = TenantState(rawValue: state) ?? .suspended
+        snapshot.quotas[tenant] = try JSONDecoder().decode(QuotaSettings.self, from: Data(quota.utf8))
       }
       for try await (kind, value, tenant) in try await connection.query(
         "SELECT kind, value, tenant_id FROM certificate_revocations",

@@ -103,6 +103,8 @@ extension TenantService: Tollgate_V1_TenantService.SimpleServiceProtocol {
       // bad request fails before touching the database.
       let quota = try TenantMapping.quotaSettings(from: request.quota, field: "quota")
       let record = try await repository.updateQuota(tenant, quota: quota, logger: logger)
+      // In force on this replica when the call answers; the others hear of it by NOTIFY.
+      await refreshDirectory()
       return .with { $0.tenant = TenantMapping.tenant(record) }
     }
   }

@@ -26,7 +26,7 @@ struct TollgateBench: AsyncParsableCommand {
   static let configuration = CommandConfiguration(
     commandName: "tollgate-bench",
     abstract: "Tollgate benchmarks (run through tools/bench, which starts PostgreSQL).",
-    subcommands: [AuditBench.self, IngestBench.self, QueryBench.self, WorkflowBench.self]
+    subcommands: [AuditBench.self, IngestBench.self, QueryBench.self, WorkflowBench.self, QuotaBench.self]
   )
 }
 
@@ -346,9 +346,7 @@ struct AuditBench: AsyncParsableCommand {
     return try await withRunningGateway(full) { fullPort in
       try await withRunningGateway(bare) { barePort in
         let op = try setup.connection(port: fullPort, setup.operator)
-        _ = try? await op.withClient { client in
-          try await Tollgate_V1_TenantService.Client(wrapping: client).createTenant(.with { $0.tenantID = Self.callsTenant.rawValue })
-        }
+        try await op.withClient { client in try await createBenchTenant(Self.callsTenant, through: client) }
         var with: [Load] = []
         var without: [Load] = []
         for round in 1...rounds {
@@ -381,4 +379,29 @@ struct AuditBench: AsyncParsableCommand {
       }
     }
   }
+}
+
+/// Creates `tenant` if it does not exist and sets its quota: `quota` laid over limits no
+/// benchmark reaches, so a throughput benchmark measures the gateway, not its tenant's quota.
+func createBenchTenant(
+  _ tenant: TenantID,
+  through client: GRPCClient<HTTP2ClientTransport.Posix>,
+  quota: (inout Tollgate_V1_Quota) -> Void = { _ in }
+) async throws {
+  let tenants = Tollgate_V1_TenantService.Client(wrapping: client)
+  _ = try? await tenants.createTenant(.with { $0.tenantID = tenant.rawValue })
+  _ = try await tenants.updateQuota(
+    .with {
+      $0.tenantID = tenant.rawValue
+      $0.quota.rateLimits = [Tollgate_V1_QuotaClass.ingest, .query, .admin, .workflow, .audit].map { quotaClass in
+        .with {
+          $0.quotaClass = quotaClass
+          $0.ratePerSecond = 1_000_000
+          $0.burst = 10_000_000
+        }
+      }
+      $0.quota.maxConcurrentCalls = 100_000
+      quota(&$0.quota)
+    }
+  )
 }

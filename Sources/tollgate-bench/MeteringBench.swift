@@ -162,7 +162,7 @@ struct IngestBench: AsyncParsableCommand {
     try await setup.connection(port: port, setup.operator).withClient { client in
       var metadata: Metadata = [:]
       metadata.addString(Self.tenant.rawValue, forKey: CallScope.tenantMetadataKey)
-      _ = try? await Tollgate_V1_TenantService.Client(wrapping: client).createTenant(.with { $0.tenantID = Self.tenant.rawValue })
+      try await createBenchTenant(Self.tenant, through: client)
       _ = try await Tollgate_V1_MeteringService.Client(wrapping: client).defineMeter(
         .with {
           $0.meter.name = "api_calls"

@@ -73,7 +73,7 @@ struct WorkflowBench: AsyncParsableCommand {
     let gateway = try Gateway(config: config, logger: benchLogger)
     let results = try await withRunningGateway(gateway) { port in
       try await setup.connection(port: port, setup.operator).withClient { client in
-        _ = try? await Tollgate_V1_TenantService.Client(wrapping: client).createTenant(.with { $0.tenantID = Self.tenant.rawValue })
+        try await createBenchTenant(Self.tenant, through: client)
       }
       return try await withAdminClient(database.adminDatabaseURL, connections: callers + workers + 1) { admin in
         try await admin.query("TRUNCATE workflow_runs, workflow_run_events", logger: benchLogger)

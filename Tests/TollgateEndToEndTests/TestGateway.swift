@@ -56,8 +56,19 @@ struct TestDatabase {
     let connection = try await connect(url, database: database)
     defer { Task { try? await connection.close() } }
     for statement in statements {
-      try await connection.query(PostgresQuery(unsafeSQL: statement), logger: testLogger)
+      do {
+        try await connection.query(PostgresQuery(unsafeSQL: statement), logger: testLogger)
+      } catch {
+        // PSQLError's description hides the server's message; a failing test needs it.
+        throw AdminSQLFailed(statement: statement, detail: String(reflecting: error))
+      }
     }
+  }
+
+  struct AdminSQLFailed: Error, CustomStringConvertible {
+    let statement: String
+    let detail: String
+    var description: String { "\(statement): \(detail)" }
   }
 }
 
