@@ -32,12 +32,15 @@ let package = Package(
     .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
     .package(url: "https://github.com/swift-server/swift-service-lifecycle", from: "2.13.0"),
     .package(url: "https://github.com/swift-server/swift-prometheus", from: "2.4.1"),
+    .package(url: "https://github.com/apple/swift-metrics", from: "2.13.0"),
     .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
   ],
   targets: [
-    // Domain values shared by every layer; no I/O, no gRPC, no Postgres.
+    // Domain values shared by every layer, and the metrics API they record through (swift-metrics);
+    // no I/O, no gRPC, no Postgres.
     .target(
       name: "TollgateModel",
+      dependencies: [.product(name: "CoreMetrics", package: "swift-metrics")],
       swiftSettings: swiftSettings
     ),
     // Generated from Protos/ by tools/gen-protos (committed).

@@ -1,3 +1,4 @@
+public import Foundation
 public import Logging
 public import ServiceLifecycle
 import Synchronization
@@ -22,6 +23,8 @@ public final class AuditBuffer: Service, Sendable {
     /// Events queued or being appended, not yet committed.
     var outstanding = 0
     var queued: [AuditEntry] = []
+    /// Time of the oldest event of the batch being appended, if one is.
+    var appendingSince: Date?
   }
   private let state = Mutex(State())
   private let wake: AsyncStream<Void>
@@ -49,6 +52,15 @@ public final class AuditBuffer: Service, Sendable {
   /// Events queued or being appended and not yet committed.
   public var outstanding: Int { state.withLock { $0.outstanding } }
 
+  /// How long the oldest event not yet committed has waited (zero when none waits): the audit
+  /// append lag operators watch.
+  public func lag(now: Date = Date()) -> TimeInterval {
+    state.withLock { state in
+      guard let oldest = state.appendingSince ?? state.queued.first?.time else { return 0 }
+      return max(0, now.timeIntervalSince(oldest))
+    }
+  }
+
   public func run() async throws {
     await withGracefulShutdownHandler {
       for await _ in wake {
@@ -74,17 +86,24 @@ public final class AuditBuffer: Service, Sendable {
       let batch = state.withLock { state -> [AuditEntry] in
         let batch = Array(state.queued.prefix(batchLimit))
         state.queued.removeFirst(batch.count)
+        state.appendingSince = batch.first?.time
         return batch
       }
       if batch.isEmpty { return }
       do {
         try await repository.append(batch, logger: logger)
-        state.withLock { $0.outstanding -= batch.count }
+        state.withLock {
+          $0.outstanding -= batch.count
+          $0.appendingSince = nil
+        }
         backoff = .milliseconds(50)
         failingSince = nil
       } catch {
         // Put the batch back in front, in order, and wait before retrying.
-        state.withLock { $0.queued.insert(contentsOf: batch, at: 0) }
+        state.withLock {
+          $0.queued.insert(contentsOf: batch, at: 0)
+          $0.appendingSince = nil
+        }
         let since = failingSince ?? .now
         failingSince = since
         logger.warning(

@@ -1,4 +1,5 @@
 import Foundation
+import Synchronization
 public import Logging
 public import ServiceLifecycle
 public import TollgateMerkle
@@ -15,6 +16,12 @@ public final class Checkpointer: Service, Sendable {
   public let key: AuditSigningKey
   let trustDomain: String
   let interval: Duration
+  /// When the last round that found every grown log signed ended.
+  let lastRound = Mutex<ContinuousClock.Instant?>(nil)
+
+  /// Time since the last successful signing round (nil before the first): with a round every
+  /// `interval`, anything much above it means checkpoints are falling behind.
+  public var checkpointAge: Duration? { lastRound.withLock { $0.map { .now - $0 } } }
   let logger: Logger
   let waitUntilReady: @Sendable () async -> Void
 
@@ -79,6 +86,7 @@ public final class Checkpointer: Service, Sendable {
     while !Task.isShuttingDownGracefully {
       do {
         try await checkpointGrownLogs()
+        lastRound.withLock { $0 = .now }
       } catch {
         logger.warning("could not sign audit checkpoints; retrying", metadata: ["error": "\(error)"])
       }

@@ -49,6 +49,8 @@ public struct GatewayConfig: Sendable {
   public var idleTimeout: Duration
   /// The deadline of a unary call whose client sent none.
   public var defaultDeadline: Duration
+  /// Tenants that get their own `tenant` label value in metrics; later ones share `other`.
+  public var metricsMaxTenants: Int
 
   public init(
     listen: Address,
@@ -75,7 +77,8 @@ public struct GatewayConfig: Sendable {
     keepaliveTime: Duration = .seconds(120),
     keepaliveTimeout: Duration = .seconds(20),
     idleTimeout: Duration = .seconds(900),
-    defaultDeadline: Duration = .seconds(30)
+    defaultDeadline: Duration = .seconds(30),
+    metricsMaxTenants: Int = 100
   ) {
     self.listen = listen
     self.tlsCertificatePath = tlsCertificatePath
@@ -102,6 +105,7 @@ public struct GatewayConfig: Sendable {
     self.keepaliveTimeout = keepaliveTimeout
     self.idleTimeout = idleTimeout
     self.defaultDeadline = defaultDeadline
+    self.metricsMaxTenants = metricsMaxTenants
   }
 }
 
@@ -206,11 +210,17 @@ public struct ConfigSetting: Sendable, Hashable, CustomStringConvertible {
     help: "deadline in milliseconds of a unary call that arrives without grpc-timeout (default 30000)"
   )
 
+  public static let metricsMaxTenants = ConfigSetting(
+    name: "metrics-max-tenants",
+    help: "tenants that get their own tenant label in metrics; the rest share tenant=\"other\" (default 100)"
+  )
+
   public static let all: [ConfigSetting] = [
     .listen, .tlsCert, .tlsKey, .clientCA, .trustDomain, .databaseURL, .metricsListen, .migrate, .maxMessageBytes,
     .databaseMaxConnections, .databaseTimeoutMS, .auditSigningKey, .auditBufferCapacity, .ingestMaxBatch,
     .usageLateArrivalHours, .workflowLeaseTimeoutMS, .workflowRetryBaseMS, .quotaSyncIntervalMS, .maxConnections,
     .maxConcurrentStreams, .maxConcurrentCalls, .keepaliveTimeMS, .keepaliveTimeoutMS, .idleTimeoutMS, .defaultDeadlineMS,
+    .metricsMaxTenants,
   ]
 }
 
@@ -378,7 +388,8 @@ public struct ConfigResolver: Sendable {
       keepaliveTime: .milliseconds(try integer(.keepaliveTimeMS, default: 120_000, range: 1_000...86_400_000)),
       keepaliveTimeout: .milliseconds(try integer(.keepaliveTimeoutMS, default: 20_000, range: 100...3_600_000)),
       idleTimeout: .milliseconds(try integer(.idleTimeoutMS, default: 900_000, range: 1_000...86_400_000)),
-      defaultDeadline: .milliseconds(try integer(.defaultDeadlineMS, default: 30_000, range: 10...3_600_000))
+      defaultDeadline: .milliseconds(try integer(.defaultDeadlineMS, default: 30_000, range: 10...3_600_000)),
+      metricsMaxTenants: try integer(.metricsMaxTenants, default: 100, range: 0...100_000)
     )
   }
 }

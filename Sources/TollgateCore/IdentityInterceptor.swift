@@ -23,6 +23,7 @@ public struct IdentityInterceptor: ServerInterceptor {
     next: @Sendable (StreamingServerRequest<Input>, ServerContext) async throws -> StreamingServerResponse<Output>
   ) async throws -> StreamingServerResponse<Output> {
     let scope = try self.scope(request: request, context: context)
+    CallRecord.current?.scope = scope
     var response = try await CallScope.$current.withValue(scope) {
       try await next(request, context)
     }

@@ -1,6 +1,6 @@
 public import GRPCCore
 import Foundation
-import TollgateModel
+public import TollgateModel
 
 /// Last in the chain, after authorization: admits the call under its tenant's rate for the
 /// method's quota class and its tenant's concurrent-call limit, or refuses it with
@@ -16,11 +16,13 @@ public struct QuotaInterceptor: ServerInterceptor {
   private let policy: AuthorizationPolicy
   private let directory: IdentityDirectory
   private let limiter: QuotaLimiter
+  private let telemetry: Telemetry
 
-  public init(policy: AuthorizationPolicy, directory: IdentityDirectory, limiter: QuotaLimiter) {
+  public init(policy: AuthorizationPolicy, directory: IdentityDirectory, limiter: QuotaLimiter, telemetry: Telemetry) {
     self.policy = policy
     self.directory = directory
     self.limiter = limiter
+    self.telemetry = telemetry
   }
 
   public func intercept<Input: Sendable, Output: Sendable>(
@@ -36,8 +38,14 @@ public struct QuotaInterceptor: ServerInterceptor {
     let quota = directory.snapshot.quotas[tenant] ?? .defaults
     let key = QuotaKey(tenant: tenant, quotaClass: rule.quotaClass)
     let limit = quota.rateLimits[rule.quotaClass] ?? QuotaSettings.defaults.rateLimits[rule.quotaClass]!
-    try Self.check(limiter.admit(key, limit: limit), key: key, limit: limit)
+    let labels = [("tenant", telemetry.tenantLabel(tenant)), ("class", rule.quotaClass.rawValue)]
+    let decision = limiter.admit(key, limit: limit)
+    if decision != .admitted {
+      telemetry.count("tollgate_quota_refused_total", labels + [("reason", "rate")])
+    }
+    try Self.check(decision, key: key, limit: limit)
     guard limiter.enter(tenant, limit: quota.maxConcurrentCalls) else {
+      telemetry.count("tollgate_quota_refused_total", labels + [("reason", "concurrency")])
       throw TollgateError.resourceExhausted(
         "tenant '\(tenant)' already has \(quota.maxConcurrentCalls) calls open (its max_concurrent_calls); "
           + "finish or close some, or ask an operator to raise the limit",
@@ -46,19 +54,25 @@ public struct QuotaInterceptor: ServerInterceptor {
         retryAfter: nil
       )
     }
+    telemetry.count("tollgate_quota_admitted_total", labels)
     let slot = CallSlot(limiter: limiter, tenant: tenant)
 
     var request = request
     if rule.quotaClass == .ingest, MethodCatalog.shape(of: context.descriptor)?.clientStreaming == true {
       let limiter = self.limiter
       let directory = self.directory
+      let telemetry = self.telemetry
       request.messages = RPCAsyncSequence(
         wrapping: PacedSequence(base: request.messages) {
           // Read per message, so a quota raised mid-stream speeds the stream up at once.
           let quota = directory.snapshot.quotas[tenant] ?? .defaults
           let limit = quota.rateLimits[.ingest] ?? limit
           let wait = limiter.reserve(key, limit: limit)
-          if wait > .zero { try await Task.sleep(for: wait) }
+          telemetry.count("tollgate_quota_admitted_total", labels)
+          if wait > .zero {
+            telemetry.record("tollgate_quota_stream_paced_seconds", labels, wait)
+            try await Task.sleep(for: wait)
+          }
         }
       )
     }

@@ -1,5 +1,6 @@
 public import GRPCCore
 import Synchronization
+public import TollgateModel
 
 /// Second in the chain, before identity: the process-wide limits that protect every tenant.
 ///
@@ -15,11 +16,13 @@ public struct ServerLimitsInterceptor: ServerInterceptor {
   private let maxConcurrentCalls: Int
   private let defaultDeadline: Duration
   private let inFlight: InFlightCounter
+  private let telemetry: Telemetry
 
-  public init(maxConcurrentCalls: Int, defaultDeadline: Duration) {
+  public init(maxConcurrentCalls: Int, defaultDeadline: Duration, telemetry: Telemetry = .disabled) {
     self.maxConcurrentCalls = maxConcurrentCalls
     self.defaultDeadline = defaultDeadline
     self.inFlight = InFlightCounter()
+    self.telemetry = telemetry
   }
 
   public func intercept<Input: Sendable, Output: Sendable>(
@@ -28,14 +31,16 @@ public struct ServerLimitsInterceptor: ServerInterceptor {
     next: @Sendable (StreamingServerRequest<Input>, ServerContext) async throws -> StreamingServerResponse<Output>
   ) async throws -> StreamingServerResponse<Output> {
     guard inFlight.enter(limit: maxConcurrentCalls) else {
+      telemetry.count("tollgate_calls_shed_total")
       throw RPCError(
         code: .unavailable,
         message: "gateway replica is at its limit of \(maxConcurrentCalls) concurrent calls; retry with backoff"
       )
     }
-    let slot = InFlightSlot(counter: inFlight)
+    let callType = MethodCatalog.shape(of: context.descriptor)?.callType ?? "unknown"
+    let slot = InFlightSlot(counter: inFlight, telemetry: telemetry, callType: callType)
     var response: StreamingServerResponse<Output>
-    if request.metadata[stringValues: "grpc-timeout"].first(where: { _ in true }) == nil, MethodCatalog.shape(of: context.descriptor)?.callType == "unary" {
+    if request.metadata[stringValues: "grpc-timeout"].first(where: { _ in true }) == nil, callType == "unary" {
       response = try await withoutActuallyEscaping(next) { next in
         try await Self.withDeadline(defaultDeadline, method: context.descriptor) {
           try await next(request, context)
@@ -92,8 +97,22 @@ final class InFlightCounter: Sendable {
   func leave() { count.wrappingSubtract(1, ordering: .relaxed) }
 }
 
+/// A call counted in flight (and in `tollgate_calls_in_flight` by call type, so open streams
+/// show) until it ends.
 final class InFlightSlot: Sendable {
   let counter: InFlightCounter
-  init(counter: InFlightCounter) { self.counter = counter }
-  deinit { counter.leave() }
+  let telemetry: Telemetry
+  let callType: String
+
+  init(counter: InFlightCounter, telemetry: Telemetry, callType: String) {
+    self.counter = counter
+    self.telemetry = telemetry
+    self.callType = callType
+    telemetry.adjust("tollgate_calls_in_flight", [("grpc_type", callType)], by: 1)
+  }
+
+  deinit {
+    counter.leave()
+    telemetry.adjust("tollgate_calls_in_flight", [("grpc_type", callType)], by: -1)
+  }
 }

@@ -67,13 +67,15 @@ public final class Gateway: Sendable {
     self.logger = logger
     let metrics = GatewayMetrics()
     self.metrics = metrics
+    let telemetry = metrics.telemetry(maxTenantLabels: config.metricsMaxTenants)
     self.metricsServer = config.metricsListen.map { MetricsServer(address: $0, metrics: metrics, logger: logger) }
     let tls = try TLSMaterial.load(config)
     let database = Database(
       url: config.database,
       maximumConnections: config.databaseMaxConnections,
       operationTimeout: config.databaseTimeout,
-      logger: logger
+      logger: logger,
+      telemetry: telemetry
     )
     self.database = database
     let repository = TenantRepository(database: database)
@@ -98,6 +100,7 @@ public final class Gateway: Sendable {
       repository: workflowRepository,
       leaseTimeout: config.workflowLeaseTimeout,
       logger: logger,
+      telemetry: telemetry,
       waitUntilReady: { await ready.wait() }
     )
     let quotaLimiter = QuotaLimiter()
@@ -109,7 +112,7 @@ public final class Gateway: Sendable {
       logger: logger,
       waitUntilReady: { await ready.wait() }
     )
-    let connectionLimit = ConnectionLimit(maximum: config.maxConnections)
+    let connectionLimit = ConnectionLimit(maximum: config.maxConnections, telemetry: telemetry)
     self.connectionLimit = connectionLimit
     let directoryLogger = logger
     let directory = IdentityDirectory { try await repository.identitySnapshot(logger: directoryLogger) }
@@ -150,7 +153,8 @@ public final class Gateway: Sendable {
         repository: UsageRepository(database: database),
         maxBatch: config.ingestMaxBatch,
         lateArrival: config.usageLateArrival,
-        logger: logger
+        logger: logger,
+        telemetry: telemetry
       ),
       WorkflowService(
         repository: workflowRepository,
@@ -173,17 +177,37 @@ public final class Gateway: Sendable {
       services: services,
       interceptors: Self.interceptors(
         metrics: metrics,
+        logger: logger,
         identity: CertificateIdentity(trustDomain: config.trustDomain),
         directory: directory,
         limits: ServerLimitsInterceptor(
           maxConcurrentCalls: config.maxConcurrentCalls,
-          defaultDeadline: config.defaultDeadline
+          defaultDeadline: config.defaultDeadline,
+          telemetry: telemetry
         ),
         audit: withoutAudit
           ? nil : AuditInterceptor(policy: .standard, buffer: auditBuffer, repository: auditRepository, logger: logger),
-        quota: withoutQuota ? nil : QuotaInterceptor(policy: .standard, directory: directory, limiter: quotaLimiter)
+        quota: withoutQuota ? nil : QuotaInterceptor(policy: .standard, directory: directory, limiter: quotaLimiter, telemetry: telemetry)
       )
     )
+    registerCollectors()
+  }
+
+  /// Gauges read at scrape time from the parts that own them.
+  func registerCollectors() {
+    metrics.gauge("tollgate_tenants", help: "Tenants registered (all states), as this replica's directory holds them") {
+      [directory] in Double(directory.snapshot.tenantStates.count)
+    }
+    metrics.gauge("tollgate_audit_buffer_events", help: "Read-only calls' audit events not committed yet") {
+      [auditBuffer] in Double(auditBuffer.outstanding)
+    }
+    metrics.gauge("tollgate_audit_append_lag_seconds", help: "Age of the oldest audit event not committed yet (0 when none waits)") {
+      [auditBuffer] in auditBuffer.lag()
+    }
+    metrics.gauge(
+      "tollgate_audit_checkpoint_age_seconds",
+      help: "Time since this replica's checkpoint signer last brought every grown log's checkpoint up to date"
+    ) { [checkpointer] in checkpointer.checkpointAge?.seconds ?? -1 }
   }
 
   static func loadSigningKey(_ path: String) throws(ConfigError) -> AuditSigningKey {
@@ -198,14 +222,15 @@ public final class Gateway: Sendable {
     }
   }
 
-  /// The interceptor chain, outermost first. Metrics is outermost so refused calls are counted
-  /// and timed too. The process-wide limits come next, so a call shed for overload costs nothing
+  /// The interceptor chain, outermost first. Metrics and the access log are outermost so refused
+  /// calls are counted, timed and logged too. The process-wide limits come next, so a call shed for overload costs nothing
   /// more. Identity follows: everything after it reads the caller's ``CallScope``. Audit follows,
   /// ahead of authorization, so every call with a known caller is recorded, denied and
   /// over-quota ones included. Authorization comes before quota, so a caller who may not make a
   /// call never spends its tenant's quota; quota comes last, right before the handler.
   static func interceptors(
     metrics: GatewayMetrics,
+    logger: Logger,
     identity: CertificateIdentity,
     directory: IdentityDirectory,
     limits: ServerLimitsInterceptor,
@@ -214,6 +239,7 @@ public final class Gateway: Sendable {
   ) -> [any ServerInterceptor] {
     [
       MetricsInterceptor(metrics: metrics),
+      AccessLogInterceptor(logger: logger),
       limits,
       IdentityInterceptor(identity: identity, directory: directory),
     ] + (audit.map { [$0] } ?? []) + [

@@ -1,7 +1,9 @@
 import Foundation
 import GRPCCore
 public import Prometheus
+import Synchronization
 import TollgateCore
+public import TollgateModel
 
 /// The gateway's Prometheus metrics: per-method call counts and latencies under the names the
 /// gRPC ecosystem uses (go-grpc-prometheus): `grpc_server_started_total`,
@@ -12,6 +14,8 @@ import TollgateCore
 /// number of series is bounded by the API.
 public final class GatewayMetrics: Sendable {
   public let registry: PrometheusCollectorRegistry
+  /// Gauges read from their owners at scrape time (queue lengths, ages), not pushed.
+  private let collectors = Mutex<[@Sendable () -> Void]>([])
 
   static let buckets: [Duration] = [
     .microseconds(500), .milliseconds(1), .milliseconds(2), .milliseconds(5), .milliseconds(10), .milliseconds(25),
@@ -22,6 +26,24 @@ public final class GatewayMetrics: Sendable {
   public init(registry: PrometheusCollectorRegistry = PrometheusCollectorRegistry()) {
     self.registry = registry
     registry.makeGauge(name: "tollgate_up", help: "1 while this gateway process runs").set(Double(1))
+    registry.makeGauge(
+      name: "tollgate_build_info",
+      labels: [("version", TollgateVersion.current)],
+      help: "1, labelled with the gateway's version"
+    ).set(Double(1))
+    registry.makeGauge(name: "tollgate_start_time_seconds", help: "Unix time this process started")
+      .set(Date().timeIntervalSince1970)
+  }
+
+  /// The swift-metrics face of this registry, for the layers that record through ``Telemetry``.
+  public func telemetry(maxTenantLabels: Int) -> Telemetry {
+    Telemetry(factory: PrometheusMetricsFactory(registry: registry), maxTenantLabels: maxTenantLabels)
+  }
+
+  /// Sets gauge `name` from `read` at every scrape.
+  public func gauge(_ name: String, help: String, _ read: @escaping @Sendable () -> Double) {
+    let gauge = registry.makeGauge(name: name, help: help)
+    collectors.withLock { $0.append { gauge.set(read()) } }
   }
 
   func callType(_ method: MethodDescriptor) -> String {
@@ -56,7 +78,8 @@ public final class GatewayMetrics: Sendable {
 
   /// The text exposition format (version 0.0.4).
   public func exposition() -> [UInt8] {
-    registry.emitToBuffer()
+    for collect in collectors.withLock({ $0 }) { collect() }
+    return registry.emitToBuffer()
   }
 }
 

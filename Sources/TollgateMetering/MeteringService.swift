@@ -3,7 +3,7 @@ public import GRPCCore
 public import Logging
 import SwiftProtobuf
 import TollgateCore
-import TollgateModel
+public import TollgateModel
 public import TollgateProtos
 public import TollgateStore
 import TollgateServiceSupport
@@ -19,12 +19,20 @@ public struct MeteringService: Sendable {
   let validation: UsageValidation
   let maxBatch: Int
   let logger: Logger
+  let telemetry: Telemetry
 
-  public init(repository: UsageRepository, maxBatch: Int, lateArrival: Duration, logger: Logger) {
+  public init(
+    repository: UsageRepository,
+    maxBatch: Int,
+    lateArrival: Duration,
+    logger: Logger,
+    telemetry: Telemetry = .disabled
+  ) {
     self.repository = repository
     self.validation = UsageValidation(lateArrival: TimeInterval(lateArrival.components.seconds))
     self.maxBatch = maxBatch
     self.logger = logger
+    self.telemetry = telemetry
   }
 
   func handling<T: Sendable>(_ method: String, _ body: () async throws -> T) async throws -> T {
@@ -99,6 +107,10 @@ public struct MeteringService: Sendable {
       }
       rejections.sort { $0.index < $1.index }
     }
+    let tenantLabel = ("tenant", telemetry.tenantLabel(tenant))
+    telemetry.count("tollgate_usage_events_total", [tenantLabel, ("result", "accepted")], by: accepted)
+    telemetry.count("tollgate_usage_events_total", [tenantLabel, ("result", "duplicate")], by: duplicates)
+    telemetry.count("tollgate_usage_events_total", [tenantLabel, ("result", "rejected")], by: rejections.count)
     return .with {
       $0.sequence = request.sequence
       $0.accepted = UInt32(accepted)

@@ -23,11 +23,18 @@ public final class Database: Service, Sendable {
   /// The database URL without its password, for messages.
   public let redactedURL: String
   let logger: Logger
+  let telemetry: Telemetry
 
   public static let tenantRole = "tollgate_tenant"
   public static let platformRole = "tollgate_platform"
 
-  public init(url: DatabaseURL, maximumConnections: Int = 20, operationTimeout: Duration = .seconds(5), logger: Logger) {
+  public init(
+    url: DatabaseURL,
+    maximumConnections: Int = 20,
+    operationTimeout: Duration = .seconds(5),
+    logger: Logger,
+    telemetry: Telemetry = .disabled
+  ) {
     var config: PostgresClient.Configuration
     let tls: PostgresClient.Configuration.TLS
     switch url.tlsMode {
@@ -55,6 +62,7 @@ public final class Database: Service, Sendable {
     self.operationTimeout = operationTimeout
     self.redactedURL = url.redacted
     self.logger = logger
+    self.telemetry = telemetry
   }
 
   /// Runs the pool until cancelled (graceful shutdown). Must run exactly once, before any query.
@@ -113,9 +121,16 @@ public final class Database: Service, Sendable {
     _ body: @Sendable @escaping (PostgresConnection) async throws -> Result
   ) async throws(StoreError) -> Result {
     let pending = mutation ? PendingAudit.current : nil
+    let telemetry = self.telemetry
+    let start = ContinuousClock.now
+    let wait = PoolWait(telemetry: telemetry)
+    defer { wait.end() }
     do {
       let result = try await bounded {
         try await self.client.withConnection { connection in
+          wait.end()
+          telemetry.adjust("tollgate_db_connections_in_use", by: 1)
+          defer { telemetry.adjust("tollgate_db_connections_in_use", by: -1) }
           // A request that timed out while waiting for a connection must not run afterwards.
           try Task.checkCancellation()
           return try await connection.withTransaction(logger: logger) { connection in
@@ -128,9 +143,11 @@ public final class Database: Service, Sendable {
         }
       }
       pending?.settle(committed: true)
+      telemetry.record("tollgate_db_transaction_duration_seconds", [("outcome", "committed")], .now - start)
       return result
     } catch {
       pending?.settle(committed: false)
+      telemetry.record("tollgate_db_transaction_duration_seconds", [("outcome", "failed")], .now - start)
       throw StoreError.classify(error)
     }
   }
@@ -200,5 +217,23 @@ final class DeadlineRace<Result: Sendable>: Sendable {
     }
     for task in tasks { task.cancel() }
     continuation?.resume(with: outcome)
+  }
+}
+
+/// One transaction's place in the queue for a pool connection, counted in
+/// `tollgate_db_connections_waiting` until it gets a connection or gives up, whichever is first
+/// (a transaction that timed out may still be handed a connection later).
+final class PoolWait: Sendable {
+  private let done = Atomic<Bool>(false)
+  let telemetry: Telemetry
+
+  init(telemetry: Telemetry) {
+    self.telemetry = telemetry
+    telemetry.adjust("tollgate_db_connections_waiting", by: 1)
+  }
+
+  func end() {
+    guard !done.exchange(true, ordering: .relaxed) else { return }
+    telemetry.adjust("tollgate_db_connections_waiting", by: -1)
   }
 }

@@ -541,6 +541,21 @@ public struct WorkflowRepository: Sendable {
     }
   }
 
+  /// Runs per state across all tenants, for the queue-depth metric.
+  public func runCountsByState(logger: Logger) async throws(StoreError) -> [RunState: Int] {
+    try await database.withPlatform(logger: logger) { connection in
+      var counts: [RunState: Int] = [:]
+      let rows = try await connection.query(
+        "SELECT state, count(*)::integer FROM workflow_runs GROUP BY state",
+        logger: logger
+      )
+      for try await (state, count) in rows.decode((String, Int).self) {
+        if let state = RunState(rawValue: state) { counts[state] = count }
+      }
+      return counts
+    }
+  }
+
   /// Ends leases whose worker stopped heartbeating, across all tenants: the run is offered again
   /// at once while attempts remain, and is DEAD otherwise. The lease's holder, if still
   /// connected, is told. Returns how many expired. Also drops watches a crashed replica left on

@@ -12,7 +12,7 @@ struct Tollctl: AsyncParsableCommand {
   static let configuration = CommandConfiguration(
     commandName: "tollctl",
     abstract: "Tollgate's admin and client CLI.",
-    subcommands: [Certs.self, Tenants.self, Meters.self, Usage.self, Audit.self, Runs.self, Worker.self, Health.self]
+    subcommands: [Certs.self, Tenants.self, Meters.self, Usage.self, Audit.self, Runs.self, Worker.self, Health.self, StatusCommand.self]
   )
 }
 

@@ -56,6 +56,24 @@ struct SettingOptions: ParsableArguments {
   var workflowLeaseTimeoutMS: String?
   @Option(name: .customLong("workflow-retry-base-ms"), help: ArgumentHelp(ConfigSetting.workflowRetryBaseMS.help))
   var workflowRetryBaseMS: String?
+  @Option(name: .customLong("quota-sync-interval-ms"), help: ArgumentHelp(ConfigSetting.quotaSyncIntervalMS.help))
+  var quotaSyncIntervalMS: String?
+  @Option(name: .customLong("max-connections"), help: ArgumentHelp(ConfigSetting.maxConnections.help))
+  var maxConnections: String?
+  @Option(name: .customLong("max-concurrent-streams"), help: ArgumentHelp(ConfigSetting.maxConcurrentStreams.help))
+  var maxConcurrentStreams: String?
+  @Option(name: .customLong("max-concurrent-calls"), help: ArgumentHelp(ConfigSetting.maxConcurrentCalls.help))
+  var maxConcurrentCalls: String?
+  @Option(name: .customLong("keepalive-time-ms"), help: ArgumentHelp(ConfigSetting.keepaliveTimeMS.help))
+  var keepaliveTimeMS: String?
+  @Option(name: .customLong("keepalive-timeout-ms"), help: ArgumentHelp(ConfigSetting.keepaliveTimeoutMS.help))
+  var keepaliveTimeoutMS: String?
+  @Option(name: .customLong("idle-timeout-ms"), help: ArgumentHelp(ConfigSetting.idleTimeoutMS.help))
+  var idleTimeoutMS: String?
+  @Option(name: .customLong("default-deadline-ms"), help: ArgumentHelp(ConfigSetting.defaultDeadlineMS.help))
+  var defaultDeadlineMS: String?
+  @Option(name: .customLong("metrics-max-tenants"), help: ArgumentHelp(ConfigSetting.metricsMaxTenants.help))
+  var metricsMaxTenants: String?
   @Option(name: .customLong("log-level"), help: "trace, debug, info (default), notice, warning, error, critical")
   var logLevel: String?
 
@@ -79,6 +97,15 @@ struct SettingOptions: ParsableArguments {
       ConfigSetting.usageLateArrivalHours.name: usageLateArrivalHours,
       ConfigSetting.workflowLeaseTimeoutMS.name: workflowLeaseTimeoutMS,
       ConfigSetting.workflowRetryBaseMS.name: workflowRetryBaseMS,
+      ConfigSetting.quotaSyncIntervalMS.name: quotaSyncIntervalMS,
+      ConfigSetting.maxConnections.name: maxConnections,
+      ConfigSetting.maxConcurrentStreams.name: maxConcurrentStreams,
+      ConfigSetting.maxConcurrentCalls.name: maxConcurrentCalls,
+      ConfigSetting.keepaliveTimeMS.name: keepaliveTimeMS,
+      ConfigSetting.keepaliveTimeoutMS.name: keepaliveTimeoutMS,
+      ConfigSetting.idleTimeoutMS.name: idleTimeoutMS,
+      ConfigSetting.defaultDeadlineMS.name: defaultDeadlineMS,
+      ConfigSetting.metricsMaxTenants.name: metricsMaxTenants,
     ]
     let file = try (config ?? environment["TOLLGATE_CONFIG"]).map { path throws(ConfigError) in
       try ConfigResolver.loadFile(path)
@@ -91,7 +118,9 @@ struct SettingOptions: ParsableArguments {
     guard let level = Logger.Level(rawValue: text) else {
       throw ValidationError("--log-level (TOLLGATE_LOG_LEVEL) is '\(text)'; use trace, debug, info, notice, warning, error or critical")
     }
-    LoggingSystem.bootstrap { StreamLogHandler.standardError(label: $0) }
+    // One JSON object per line on stdout, for log shippers; configuration errors before this
+    // point go to stderr as plain text.
+    LoggingSystem.bootstrap { JSONLogHandler(label: $0) }
     var logger = Logger(label: "tollgate")
     logger.logLevel = level
     return logger

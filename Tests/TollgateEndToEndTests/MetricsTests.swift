@@ -52,8 +52,50 @@ import FoundationNetworking
       )
       #expect(text.contains("tollgate_up 1"))
 
+      // Quota, tenants, database and build metrics from the same calls.
+      let acme = [#"tenant="acme""#, #"class="query""#]
+      #expect(value("tollgate_quota_admitted_total", acme) == 3)
+      #expect(text.contains("tollgate_tenants 1"))
+      #expect(text.contains(#"tollgate_build_info{version="\#(TollgateVersion.current)"} 1"#))
+      #expect((value("tollgate_db_transaction_duration_seconds_count", [#"outcome="committed""#]) ?? 0) > 0)
+      #expect(text.contains("tollgate_audit_buffer_events"))
+      #expect(text.contains("tollgate_audit_checkpoint_age_seconds"))
+
       let (_, missing) = try await URLSession.shared.data(from: URL(string: "http://127.0.0.1:\(port)/nope")!)
       #expect((missing as? HTTPURLResponse)?.statusCode == 404)
+    }
+  }
+
+  @Test func usageCountsAndBoundedTenantLabels() async throws {
+    try await TestGateway.run(configure: {
+      $0.metricsListen = .init(host: "127.0.0.1", port: 0)
+      $0.metricsMaxTenants = 1
+    }) { gw in
+      let port = try #require(await gw.gateway.metricsPort())
+      try await MeteringTests.setUp(gw, tenants: ["acme", "globex"], meters: [MeteringTests.meter("api_calls", .count)])
+      for tenant in ["acme", "globex"] {
+        try await gw.withClient(try gw.pki.issue(tenant: tenant, role: .agent)) { client in
+          let metering = MeteringTests.Metering(wrapping: client)
+          _ = try await metering.ingest(MeteringTests.batch(1, ["a", "b", "a"].map { MeteringTests.event($0) }))
+          _ = try await metering.ingest(MeteringTests.batch(2, [MeteringTests.event("c", meter: "nope")]))
+        }
+      }
+      let (data, _) = try await URLSession.shared.data(from: URL(string: "http://127.0.0.1:\(port)/metrics")!)
+      let text = String(decoding: data, as: UTF8.self)
+      func value(_ name: String, _ labels: [String]) -> Double? {
+        let line = text.split(separator: "\n").first { line in
+          line.hasPrefix(name + "{") && labels.allSatisfy { line.contains($0) }
+        }
+        return line.flatMap { $0.split(separator: " ").last }.flatMap { Double($0) }
+      }
+      // The first tenant seen has its own label; the second shares "other".
+      for tenant in ["acme", "other"] {
+        let t = "tenant=\"\(tenant)\""
+        #expect(value("tollgate_usage_events_total", [t, #"result="accepted""#]) == 2, "\(tenant)")
+        #expect(value("tollgate_usage_events_total", [t, #"result="duplicate""#]) == 1, "\(tenant)")
+        #expect(value("tollgate_usage_events_total", [t, #"result="rejected""#]) == 1, "\(tenant)")
+      }
+      #expect(!text.contains(#"tenant="globex""#))
     }
   }
 }

@@ -4,6 +4,7 @@
 Needs TOLLGATE_TEST_DATABASE_URL (a superuser URL of a running cluster), TOLLGATE_BIN and
 TOLLCTL_BIN; tools/test provides all three.
 """
+import json
 import os
 import pathlib
 import queue
@@ -135,32 +136,38 @@ def start_gateway(pki, app_url, extra_args=()):
          "--database-url", app_url, "--database-timeout-ms", "2000", "--max-message-bytes", "65536",
          "--metrics-listen", "127.0.0.1:0", "--audit-signing-key", str(pki.root / "audit.key"),
          "--workflow-retry-base-ms", "50", *extra_args],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     lines = queue.Queue()
-    log = []
+    log, errors = [], []
 
     def pump():
-        for line in proc.stderr:
+        for line in proc.stdout:
             log.append(line)
             lines.put(line)
         lines.put(None)
 
+    def pump_errors():
+        for line in proc.stderr:
+            errors.append(line)
+
     threading.Thread(target=pump, daemon=True).start()
+    threading.Thread(target=pump_errors, daemon=True).start()
     port = metrics_port = None
     try:
         while port is None or metrics_port is None:
             line = lines.get(timeout=START_TIMEOUT_S)
             if line is None:
-                raise RuntimeError("tollgate exited before listening:\n" + "".join(log))
-            m = re.search(r"\bport=(\d+)", line)
-            if m and "gateway listening" in line:
-                port = int(m.group(1))
-            if m and "metrics listening" in line:
-                metrics_port = int(m.group(1))
+                raise RuntimeError("tollgate exited before listening:\n" + "".join(log + errors))
+            entry = json.loads(line)
+            if entry["message"] == "gateway listening":
+                port = int(entry["port"])
+            if entry["message"] == "metrics listening":
+                metrics_port = int(entry["port"])
     except BaseException:
         stop_gateway(proc)
         raise
+    proc.log, proc.errors = log, errors
     return proc, port, metrics_port
 
 
