@@ -41,6 +41,8 @@ public final class Gateway: Sendable {
   public let quotaLimiter: QuotaLimiter
   public let quotaCoordinator: QuotaCoordinator
   let connectionLimit: ConnectionLimit
+  /// The server's certificate, key and client CA, replaced on SIGHUP or when the files change.
+  let tls: ReloadableTLS
 
   /// Services of the API that work in this build; only these are registered (an unregistered
   /// method gets UNIMPLEMENTED from the server).
@@ -69,7 +71,8 @@ public final class Gateway: Sendable {
     self.metrics = metrics
     let telemetry = metrics.telemetry(maxTenantLabels: config.metricsMaxTenants)
     self.metricsServer = config.metricsListen.map { MetricsServer(address: $0, metrics: metrics, logger: logger) }
-    let tls = try TLSMaterial.load(config)
+    let tls = try ReloadableTLS(config: config, material: try TLSMaterial.load(config), logger: logger)
+    self.tls = tls
     let database = Database(
       url: config.database,
       maximumConnections: config.databaseMaxConnections,
@@ -291,8 +294,13 @@ public final class Gateway: Sendable {
       auditBuffer,
       checkpointer,
       GRPCServerService(gateway: self),
+      TLSReloadService(tls: tls, interval: .seconds(1)),
     ] + (metricsServer.map { [$0] } ?? [])
   }
+
+  /// Reads the TLS files again now, as SIGHUP does; false (and the old material kept) if they are bad.
+  @discardableResult
+  public func reloadTLS() -> Bool { tls.reload(reason: "requested") }
 
   /// The metrics endpoint's bound port, once listening; nil without `--metrics-listen`.
   public func metricsPort() async -> Int? { await metricsServer?.listeningPort() }

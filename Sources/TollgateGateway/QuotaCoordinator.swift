@@ -49,6 +49,8 @@ public struct QuotaCoordinator: Service {
     var rates: [QuotaLeaseRepository.ResourceKey: Double] = [:]
     let clock = ContinuousClock()
     var last = clock.now
+    var heldAny = true
+    var lastRenewal: ContinuousClock.Instant?
     while !Task.isCancelled && !Task.isShuttingDownGracefully {
       let now = clock.now
       let elapsed = max(1e-3, (now - last).seconds)
@@ -63,6 +65,16 @@ public struct QuotaCoordinator: Service {
             demand: Double($0.value)
           )
         }
+      // An idle replica holds nothing and has nothing to learn in a hurry: it reads the others'
+      // leases once per lease lifetime instead of every interval, which keeps idle replicas off
+      // the database.
+      let idle = leases.isEmpty && !heldAny
+      heldAny = !leases.isEmpty
+      if idle, let lastRenewal, clock.now - lastRenewal < ttl {
+        try? await cancelWhenGracefulShutdown { try await Task.sleep(for: interval) }
+        continue
+      }
+      lastRenewal = clock.now
       do {
         let others = try await repository.renew(
           replica: replicaID,

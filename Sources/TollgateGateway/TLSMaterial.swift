@@ -56,16 +56,4 @@ struct TLSMaterial {
       throw ConfigError(setting, "names \(path), which cannot be read: \(error.localizedDescription)")
     }
   }
-
-  /// Server TLS that requires a client certificate chaining to the client CA bundle
-  /// (TLS 1.2 minimum, ALPN h2).
-  var transportSecurity: HTTP2ServerTransport.Posix.TransportSecurity {
-    .mTLS(
-      certificateChain: [.bytes(certificateChainPEM, format: .pem)],
-      privateKey: .bytes(privateKeyPEM, format: .pem)
-    ) {
-      $0.trustRoots = .certificates([.bytes(clientCAPEM, format: .pem)])
-      $0.clientCertificateVerification = .noHostnameVerification
-    }
-  }
 }

@@ -178,29 +178,37 @@ import TollgateProtos
       try await gw.withReplica(configure: { $0.quotaSyncInterval = .milliseconds(50) }) { replica in
         let clock = ContinuousClock()
         let end = clock.now + .seconds(3)
-        let admitted = try await withThrowingTaskGroup(of: Int.self) { callers in
+        let (admitted, refused) = try await withThrowingTaskGroup(of: (Int, Int).self) { callers in
           for target in [gw, replica] {
             for _ in 0..<4 {
               callers.addTask {
                 try await target.withClient(partner) { client async throws in
                   let tenants = Tenants(wrapping: client)
                   var admitted = 0
+                  var refused = 0
                   while clock.now < end {
                     switch await statusCode({ try await tenants.getTenant(.init()) }) {
                     case nil: admitted += 1
-                    case .resourceExhausted: try await Task.sleep(for: .milliseconds(2))
+                    case .resourceExhausted:
+                      refused += 1
+                      try await Task.sleep(for: .milliseconds(2))
                     case let other: Issue.record("unexpected status \(String(describing: other))")
                     }
                   }
-                  return admitted
+                  return (admitted, refused)
                 }
               }
             }
           }
-          return try await callers.reduce(0, +)
+          return try await callers.reduce((0, 0)) { ($0.0 + $1.0, $0.1 + $1.1) }
         }
-        // 10/s for 3 s plus the burst is 32; each replica alone would admit that much.
-        #expect(admitted >= 24 && admitted <= 42, "admitted \(admitted) in 3 s at 10/s")
+        // 10/s for 3 s plus the burst is 32; each replica alone would admit that much, so 64.
+        #expect(admitted <= 42, "admitted \(admitted) in 3 s at 10/s")
+        // Under the limit only if the callers kept asking: a machine loaded by the rest of the
+        // suite may not get many calls through at all, which is no fault of the limit.
+        if admitted + refused >= 96 {
+          #expect(admitted >= 24, "admitted \(admitted) of \(admitted + refused) in 3 s at 10/s")
+        }
       }
       // A replica that dies leaves leases that expire: a lease claiming nearly all the demand
       // holds this replica to a sliver until it runs out, then the whole rate is back.

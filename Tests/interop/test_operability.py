@@ -1,9 +1,13 @@
-"""Interop: what an operator reads from a running `tollgate serve` process: its JSON logs."""
+"""Interop: what an operator reads from a running `tollgate serve`: JSON logs, flags, dashboard, status."""
 import json
+import os
+import pathlib
+import re
+import subprocess
 
 import grpc
 
-from conftest import Gateway, credentials, start_gateway, stop_gateway
+from conftest import Gateway, credentials, start_gateway, stop_gateway, tollctl
 
 TIMEOUT = 10
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -36,3 +40,37 @@ def test_logs_are_one_json_object_per_line_with_a_line_per_call(seeded, pki, stu
     assert [e["status"] for e in denied] == ["PermissionDenied"]
     text = "".join(proc.log)
     assert "PRIVATE KEY" not in text and "BEGIN CERTIFICATE" not in text
+
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def test_dashboard_is_grafana_json_over_documented_metrics():
+    dashboard = json.loads((ROOT / "deploy" / "grafana" / "tollgate.json").read_text())
+    readme = (ROOT / "README.md").read_text()
+    assert dashboard["panels"]
+    for panel in dashboard["panels"]:
+        assert panel["targets"], panel["title"]
+        for target in panel["targets"]:
+            for name in re.findall(r"\b((?:tollgate|grpc_server)_[a-z_]+)", target["expr"]):
+                base = re.sub(r"_(bucket|count|sum)$", "", name)
+                assert f"`{base}" in readme, f"{panel['title']}: {base} is not documented in the README"
+
+
+def test_every_setting_in_the_readme_is_a_flag_of_tollgate_serve():
+    readme = (ROOT / "README.md").read_text()
+    flags = set(re.findall(r"^\| `(--[a-z0-9-]+)` \| `TOLLGATE_", readme, re.M))
+    assert len(flags) > 20
+    help_text = subprocess.run([os.environ["TOLLGATE_BIN"], "serve", "--help"], capture_output=True, text=True).stdout
+    missing = sorted(f for f in flags if f not in help_text)
+    assert not missing, f"documented but not accepted by tollgate serve: {missing}"
+
+
+def test_tollctl_status_summarises_a_running_gateway(gateway, metrics_url, seeded):
+    out = tollctl("status", "--metrics", metrics_url, "--interval", "0.3").stdout
+    assert out.startswith("Tollgate ")
+    assert re.search(r"^tenants\s+\d+$", out, re.M)
+    for heading in ("calls/s", "in flight", "audit", "database pool", "workflow runs"):
+        assert heading in out, out
+    summary = json.loads(tollctl("status", "--metrics", metrics_url, "--interval", "0.3", "--json").stdout)
+    assert summary["tenants"] >= 2 and summary["uptimeSeconds"] > 0
