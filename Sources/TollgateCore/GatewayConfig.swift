@@ -51,6 +51,8 @@ public struct GatewayConfig: Sendable {
   public var defaultDeadline: Duration
   /// Tenants that get their own `tenant` label value in metrics; later ones share `other`.
   public var metricsMaxTenants: Int
+  /// How long a graceful shutdown lets calls in flight finish before cancelling them.
+  public var drainTimeout: Duration
 
   public init(
     listen: Address,
@@ -78,7 +80,8 @@ public struct GatewayConfig: Sendable {
     keepaliveTimeout: Duration = .seconds(20),
     idleTimeout: Duration = .seconds(900),
     defaultDeadline: Duration = .seconds(30),
-    metricsMaxTenants: Int = 100
+    metricsMaxTenants: Int = 100,
+    drainTimeout: Duration = .seconds(30)
   ) {
     self.listen = listen
     self.tlsCertificatePath = tlsCertificatePath
@@ -106,6 +109,7 @@ public struct GatewayConfig: Sendable {
     self.idleTimeout = idleTimeout
     self.defaultDeadline = defaultDeadline
     self.metricsMaxTenants = metricsMaxTenants
+    self.drainTimeout = drainTimeout
   }
 }
 
@@ -215,12 +219,17 @@ public struct ConfigSetting: Sendable, Hashable, CustomStringConvertible {
     help: "tenants that get their own tenant label in metrics; the rest share tenant=\"other\" (default 100)"
   )
 
+  public static let drainTimeoutMS = ConfigSetting(
+    name: "drain-timeout-ms",
+    help: "milliseconds a graceful shutdown (SIGTERM, SIGINT) lets calls in flight finish before cancelling them (default 30000)"
+  )
+
   public static let all: [ConfigSetting] = [
     .listen, .tlsCert, .tlsKey, .clientCA, .trustDomain, .databaseURL, .metricsListen, .migrate, .maxMessageBytes,
     .databaseMaxConnections, .databaseTimeoutMS, .auditSigningKey, .auditBufferCapacity, .ingestMaxBatch,
     .usageLateArrivalHours, .workflowLeaseTimeoutMS, .workflowRetryBaseMS, .quotaSyncIntervalMS, .maxConnections,
     .maxConcurrentStreams, .maxConcurrentCalls, .keepaliveTimeMS, .keepaliveTimeoutMS, .idleTimeoutMS, .defaultDeadlineMS,
-    .metricsMaxTenants,
+    .metricsMaxTenants, .drainTimeoutMS,
   ]
 }
 
@@ -389,7 +398,8 @@ public struct ConfigResolver: Sendable {
       keepaliveTimeout: .milliseconds(try integer(.keepaliveTimeoutMS, default: 20_000, range: 100...3_600_000)),
       idleTimeout: .milliseconds(try integer(.idleTimeoutMS, default: 900_000, range: 1_000...86_400_000)),
       defaultDeadline: .milliseconds(try integer(.defaultDeadlineMS, default: 30_000, range: 10...3_600_000)),
-      metricsMaxTenants: try integer(.metricsMaxTenants, default: 100, range: 0...100_000)
+      metricsMaxTenants: try integer(.metricsMaxTenants, default: 100, range: 0...100_000),
+      drainTimeout: .milliseconds(try integer(.drainTimeoutMS, default: 30_000, range: 0...3_600_000))
     )
   }
 }

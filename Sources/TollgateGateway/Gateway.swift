@@ -321,37 +321,62 @@ public final class Gateway: Sendable {
     try await directory.refresh()
     ready.open()
     try await withGracefulShutdownHandler {
-      let bound = AtomicFlag()
-      try await withThrowingTaskGroup(of: Void.self) { group in
-        group.addTask {
-          do {
-            try await self.server.serve()
-          } catch where !bound.isSet {
-            throw ListenFailure(address: self.config.listen, cause: error)
-          }
+      try await withThrowingTaskGroup(of: Bool.self) { drain in
+        drain.addTask {
+          try await self.serveUntilDrained()
+          return true
         }
-        group.addTask {
-          // Port 0 binds a free port; say which, so scripts and tests can connect.
-          let address: GRPCNIOTransportHTTP2.SocketAddress
-          do {
-            address = try await self.listeningAddress
-          } catch {
-            throw ListenFailure(address: self.config.listen, cause: error)
-          }
-          bound.set()
-          let port = address.ipv4?.port ?? address.ipv6?.port ?? self.config.listen.port
-          self.logger.info(
-            "gateway listening",
-            metadata: [
-              "host": "\(self.config.listen.host)", "port": "\(port)", "trust_domain": "\(self.config.trustDomain)",
-            ]
+        // Bounds the drain: calls still running `drainTimeout` after shutdown began are cancelled
+        // (their clients see the call fail), so a stuck call cannot hold the process up.
+        drain.addTask {
+          try await gracefulShutdown()
+          try await Task.sleep(for: self.config.drainTimeout)
+          return false
+        }
+        let drained = try await drain.next() ?? true
+        drain.cancelAll()
+        if !drained {
+          self.logger.warning(
+            "drain timeout reached; cancelling the calls still running",
+            metadata: ["drain_timeout_ms": "\(self.config.drainTimeout.wholeMilliseconds)"]
           )
         }
-        try await group.waitForAll()
       }
     } onGracefulShutdown: { [server, draining] in
       draining.set()
       server.beginGracefulShutdown()
+    }
+  }
+
+  /// Serves until the server has stopped accepting and every call has ended.
+  private func serveUntilDrained() async throws {
+    let bound = AtomicFlag()
+    try await withThrowingTaskGroup(of: Void.self) { group in
+      group.addTask {
+        do {
+          try await self.server.serve()
+        } catch where !bound.isSet {
+          throw ListenFailure(address: self.config.listen, cause: error)
+        }
+      }
+      group.addTask {
+        // Port 0 binds a free port; say which, so scripts and tests can connect.
+        let address: GRPCNIOTransportHTTP2.SocketAddress
+        do {
+          address = try await self.listeningAddress
+        } catch {
+          throw ListenFailure(address: self.config.listen, cause: error)
+        }
+        bound.set()
+        let port = address.ipv4?.port ?? address.ipv6?.port ?? self.config.listen.port
+        self.logger.info(
+          "gateway listening",
+          metadata: [
+            "host": "\(self.config.listen.host)", "port": "\(port)", "trust_domain": "\(self.config.trustDomain)",
+          ]
+        )
+      }
+      try await group.waitForAll()
     }
   }
 }

@@ -74,6 +74,8 @@ struct SettingOptions: ParsableArguments {
   var defaultDeadlineMS: String?
   @Option(name: .customLong("metrics-max-tenants"), help: ArgumentHelp(ConfigSetting.metricsMaxTenants.help))
   var metricsMaxTenants: String?
+  @Option(name: .customLong("drain-timeout-ms"), help: ArgumentHelp(ConfigSetting.drainTimeoutMS.help))
+  var drainTimeoutMS: String?
   @Option(name: .customLong("log-level"), help: "trace, debug, info (default), notice, warning, error, critical")
   var logLevel: String?
 
@@ -106,6 +108,7 @@ struct SettingOptions: ParsableArguments {
       ConfigSetting.idleTimeoutMS.name: idleTimeoutMS,
       ConfigSetting.defaultDeadlineMS.name: defaultDeadlineMS,
       ConfigSetting.metricsMaxTenants.name: metricsMaxTenants,
+      ConfigSetting.drainTimeoutMS.name: drainTimeoutMS,
     ]
     let file = try (config ?? environment["TOLLGATE_CONFIG"]).map { path throws(ConfigError) in
       try ConfigResolver.loadFile(path)

@@ -1,0 +1,100 @@
+import Foundation
+import GRPCCore
+import PostgresNIO
+import SwiftProtobuf
+import Testing
+import TollgateClient
+import TollgateCore
+import TollgateGateway
+import TollgateModel
+import TollgateProtos
+
+/// Graceful shutdown with calls in flight: unary calls finish, endless streams are told to
+/// reconnect, and the drain timeout bounds how long a stuck call can hold the process.
+@Suite(.timeLimit(.minutes(2))) struct DrainTests {
+  /// Holds tenant globex's row locked (as a stuck transaction would), so an UpdateQuota of globex
+  /// waits inside its handler until `release` commits. Nothing else the gateway does touches that
+  /// row, so only that call waits.
+  static func lockingGlobex(_ gw: TestGateway) async throws -> @Sendable () async throws -> Void {
+    let connection = try await TestDatabase.connect(gw.database.admin, database: gw.database.name)
+    try await connection.query("BEGIN", logger: testLogger)
+    try await connection.query("SELECT 1 FROM tenants WHERE tenant_id = 'globex' FOR UPDATE", logger: testLogger)
+    return {
+      try await connection.query("COMMIT", logger: testLogger)
+      try await connection.close()
+    }
+  }
+
+  /// An operator's UpdateQuota of globex, which waits while globex's row is locked.
+  static func updateGlobex(_ gw: TestGateway) async -> RPCError.Code? {
+    await statusCode {
+      try await gw.withClient(try gw.pki.issueOperator()) { client in
+        try await Tollgate_V1_TenantService.Client(wrapping: client).updateQuota(.with {
+          $0.tenantID = "globex"
+          $0.quota.maxConcurrentCalls = 7
+        })
+      }
+    }
+  }
+
+  /// True once a statement of the gateway waits for a row lock.
+  static func waitingForLock(_ gw: TestGateway) async throws -> Bool {
+    try await TestDatabase.adminCount(
+      gw.database.admin,
+      "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+      database: gw.database.name
+    ) > 0
+  }
+
+  @Test func aUnaryCallInFlightFinishesAndAFollowingStreamIsToldToReconnect() async throws {
+    try await TestGateway.run(configure: { $0.databaseTimeout = .seconds(20) }) { gw in
+      try await QuotaTests.setQuota(gw, tenant: "acme", [])
+      try await QuotaTests.setQuota(gw, tenant: "globex", [])
+      let acme = try TenantID(validating: "acme")
+      let auditor = try gw.pki.issue(tenant: "acme", role: .auditor)
+      let release = try await Self.lockingGlobex(gw)
+      try await withThrowingTaskGroup(of: (String, RPCError.Code?).self) { calls in
+        calls.addTask { ("unary", await Self.updateGlobex(gw)) }
+        calls.addTask {
+          ("stream", await statusCode {
+            try await gw.withClient(auditor) { client in
+              try await Tollgate_V1_AuditService.Client(wrapping: client).streamEvents(.with { $0.follow = true }, options: .noTimeout) {
+                for try await _ in $0.messages {}
+              }
+            }
+          })
+        }
+        #expect(try await QuotaTests.eventually { gw.gateway.quotaLimiter.inFlight(acme) == 1 })
+        #expect(try await QuotaTests.eventually { try await Self.waitingForLock(gw) })
+        await gw.beginShutdown()
+        // The stream ends first, while the unary call still waits for the lock.
+        let first = try await calls.next()
+        #expect(first?.0 == "stream" && first?.1 == .unavailable)
+        try await release()
+        let second = try await calls.next()
+        #expect(second?.0 == "unary" && second?.1 == nil)
+      }
+      // The call that finished during the drain committed.
+      #expect(try await gw.count("SELECT count(*) FROM tenants WHERE quota->>'maxConcurrentCalls' = '7'") == 1)
+    }
+  }
+
+  @Test func theDrainTimeoutCancelsACallThatWouldNotFinish() async throws {
+    try await TestGateway.run(configure: {
+      $0.databaseTimeout = .seconds(20)
+      $0.drainTimeout = .milliseconds(300)
+    }) { gw in
+      try await QuotaTests.setQuota(gw, tenant: "globex", [])
+      let release = try await Self.lockingGlobex(gw)
+      async let stuck = Self.updateGlobex(gw)
+      #expect(try await QuotaTests.eventually { try await Self.waitingForLock(gw) })
+      let clock = ContinuousClock()
+      let start = clock.now
+      await gw.stop()
+      // Stopped by the drain timeout, long before the lock or the database timeout would end it.
+      #expect(clock.now - start < .seconds(10))
+      #expect(await stuck != nil)
+      try await release()
+    }
+  }
+}
