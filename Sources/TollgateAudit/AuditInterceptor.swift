@@ -103,14 +103,9 @@ public struct AuditInterceptor: ServerInterceptor {
     }
   }
 
-  /// The trace id of a valid W3C `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`), if sent.
+  /// The trace id of a valid W3C `traceparent`, if sent; empty otherwise.
   static func traceID(_ metadata: Metadata) -> String {
-    guard let value = metadata[stringValues: "traceparent"].first(where: { _ in true }) else { return "" }
-    let parts = value.split(separator: "-")
-    guard parts.count >= 4, parts[1].count == 32, parts[1].allSatisfy(\.isHexDigit),
-      parts[1] != String(repeating: "0", count: 32)
-    else { return "" }
-    return parts[1].lowercased()
+    CallRecord.traceID(fromTraceparent: metadata[stringValues: "traceparent"].first(where: { _ in true })) ?? ""
   }
 }
 

@@ -226,7 +226,8 @@ public final class Gateway: Sendable {
   }
 
   /// The interceptor chain, outermost first. Metrics and the access log are outermost so refused
-  /// calls are counted, timed and logged too. The process-wide limits come next, so a call shed for overload costs nothing
+  /// calls are counted, timed and logged too; the call's server span opens next, so everything
+  /// after it, database work included, is in the caller's trace. The process-wide limits come next, so a call shed for overload costs nothing
   /// more. Identity follows: everything after it reads the caller's ``CallScope``. Audit follows,
   /// ahead of authorization, so every call with a known caller is recorded, denied and
   /// over-quota ones included. Authorization comes before quota, so a caller who may not make a
@@ -243,6 +244,7 @@ public final class Gateway: Sendable {
     [
       MetricsInterceptor(metrics: metrics),
       AccessLogInterceptor(logger: logger),
+      TracingInterceptor(),
       limits,
       IdentityInterceptor(identity: identity, directory: directory),
     ] + (audit.map { [$0] } ?? []) + [

@@ -1,5 +1,6 @@
 import Foundation
 import Synchronization
+import Tracing
 public import Logging
 public import PostgresNIO
 import NIOSSL
@@ -116,6 +117,26 @@ public final class Database: Service, Sendable {
   }
 
   private func transaction<Result: Sendable>(
+    mutation: Bool,
+    logger: Logger,
+    _ body: @Sendable @escaping (PostgresConnection) async throws -> Result
+  ) async throws(StoreError) -> Result {
+    // A client span under the call's server span (the task's ServiceContext), so the caller's
+    // trace shows where its time went in the database.
+    do {
+      return try await withSpan("db.transaction", ofKind: .client) { span in
+        span.attributes["db.system"] = "postgresql"
+        span.attributes["db.operation"] = mutation ? "write" : "read"
+        return try await self.timedTransaction(mutation: mutation, logger: logger, body)
+      }
+    } catch let error as StoreError {
+      throw error
+    } catch {
+      throw StoreError.classify(error)
+    }
+  }
+
+  private func timedTransaction<Result: Sendable>(
     mutation: Bool,
     logger: Logger,
     _ body: @Sendable @escaping (PostgresConnection) async throws -> Result

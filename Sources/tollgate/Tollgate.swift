@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import Logging
+import Tracing
 import TollgateCore
 import TollgateGateway
 import TollgateModel
@@ -126,6 +127,9 @@ struct SettingOptions: ParsableArguments {
     LoggingSystem.bootstrap { JSONLogHandler(label: $0) }
     var logger = Logger(label: "tollgate")
     logger.logLevel = level
+    // Spans (W3C trace context from callers, a server span per call, a span per database
+    // transaction) are logged at debug level.
+    InstrumentationSystem.bootstrap(LogTracer(logger: logger))
     return logger
   }
 }
