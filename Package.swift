@@ -115,6 +115,7 @@ let package = Package(
       name: "TollgateMetering",
       dependencies: [
         "TollgateModel", "TollgateCore", "TollgateStore", "TollgateProtos", "TollgateServiceSupport",
+        .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
         .product(name: "GRPCCore", package: "grpc-swift-2"),
         .product(name: "GRPCProtobuf", package: "grpc-swift-protobuf"),
         .product(name: "SwiftProtobuf", package: "swift-protobuf"),

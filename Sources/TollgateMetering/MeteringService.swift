@@ -1,6 +1,7 @@
 import Foundation
 public import GRPCCore
 public import Logging
+import ServiceLifecycle
 import SwiftProtobuf
 import TollgateCore
 public import TollgateModel
@@ -169,7 +170,9 @@ extension MeteringService: Tollgate_V1_MeteringService.SimpleServiceProtocol {
       // sequence, every acknowledged event is stored, and an event sent twice is credited to the
       // earlier batch. (Overlapping batches' transactions measured no faster; the database is
       // the limit.)
-      for try await batch in request {
+      // A drain ends the stream between batches (a batch in progress is committed and acked
+      // first) with UNAVAILABLE, so the agent reconnects, to another replica if there is one.
+      for try await batch in request.cancelOnGracefulShutdown() {
         let result = try await ingest(batch, tenant: tenant)
         try await response.write(
           .with {
@@ -179,6 +182,11 @@ extension MeteringService: Tollgate_V1_MeteringService.SimpleServiceProtocol {
             $0.rejected = result.rejected
             $0.rejections = result.rejections
           }
+        )
+      }
+      if Task.isShuttingDownGracefully {
+        throw TollgateError.unavailable(
+          "the gateway is shutting down; every acknowledged batch is stored: send the rest on a new stream"
         )
       }
     }

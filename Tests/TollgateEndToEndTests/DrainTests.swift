@@ -97,4 +97,32 @@ import TollgateProtos
       try await release()
     }
   }
+
+  @Test func anIngestStreamIsEndedBetweenBatchesWithItsAcknowledgedBatchesStored() async throws {
+    try await TestGateway.run { gw in
+      try await MeteringTests.setUp(gw, tenants: ["acme"], meters: [MeteringTests.meter("api_calls", .count)])
+      let (acked, ack) = AsyncStream.makeStream(of: Void.self)
+      let (hold, release) = AsyncStream.makeStream(of: Void.self)
+      async let ended = statusCode {
+        try await gw.withClient(try gw.pki.issue(tenant: "acme", role: .agent)) { client in
+          try await MeteringTests.Metering(wrapping: client).ingestStream(
+            requestProducer: { writer in
+              try await writer.write(MeteringTests.batch(1, [MeteringTests.event("e1"), MeteringTests.event("e2")]))
+              // The agent keeps its stream open, as a real one does between batches.
+              for await _ in hold {}
+            },
+            onResponse: { response in
+              defer { release.finish() }
+              for try await _ in response.messages { ack.yield() }
+            }
+          )
+        }
+      }
+      var iterator = acked.makeAsyncIterator()
+      await iterator.next()
+      await gw.beginShutdown()
+      #expect(await ended == .unavailable)
+      #expect(try await gw.count("SELECT count(*) FROM usage_events") == 2)
+    }
+  }
 }
