@@ -218,10 +218,14 @@ struct TestGateway: Sendable {
         trustDomain: pki.ca.trustDomain,
         database: database.app,
         databaseMaxConnections: 8,
-        // Generous: the whole suite runs at once on two cores, and a database operation can wait
-        // behind others' migrations. Outage tests set their own.
-        databaseTimeout: .seconds(3),
-        auditSigningKeyPath: pki.auditKeyFile.path
+        // Generous: the whole suite (a hundred gateways and their databases) runs at once on two
+        // cores, and a database operation can wait behind others' migrations. Outage tests set
+        // their own.
+        databaseTimeout: .seconds(10),
+        auditSigningKeyPath: pki.auditKeyFile.path,
+        // Quota tests that measure across replicas set a short interval; the rest need not load
+        // the shared cluster with renewals.
+        quotaSyncInterval: .seconds(1)
       )
       configure(&config)
       return try await serve(try Gateway(config: config, logger: testLogger), pki: pki, database: database, body)
