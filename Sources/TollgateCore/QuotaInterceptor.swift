@@ -77,18 +77,8 @@ public struct QuotaInterceptor: ServerInterceptor {
       )
     }
 
-    var response = try await next(request, context)
-    // The slot is held until the response's producer has run and been released: for a stream,
-    // until it ends. Releasing on deinit also covers a producer that is never run.
-    if case .success(var contents) = response.accepted {
-      let producer = contents.producer
-      contents.producer = { writer in
-        defer { withExtendedLifetime(slot) {} }
-        return try await producer(writer)
-      }
-      response.accepted = .success(contents)
-    }
-    return response
+    // The slot is held until the response's producer has run: for a stream, until it ends.
+    return try await next(request, context).holding(slot)
   }
 
   /// Throws RESOURCE_EXHAUSTED with QuotaFailure, RetryInfo and `grpc-retry-pushback-ms` for a

@@ -39,7 +39,7 @@ public struct ServerLimitsInterceptor: ServerInterceptor {
     }
     let callType = MethodCatalog.shape(of: context.descriptor)?.callType ?? "unknown"
     let slot = InFlightSlot(counter: inFlight, telemetry: telemetry, callType: callType)
-    var response: StreamingServerResponse<Output>
+    let response: StreamingServerResponse<Output>
     if request.metadata[stringValues: "grpc-timeout"].first(where: { _ in true }) == nil, callType == "unary" {
       response = try await withoutActuallyEscaping(next) { next in
         try await Self.withDeadline(defaultDeadline, method: context.descriptor) {
@@ -49,15 +49,7 @@ public struct ServerLimitsInterceptor: ServerInterceptor {
     } else {
       response = try await next(request, context)
     }
-    if case .success(var contents) = response.accepted {
-      let producer = contents.producer
-      contents.producer = { writer in
-        defer { withExtendedLifetime(slot) {} }
-        return try await producer(writer)
-      }
-      response.accepted = .success(contents)
-    }
-    return response
+    return response.holding(slot)
   }
 
   /// Runs `body`, cancelling it and failing DEADLINE_EXCEEDED once `deadline` has passed.

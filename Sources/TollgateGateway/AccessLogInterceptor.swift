@@ -28,11 +28,13 @@ struct AccessLogInterceptor: ServerInterceptor {
     let method = context.descriptor.fullyQualifiedMethod
     let start = clock.now
     let clock = self.clock
-    let log: @Sendable (String, String) -> Void = { code, message in
+    return try await observingEnd(of: {
+      try await CallRecord.$current.withValue(record) { try await next(request, context) }
+    }) { code, message in
       var metadata: Logger.Metadata = [
         "request_id": .string(record.requestID),
         "method": .string(method),
-        "status": .string(code),
+        "status": .string(code.map(MetricsInterceptor.name) ?? "OK"),
         "latency_ms": .stringConvertible((clock.now - start).seconds * 1000),
       ]
       if let scope = record.scope {
@@ -42,36 +44,9 @@ struct AccessLogInterceptor: ServerInterceptor {
         if scope.impersonated { metadata["impersonated"] = .stringConvertible(true) }
       }
       if let trace = record.traceID { metadata["trace_id"] = .string(trace) }
-      if code != "OK" { metadata["error"] = .string(message) }
+      if code != nil { metadata["error"] = .string(message) }
       logger.info("call", metadata: metadata)
     }
-    var response: StreamingServerResponse<Output>
-    do {
-      response = try await CallRecord.$current.withValue(record) { try await next(request, context) }
-    } catch {
-      let status = rpcStatus(of: error)
-      log(status.map { MetricsInterceptor.name($0.code) } ?? "Unknown", status?.message ?? "\(type(of: error))")
-      throw error
-    }
-    switch response.accepted {
-    case .failure(let error):
-      log(MetricsInterceptor.name(error.code), error.message)
-    case .success(var contents):
-      let producer = contents.producer
-      contents.producer = { writer in
-        do {
-          let trailers = try await producer(writer)
-          log("OK", "")
-          return trailers
-        } catch {
-          let status = rpcStatus(of: error)
-          log(status.map { MetricsInterceptor.name($0.code) } ?? "Unknown", status?.message ?? "\(type(of: error))")
-          throw error
-        }
-      }
-      response.accepted = .success(contents)
-    }
-    return response
   }
 
   static func requestID() -> String {

@@ -99,39 +99,11 @@ struct MetricsInterceptor: ServerInterceptor {
     let type = metrics.callType(method)
     let start = clock.now
     metrics.started(method, type: type)
-    let response: StreamingServerResponse<Output>
-    do {
-      response = try await next(request, context)
-    } catch {
-      metrics.handled(method, type: type, code: Self.code(of: error), duration: clock.now - start)
-      throw error
+    let metrics = self.metrics
+    let clock = self.clock
+    return try await observingEnd(of: { try await next(request, context) }) { code, _ in
+      metrics.handled(method, type: type, code: code.map(Self.name) ?? "OK", duration: clock.now - start)
     }
-    switch response.accepted {
-    case .failure(let error):
-      metrics.handled(method, type: type, code: Self.name(error.code), duration: clock.now - start)
-      return response
-    case .success(var contents):
-      let producer = contents.producer
-      let metrics = self.metrics
-      let clock = self.clock
-      contents.producer = { writer in
-        do {
-          let trailers = try await producer(writer)
-          metrics.handled(method, type: type, code: "OK", duration: clock.now - start)
-          return trailers
-        } catch {
-          metrics.handled(method, type: type, code: Self.code(of: error), duration: clock.now - start)
-          throw error
-        }
-      }
-      var wrapped = response
-      wrapped.accepted = .success(contents)
-      return wrapped
-    }
-  }
-
-  static func code(of error: any Error) -> String {
-    rpcStatus(of: error).map { name($0.code) } ?? "Unknown"
   }
 
   /// Status code names as grpc-go spells them (`OK`, `PermissionDenied`, …).

@@ -304,41 +304,8 @@ struct AuditBench: AsyncParsableCommand {
 
   static let callsTenant = try! TenantID(validating: "bench-calls")
 
-  struct Load {
-    var callsPerSecond: Double
-    var p50: Double
-    var p99: Double
-  }
-
-  func load(_ connection: GatewayConnection) async throws -> Load {
-    let duration = Duration.milliseconds(Int(seconds * 1000))
-    return try await connection.withClient { client in
-      let tenants = Tollgate_V1_TenantService.Client(wrapping: client)
-      let call: @Sendable () async throws -> Void = { _ = try await tenants.getTenant(.init()) }
-      // Warm the connection and the pool.
-      for _ in 0..<200 { try await call() }
-      let start = ContinuousClock.now
-      let deadline = start + duration
-      let latencies = try await withThrowingTaskGroup(of: [Double].self) { group in
-        for _ in 0..<concurrency {
-          group.addTask {
-            var mine: [Double] = []
-            mine.reserveCapacity(100_000)
-            while ContinuousClock.now < deadline {
-              let t0 = ContinuousClock.now
-              try await call()
-              mine.append(elapsedSeconds(ContinuousClock.now - t0) * 1000)
-            }
-            return mine
-          }
-        }
-        var all: [Double] = []
-        for try await part in group { all += part }
-        return all.sorted()
-      }
-      let elapsed = elapsedSeconds(ContinuousClock.now - start)
-      return Load(callsPerSecond: Double(latencies.count) / elapsed, p50: percentile(latencies, 0.5), p99: percentile(latencies, 0.99))
-    }
+  func load(_ connection: GatewayConnection) async throws -> CallLoad {
+    try await getTenantLoad(connection, seconds: seconds, concurrency: concurrency)
   }
 
   func callsBench(_ setup: BenchSetup, _ full: Gateway) async throws -> CallsResult {
@@ -347,8 +314,8 @@ struct AuditBench: AsyncParsableCommand {
       try await withRunningGateway(bare) { barePort in
         let op = try setup.connection(port: fullPort, setup.operator)
         try await op.withClient { client in try await createBenchTenant(Self.callsTenant, through: client) }
-        var with: [Load] = []
-        var without: [Load] = []
+        var with: [CallLoad] = []
+        var without: [CallLoad] = []
         for round in 1...rounds {
           // Alternate, so drift over the run affects both alike.
           let b = try await load(try setup.connection(port: barePort, setup.partner(Self.callsTenant)))
@@ -404,4 +371,43 @@ func createBenchTenant(
       quota(&$0.quota)
     }
   )
+}
+
+/// Closed-loop unary load: `concurrency` callers each send GetTenant back to back for `seconds`,
+/// after 200 warm-up calls; calls per second and latency percentiles (ms).
+struct CallLoad {
+  var callsPerSecond: Double
+  var p50: Double
+  var p99: Double
+}
+
+func getTenantLoad(_ connection: GatewayConnection, seconds: Double, concurrency: Int) async throws -> CallLoad {
+  let duration = Duration.milliseconds(Int(seconds * 1000))
+  return try await connection.withClient { client in
+    let tenants = Tollgate_V1_TenantService.Client(wrapping: client)
+    let call: @Sendable () async throws -> Void = { _ = try await tenants.getTenant(.init()) }
+    // Warm the connection and the pool.
+    for _ in 0..<200 { try await call() }
+    let start = ContinuousClock.now
+    let deadline = start + duration
+    let latencies = try await withThrowingTaskGroup(of: [Double].self) { group in
+      for _ in 0..<concurrency {
+        group.addTask {
+          var mine: [Double] = []
+          mine.reserveCapacity(100_000)
+          while ContinuousClock.now < deadline {
+            let t0 = ContinuousClock.now
+            try await call()
+            mine.append(elapsedSeconds(ContinuousClock.now - t0) * 1000)
+          }
+          return mine
+        }
+      }
+      var all: [Double] = []
+      for try await part in group { all += part }
+      return all.sorted()
+    }
+    let elapsed = elapsedSeconds(ContinuousClock.now - start)
+    return CallLoad(callsPerSecond: Double(latencies.count) / elapsed, p50: percentile(latencies, 0.5), p99: percentile(latencies, 0.99))
+  }
 }

@@ -122,12 +122,14 @@ struct QuotaBench: AsyncParsableCommand {
   func costBench(_ setup: BenchSetup, fullPort: Int) async throws -> CostResult {
     let bare = try Gateway(config: setup.config, logger: benchLogger, withoutQuota: true)
     return try await withRunningGateway(bare) { barePort in
-      var with: [ClosedLoad] = []
-      var without: [ClosedLoad] = []
+      var with: [CallLoad] = []
+      var without: [CallLoad] = []
       for round in 1...rounds {
         // Alternate, so drift over the run affects both alike.
-        let b = try await closedLoad(try setup.connection(port: barePort, setup.partner(Self.costTenant)))
-        let f = try await closedLoad(try setup.connection(port: fullPort, setup.partner(Self.costTenant)))
+        let b = try await getTenantLoad(
+          try setup.connection(port: barePort, setup.partner(Self.costTenant)), seconds: seconds, concurrency: concurrency)
+        let f = try await getTenantLoad(
+          try setup.connection(port: fullPort, setup.partner(Self.costTenant)), seconds: seconds, concurrency: concurrency)
         without.append(b)
         with.append(f)
         FileHandle.standardError.write(Data(String(
@@ -163,41 +165,6 @@ struct QuotaBench: AsyncParsableCommand {
       limiter.leave(Self.costTenant)
     }
     return elapsedSeconds(ContinuousClock.now - start) * 1e9 / Double(n)
-  }
-
-  struct ClosedLoad {
-    var callsPerSecond: Double
-    var p99: Double
-  }
-
-  func closedLoad(_ connection: GatewayConnection) async throws -> ClosedLoad {
-    let duration = Duration.milliseconds(Int(seconds * 1000))
-    return try await connection.withClient { client in
-      let tenants = Tollgate_V1_TenantService.Client(wrapping: client)
-      for _ in 0..<200 { _ = try await tenants.getTenant(.init()) }
-      let start = ContinuousClock.now
-      let deadline = start + duration
-      let latencies = try await withThrowingTaskGroup(of: [Double].self) { group in
-        for _ in 0..<concurrency {
-          group.addTask {
-            var mine: [Double] = []
-            while ContinuousClock.now < deadline {
-              let t0 = ContinuousClock.now
-              _ = try await tenants.getTenant(.init())
-              mine.append(elapsedSeconds(ContinuousClock.now - t0) * 1000)
-            }
-            return mine
-          }
-        }
-        var all: [Double] = []
-        for try await part in group { all += part }
-        return all.sorted()
-      }
-      return ClosedLoad(
-        callsPerSecond: Double(latencies.count) / elapsedSeconds(ContinuousClock.now - start),
-        p99: percentile(latencies, 0.99)
-      )
-    }
   }
 
   // MARK: (b) noisy neighbour
