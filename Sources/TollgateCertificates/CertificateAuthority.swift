@@ -177,7 +177,7 @@ public enum PEMFiles {
   public static func saveAuthority(_ ca: CertificateAuthority, to directory: String) throws {
     try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
     let base = URL(fileURLWithPath: directory)
-    try write(try certificatePEM(ca.certificate), to: base.appendingPathComponent("ca.pem").path)
+    try write(try certificatePEM(ca.certificate) + "\n", to: base.appendingPathComponent("ca.pem").path)
     try write(try privateKeyPEM(ca.privateKey), to: base.appendingPathComponent("ca.key").path, secret: true)
     try write(ca.trustDomain + "\n", to: base.appendingPathComponent("trust-domain").path)
   }
@@ -186,8 +186,8 @@ public enum PEMFiles {
   public static func saveIssued(_ issued: CertificateAuthority.Issued, ca: CertificateAuthority, to directory: String) throws {
     try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
     let base = URL(fileURLWithPath: directory)
-    try write(try certificatePEM(issued.certificate), to: base.appendingPathComponent("cert.pem").path)
+    try write(try certificatePEM(issued.certificate) + "\n", to: base.appendingPathComponent("cert.pem").path)
     try write(try privateKeyPEM(issued.privateKey), to: base.appendingPathComponent("key.pem").path, secret: true)
-    try write(try certificatePEM(ca.certificate), to: base.appendingPathComponent("ca.pem").path)
+    try write(try certificatePEM(ca.certificate) + "\n", to: base.appendingPathComponent("ca.pem").path)
   }
 }

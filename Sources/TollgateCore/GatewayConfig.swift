@@ -53,6 +53,8 @@ public struct GatewayConfig: Sendable {
   public var metricsMaxTenants: Int
   /// How long a graceful shutdown lets calls in flight finish before cancelling them.
   public var drainTimeout: Duration
+  /// How often the TLS files are checked for changes; nil: only SIGHUP reloads them.
+  public var tlsWatchInterval: Duration?
 
   public init(
     listen: Address,
@@ -81,7 +83,8 @@ public struct GatewayConfig: Sendable {
     idleTimeout: Duration = .seconds(900),
     defaultDeadline: Duration = .seconds(30),
     metricsMaxTenants: Int = 100,
-    drainTimeout: Duration = .seconds(30)
+    drainTimeout: Duration = .seconds(30),
+    tlsWatchInterval: Duration? = .seconds(1)
   ) {
     self.listen = listen
     self.tlsCertificatePath = tlsCertificatePath
@@ -110,6 +113,7 @@ public struct GatewayConfig: Sendable {
     self.defaultDeadline = defaultDeadline
     self.metricsMaxTenants = metricsMaxTenants
     self.drainTimeout = drainTimeout
+    self.tlsWatchInterval = tlsWatchInterval
   }
 }
 
@@ -224,12 +228,17 @@ public struct ConfigSetting: Sendable, Hashable, CustomStringConvertible {
     help: "milliseconds a graceful shutdown (SIGTERM, SIGINT) lets calls in flight finish before cancelling them (default 30000)"
   )
 
+  public static let tlsWatchIntervalMS = ConfigSetting(
+    name: "tls-watch-interval-ms",
+    help: "milliseconds between checks of the TLS files for changes, which reload them; 0 reloads on SIGHUP only (default 1000)"
+  )
+
   public static let all: [ConfigSetting] = [
     .listen, .tlsCert, .tlsKey, .clientCA, .trustDomain, .databaseURL, .metricsListen, .migrate, .maxMessageBytes,
     .databaseMaxConnections, .databaseTimeoutMS, .auditSigningKey, .auditBufferCapacity, .ingestMaxBatch,
     .usageLateArrivalHours, .workflowLeaseTimeoutMS, .workflowRetryBaseMS, .quotaSyncIntervalMS, .maxConnections,
     .maxConcurrentStreams, .maxConcurrentCalls, .keepaliveTimeMS, .keepaliveTimeoutMS, .idleTimeoutMS, .defaultDeadlineMS,
-    .metricsMaxTenants, .drainTimeoutMS,
+    .metricsMaxTenants, .drainTimeoutMS, .tlsWatchIntervalMS,
   ]
 }
 
@@ -344,6 +353,9 @@ public struct ConfigResolver: Sendable {
     return inet_pton(AF_INET, host, &v4) == 1 || inet_pton(AF_INET6, host, &v6) == 1
   }
 
+  /// nil for zero: a setting whose 0 turns something off.
+  static func positive(_ duration: Duration) -> Duration? { duration > .zero ? duration : nil }
+
   /// Only what `tollgate migrate` needs.
   public func databaseURL() throws(ConfigError) -> DatabaseURL {
     let text = try required(.databaseURL)
@@ -399,7 +411,8 @@ public struct ConfigResolver: Sendable {
       idleTimeout: .milliseconds(try integer(.idleTimeoutMS, default: 900_000, range: 1_000...86_400_000)),
       defaultDeadline: .milliseconds(try integer(.defaultDeadlineMS, default: 30_000, range: 10...3_600_000)),
       metricsMaxTenants: try integer(.metricsMaxTenants, default: 100, range: 0...100_000),
-      drainTimeout: .milliseconds(try integer(.drainTimeoutMS, default: 30_000, range: 0...3_600_000))
+      drainTimeout: .milliseconds(try integer(.drainTimeoutMS, default: 30_000, range: 0...3_600_000)),
+      tlsWatchInterval: Self.positive(.milliseconds(try integer(.tlsWatchIntervalMS, default: 1_000, range: 0...3_600_000)))
     )
   }
 }

@@ -296,7 +296,7 @@ public final class Gateway: Sendable {
       auditBuffer,
       checkpointer,
       GRPCServerService(gateway: self),
-      TLSReloadService(tls: tls, interval: .seconds(1)),
+      TLSReloadService(tls: tls, interval: config.tlsWatchInterval),
     ] + (metricsServer.map { [$0] } ?? [])
   }
 

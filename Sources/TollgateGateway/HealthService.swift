@@ -1,5 +1,6 @@
 import GRPCCore
 import Logging
+import ServiceLifecycle
 import SwiftProtobuf
 import TollgateProtos
 import TollgateStore
@@ -39,13 +40,19 @@ struct HealthService: Grpc_Health_V1_Health.SimpleServiceProtocol {
     }
     var last: Grpc_Health_V1_HealthCheckResponse.ServingStatus?
     // Database reachability has no change notification; re-probe once a second while watched.
-    while !Task.isCancelled {
+    while !Task.isCancelled && !Task.isShuttingDownGracefully {
       let now = await status()
       if now != last {
         try await response.write(.with { $0.status = now })
         last = now
       }
-      try await Task.sleep(for: .seconds(1))
+      try? await cancelWhenGracefulShutdown { try await Task.sleep(for: .seconds(1)) }
+    }
+    // A drain: the watcher (a load balancer, a probe) learns NOT_SERVING at once, and the stream
+    // ends rather than hold the drain open, so it reconnects to a replica that serves.
+    if Task.isShuttingDownGracefully {
+      try await response.write(.with { $0.status = .notServing })
+      throw RPCError(code: .unavailable, message: "the gateway is shutting down; watch another replica")
     }
   }
 }

@@ -43,11 +43,9 @@ final class ReloadableTLS: CertificateReloader, Sendable {
 
   static func parse(_ material: TLSMaterial) throws(ConfigError) -> Material {
     do {
-      let chain = try NIOSSLCertificate.fromPEMBytes(material.certificateChainPEM)
+      let chain = try material.certificateChain.map { try NIOSSLCertificate(bytes: $0, format: .der) }
       let key = try NIOSSLPrivateKey(bytes: material.privateKeyPEM, format: .pem)
-      let roots = try NIOSSLCertificate.fromPEMBytes(material.clientCAPEM).map {
-        try X509.Certificate(derEncoded: try $0.toDERBytes())
-      }
+      let roots = try material.clientCAs.map { try X509.Certificate(derEncoded: $0) }
       return Material(chain: chain, key: key, roots: roots, pem: material)
     } catch {
       throw ConfigError(nil, "TLS material cannot be used: \(error)")
@@ -97,10 +95,10 @@ final class ReloadableTLS: CertificateReloader, Sendable {
   var transportSecurity: HTTP2ServerTransport.Posix.TransportSecurity {
     let pem = material.pem
     return .mTLS(
-      certificateChain: [.bytes(pem.certificateChainPEM, format: .pem)],
+      certificateChain: pem.certificateChain.map { .bytes($0, format: .der) },
       privateKey: .bytes(pem.privateKeyPEM, format: .pem)
     ) {
-      $0.trustRoots = .certificates([.bytes(pem.clientCAPEM, format: .pem)])
+      $0.trustRoots = .certificates(pem.clientCAs.map { .bytes($0, format: .der) })
       $0.clientCertificateVerification = .noHostnameVerification
       $0.certificateReloader = self
       $0.customVerificationCallback = { [self] certificates, promise in verify(certificates, promise) }
@@ -135,13 +133,18 @@ final class ReloadableTLS: CertificateReloader, Sendable {
   }
 }
 
-/// Reloads the TLS material on SIGHUP and when its files change (checked every `interval`).
+/// Reloads the TLS material on SIGHUP and, unless `interval` is nil, when its files change
+/// (checked every `interval`).
 struct TLSReloadService: Service {
   let tls: ReloadableTLS
-  let interval: Duration
+  let interval: Duration?
 
   func run() async throws {
     let hangups = await UnixSignalsSequence(trapping: .sighup)
+    guard let interval else {
+      for await _ in hangups.cancelOnGracefulShutdown() { tls.reload(reason: "SIGHUP") }
+      return
+    }
     await withTaskGroup(of: Void.self) { group in
       group.addTask {
         for await _ in hangups.cancelOnGracefulShutdown() { tls.reload(reason: "SIGHUP") }

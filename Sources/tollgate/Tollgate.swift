@@ -77,6 +77,8 @@ struct SettingOptions: ParsableArguments {
   var metricsMaxTenants: String?
   @Option(name: .customLong("drain-timeout-ms"), help: ArgumentHelp(ConfigSetting.drainTimeoutMS.help))
   var drainTimeoutMS: String?
+  @Option(name: .customLong("tls-watch-interval-ms"), help: ArgumentHelp(ConfigSetting.tlsWatchIntervalMS.help))
+  var tlsWatchIntervalMS: String?
   @Option(name: .customLong("log-level"), help: "trace, debug, info (default), notice, warning, error, critical")
   var logLevel: String?
 
@@ -110,6 +112,7 @@ struct SettingOptions: ParsableArguments {
       ConfigSetting.defaultDeadlineMS.name: defaultDeadlineMS,
       ConfigSetting.metricsMaxTenants.name: metricsMaxTenants,
       ConfigSetting.drainTimeoutMS.name: drainTimeoutMS,
+      ConfigSetting.tlsWatchIntervalMS.name: tlsWatchIntervalMS,
     ]
     let file = try (config ?? environment["TOLLGATE_CONFIG"]).map { path throws(ConfigError) in
       try ConfigResolver.loadFile(path)

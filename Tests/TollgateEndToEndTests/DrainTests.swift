@@ -39,6 +39,12 @@ import TollgateProtos
     try await release()
   }
 
+  final class Statuses: Sendable {
+    private let list = Mutex<[String]>([])
+    func append(_ status: String) { list.withLock { $0.append(status) } }
+    var all: [String] { list.withLock { $0 } }
+  }
+
   final class ReleaseOnce: Sendable {
     private let done = Mutex(false)
     func first() -> Bool { done.withLock { was in defer { was = true }; return !was } }
@@ -71,8 +77,24 @@ import TollgateProtos
       try await QuotaTests.setQuota(gw, tenant: "globex", [])
       let acme = try TenantID(validating: "acme")
       let auditor = try gw.pki.issue(tenant: "acme", role: .auditor)
+      let (watchingUpdates, watching) = AsyncStream.makeStream(of: Void.self)
       try await Self.withGlobexLocked(gw) { release in try await withThrowingTaskGroup(of: (String, RPCError.Code?).self) { calls in
         calls.addTask { ("unary", await Self.updateGlobex(gw)) }
+        calls.addTask {
+          // A health watcher learns NOT_SERVING when the drain begins, and its stream ends.
+          let seen = Statuses()
+          let code = await statusCode {
+            try await gw.withClient(auditor) { client in
+              try await Grpc_Health_V1_Health.Client(wrapping: client).watch(.init(), options: .noTimeout) {
+                for try await update in $0.messages {
+                  seen.append("\(update.status)")
+                  watching.yield()
+                }
+              }
+            }
+          }
+          return ("health \(seen.all.joined(separator: ","))", code)
+        }
         calls.addTask {
           ("stream", await statusCode {
             try await gw.withClient(auditor) { client in
@@ -82,12 +104,18 @@ import TollgateProtos
             }
           })
         }
-        #expect(try await QuotaTests.eventually { gw.gateway.quotaLimiter.inFlight(acme) == 1 })
+        var watched = watchingUpdates.makeAsyncIterator()
+        await watched.next()
+        #expect(try await QuotaTests.eventually { gw.gateway.quotaLimiter.inFlight(acme) == 2 })
         #expect(try await QuotaTests.eventually { try await Self.waitingForLock(gw) })
         await gw.beginShutdown()
-        // The stream ends first, while the unary call still waits for the lock.
-        let first = try await calls.next()
-        #expect(first?.0 == "stream" && first?.1 == .unavailable)
+        // The streams end first, while the unary call still waits for the lock.
+        var ended: [String: RPCError.Code?] = [:]
+        for _ in 0..<2 {
+          if let (name, code) = try await calls.next() { ended[name] = code }
+        }
+        #expect(ended["stream"] == .some(.unavailable))
+        #expect(ended["health serving,notServing"] == .some(.unavailable), "\(ended)")
         try await release()
         let second = try await calls.next()
         #expect(second?.0 == "unary" && second?.1 == nil)

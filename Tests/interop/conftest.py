@@ -125,14 +125,18 @@ def metrics_url(gateway):
     return f"http://127.0.0.1:{Gateway.metrics_port}/metrics"
 
 
-def start_gateway(pki, app_url, extra_args=()):
+def start_gateway(pki, app_url, extra_args=(), tls_dir=None):
     """Starts `tollgate serve` on free ports; returns (process, port, metrics port). Failed workflow
-    attempts are retried after 50 ms (doubling), so retry tests take no time."""
+    attempts are retried after 50 ms (doubling), so retry tests take no time. `tls_dir`, if given,
+    holds the server's cert.pem, key.pem and client-CA ca.pem instead of the shared PKI's."""
     server = pki.root / "server"
+    cert, key, ca = server / "cert.pem", server / "key.pem", pki.root / "ca" / "ca.pem"
+    if tls_dir is not None:
+        cert, key, ca = tls_dir / "cert.pem", tls_dir / "key.pem", tls_dir / "ca.pem"
     proc = subprocess.Popen(
         [_env("TOLLGATE_BIN"), "serve", "--listen", "127.0.0.1:0",
-         "--tls-cert", str(server / "cert.pem"), "--tls-key", str(server / "key.pem"),
-         "--client-ca", str(pki.root / "ca" / "ca.pem"), "--trust-domain", TRUST_DOMAIN,
+         "--tls-cert", str(cert), "--tls-key", str(key),
+         "--client-ca", str(ca), "--trust-domain", TRUST_DOMAIN,
          "--database-url", app_url, "--database-timeout-ms", "2000", "--max-message-bytes", "65536",
          "--metrics-listen", "127.0.0.1:0", "--audit-signing-key", str(pki.root / "audit.key"),
          "--workflow-retry-base-ms", "50", *extra_args],

@@ -3,7 +3,10 @@ import json
 import os
 import pathlib
 import re
+import shutil
+import signal
 import subprocess
+import time
 
 import grpc
 
@@ -74,3 +77,47 @@ def test_tollctl_status_summarises_a_running_gateway(gateway, metrics_url, seede
         assert heading in out, out
     summary = json.loads(tollctl("status", "--metrics", metrics_url, "--interval", "0.3", "--json").stdout)
     assert summary["tenants"] >= 2 and summary["uptimeSeconds"] > 0
+
+
+def test_sighup_reloads_the_client_ca_without_dropping_open_connections(seeded, pki, stubs, tmp_path):
+    for name, src in (("cert.pem", pki.root / "server" / "cert.pem"), ("key.pem", pki.root / "server" / "key.pem"),
+                      ("ca.pem", pki.root / "ca" / "ca.pem")):
+        shutil.copy(src, tmp_path / name)
+    # Only SIGHUP reloads: the file watcher is off, so the reload below is the signal's doing.
+    proc, port, _ = start_gateway(pki, Gateway.app_url, ("--tls-watch-interval-ms", "0"), tls_dir=tmp_path)
+    try:
+        def list_tenants(identity):
+            with grpc.secure_channel(f"127.0.0.1:{port}", credentials(identity, root_ca=pki.root / "ca" / "ca.pem")) as ch:
+                return stubs.tenant_grpc.TenantServiceStub(ch).ListTenants(stubs.tenant.ListTenantsRequest(), timeout=TIMEOUT)
+
+        newcomer = pki.issue("operator-other-ca", "--operator", "carol", ca="other-ca")
+        opened = grpc.secure_channel(f"127.0.0.1:{port}", credentials(pki.operator()))
+        stubs.tenant_grpc.TenantServiceStub(opened).ListTenants(stubs.tenant.ListTenantsRequest(), timeout=TIMEOUT)
+        try:
+            list_tenants(newcomer)
+            raise AssertionError("a certificate from a CA not yet trusted was accepted")
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.UNAVAILABLE
+        # A bad bundle is refused on SIGHUP and the old one stays.
+        (tmp_path / "ca.pem").write_text("not a certificate")
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while not any("TLS material refused" in line for line in proc.log) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert any("TLS material refused" in line for line in proc.log)
+        list_tenants(pki.operator())
+        # Both CAs now, joined as `cat` joins files that lack a final newline (END and BEGIN on one
+        # line): the newcomer is accepted, and the connection opened before is still up.
+        (tmp_path / "ca.pem").write_text(
+            (pki.root / "ca" / "ca.pem").read_text().rstrip() + (pki.root / "other-ca" / "ca.pem").read_text())
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while not any("TLS material reloaded" in line for line in proc.log) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert any("TLS material reloaded" in line for line in proc.log), proc.log[-2:]
+        list_tenants(newcomer)
+        stubs.tenant_grpc.TenantServiceStub(opened).ListTenants(stubs.tenant.ListTenantsRequest(), timeout=TIMEOUT)
+        opened.close()
+    finally:
+        stop_gateway(proc)
+    assert proc.returncode == 0, "".join(proc.errors)
