@@ -83,7 +83,11 @@ extension TestDatabase {
       database: database,
       tls: .disable
     )
-    return try await PostgresConnection.connect(configuration: config, id: 1, logger: testLogger)
+    do {
+      return try await PostgresConnection.connect(configuration: config, id: 1, logger: testLogger)
+    } catch {
+      throw AdminSQLFailed(statement: "connect to \(database)", detail: String(reflecting: error))
+    }
   }
 
   /// The single integer `sql` returns, read as the superuser on `database`.

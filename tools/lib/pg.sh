@@ -65,7 +65,7 @@ pg_start() {
       cat "$dir.initdb.log" >&2; return 1; }
   fi
   pg_as_owner "$bin/pg_ctl" -D "$dir" -l "$dir/server.log" -w -t 60 \
-    -o "-p $port -k $dir -c listen_addresses=127.0.0.1 -c fsync=${TOLLGATE_PG_FSYNC:-on} -c max_connections=300 ${TOLLGATE_PG_OPTIONS:-}" \
+    -o "-p $port -k $dir -c listen_addresses=127.0.0.1 -c fsync=${TOLLGATE_PG_FSYNC:-on} -c max_connections=${TOLLGATE_PG_MAX_CONNECTIONS:-300} ${TOLLGATE_PG_OPTIONS:-}" \
     start >/dev/null || { tail -n 30 "$dir/server.log" >&2; return 1; }
   "$bin/psql" -h 127.0.0.1 -p "$port" -U tollgate_admin -d postgres -v ON_ERROR_STOP=1 -q <<'SQL' >/dev/null
 DO $$ BEGIN
