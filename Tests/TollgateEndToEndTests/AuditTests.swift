@@ -347,9 +347,10 @@ import TollgateProtos
   }
 
   @Test func concurrentAppendsFromTwoReplicasStayGapFreeAndUnforked() async throws {
-    // Mutations of one tenant serialise on its row and its log; 80 at once on a loaded 2-core
-    // machine can queue past the 1 s test default.
-    try await TestGateway.run(configure: { $0.databaseTimeout = .seconds(10) }) { gw in
+    // Mutations of one tenant serialise on its row and its log, and each UpdateQuota makes both
+    // replicas reload their identity snapshot; 80 at once on a 2-core machine busy with the rest
+    // of the suite can queue past the test default.
+    try await TestGateway.run(configure: { $0.databaseTimeout = .seconds(30) }) { gw in
       try await Self.createTenant(gw, "acme")
       let partner = try gw.pki.issue(tenant: "acme", role: .partner)
       try await gw.withReplica { replica in
