@@ -22,9 +22,10 @@ public final class CallRecord: Sendable {
     set { resolved.withLock { $0 = newValue } }
   }
 
-  /// The trace id of a `traceparent` header (`00-<32 hex>-<16 hex>-<2 hex>`), nil when absent,
-  /// malformed, or all zeros (which W3C Trace Context says to ignore).
-  public static func traceID(fromTraceparent header: String?) -> String? {
+  /// The trace and parent span ids of a `traceparent` header (`00-<32 hex>-<16 hex>-<2 hex>`),
+  /// nil when absent, malformed, or all zeros (which W3C Trace Context says to ignore). The one
+  /// reader of the header: the access log, the audit event and the tracer agree on what is valid.
+  public static func traceParent(_ header: String?) -> (traceID: String, spanID: String)? {
     guard let header else { return nil }
     let parts = header.split(separator: "-", omittingEmptySubsequences: false)
     guard parts.count >= 4, parts[0].count == 2, parts[0] != "ff", parts[1].count == 32, parts[2].count == 16,
@@ -32,6 +33,11 @@ public final class CallRecord: Sendable {
       parts.prefix(4).allSatisfy({ $0.allSatisfy { $0.isHexDigit && !$0.isUppercase } }),
       parts[1].contains(where: { $0 != "0" }), parts[2].contains(where: { $0 != "0" })
     else { return nil }
-    return String(parts[1])
+    return (String(parts[1]), String(parts[2]))
+  }
+
+  /// The trace id of a `traceparent` header, as ``traceParent(_:)`` reads it.
+  public static func traceID(fromTraceparent header: String?) -> String? {
+    traceParent(header)?.traceID
   }
 }

@@ -1,6 +1,7 @@
 import Foundation
 public import Logging
 import Synchronization
+import TollgateCore
 public import Tracing
 
 /// A swift-distributed-tracing tracer that speaks W3C Trace Context and reports each finished span
@@ -31,13 +32,8 @@ public final class LogTracer: Tracer, Sendable {
     into context: inout ServiceContext,
     using extractor: Extract
   ) where Extract.Carrier == Carrier {
-    guard let header = extractor.extract(key: "traceparent", from: carrier) else { return }
-    let parts = header.split(separator: "-", omittingEmptySubsequences: false)
-    guard parts.count >= 4, parts[0] != "ff", parts[1].count == 32, parts[2].count == 16,
-      parts[1].allSatisfy({ $0.isHexDigit && !$0.isUppercase }), parts[2].allSatisfy({ $0.isHexDigit && !$0.isUppercase }),
-      parts[1].contains(where: { $0 != "0" }), parts[2].contains(where: { $0 != "0" })
-    else { return }
-    context[SpanIDsKey.self] = SpanIDs(traceID: String(parts[1]), spanID: String(parts[2]))
+    guard let parent = CallRecord.traceParent(extractor.extract(key: "traceparent", from: carrier)) else { return }
+    context[SpanIDsKey.self] = SpanIDs(traceID: parent.traceID, spanID: parent.spanID)
   }
 
   public func inject<Carrier, Inject: Injector>(
