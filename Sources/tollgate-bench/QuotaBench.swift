@@ -24,14 +24,15 @@ struct QuotaBench: AsyncParsableCommand {
   @Option(help: "Query rate limit per second of the tenants in (b) and (c)") var limit: Double = 100
   @Option(help: "Seconds per phase of (b)") var noisySeconds: Double = 20
   @Option(help: "Seconds of (c), measured in 10-second windows") var fleetSeconds: Double = 30
+  @Option(help: "Which parts to run, e.g. \"b\" or \"ac\"") var parts: String = "abc"
   @Option(help: "JSON results file") var out: String = "bench-results/quota.json"
 
   struct Results: Codable {
     var cores: Int
     var date: String
-    var cost: CostResult
-    var noisy: NoisyResult
-    var fleet: FleetResult
+    var cost: CostResult?
+    var noisy: NoisyResult?
+    var fleet: FleetResult?
   }
 
   struct CostResult: Codable {
@@ -90,30 +91,33 @@ struct QuotaBench: AsyncParsableCommand {
           }
         }
       }
-      let cost = try await costBench(setup, fullPort: port)
-      let noisy = try await noisyBench(setup, port: port)
-      let fleet = try await fleetBench(setup, port: port)
+      let cost = parts.contains("a") ? try await costBench(setup, fullPort: port) : nil
+      let noisy = parts.contains("b") ? try await noisyBench(setup, port: port) : nil
+      let fleet = parts.contains("c") ? try await fleetBench(setup, port: port) : nil
       return Results(cores: cores, date: ISO8601DateFormatter().string(from: Date()), cost: cost, noisy: noisy, fleet: fleet)
     }
     print("tollgate-bench quota on \(cores) cores (server, client and PostgreSQL share them)")
-    let c = results.cost
-    print(String(
-      format: "  (a) GetTenant x%d: with quota %.0f calls/s (p99 %.2f ms), without %.0f calls/s (p99 %.2f ms), ratio %.3f (target >= 0.95); admission alone %.0f ns/call",
-      c.concurrency, c.withQuotaCallsPerSecond, c.withQuotaP99Ms, c.withoutQuotaCallsPerSecond, c.withoutQuotaP99Ms, c.ratio,
-      c.admissionNanosecondsPerCall
-    ))
-    let n = results.noisy
-    print(String(
-      format: "  (b) noisy neighbour, limit %.0f/s each: quiet tenant at %.0f/s p99 %.2f ms alone, %.2f ms beside a tenant offering %.0f/s: ratio %.2f (target <= 1.5); noisy admitted %.1f/s = %.3f x its limit (target 0.9-1.1)",
-      n.limitPerSecond, n.quietOfferedPerSecond, n.quietAloneP99Ms, n.quietWithNoisyP99Ms, n.noisyOfferedPerSecond, n.p99Ratio,
-      n.noisyAdmittedPerSecond, n.noisyAdmittedOverLimit
-    ))
-    let f = results.fleet
-    print(String(
-      format: "  (c) %d replicas, limit %.0f/s, offered %.0f/s through both: admitted per 10 s window %@ = %@ x the limit (target 0.9-1.1)",
-      f.replicas, f.limitPerSecond, f.offeredPerSecond, "\(f.admittedPerWindow)",
-      f.windowRatios.map { String(format: "%.3f", $0) }.joined(separator: ", ")
-    ))
+    if let c = results.cost {
+      print(String(
+        format: "  (a) GetTenant x%d: with quota %.0f calls/s (p99 %.2f ms), without %.0f calls/s (p99 %.2f ms), ratio %.3f (target >= 0.95); admission alone %.0f ns/call",
+        c.concurrency, c.withQuotaCallsPerSecond, c.withQuotaP99Ms, c.withoutQuotaCallsPerSecond, c.withoutQuotaP99Ms, c.ratio,
+        c.admissionNanosecondsPerCall
+      ))
+    }
+    if let n = results.noisy {
+      print(String(
+        format: "  (b) noisy neighbour, limit %.0f/s each: quiet tenant at %.0f/s p99 %.2f ms alone, %.2f ms beside a tenant offering %.0f/s: ratio %.2f (target <= 1.5); noisy admitted %.1f/s = %.3f x its limit (target 0.9-1.1)",
+        n.limitPerSecond, n.quietOfferedPerSecond, n.quietAloneP99Ms, n.quietWithNoisyP99Ms, n.noisyOfferedPerSecond, n.p99Ratio,
+        n.noisyAdmittedPerSecond, n.noisyAdmittedOverLimit
+      ))
+    }
+    if let f = results.fleet {
+      print(String(
+        format: "  (c) %d replicas, limit %.0f/s, offered %.0f/s through both: admitted per 10 s window %@ = %@ x the limit (target 0.9-1.1)",
+        f.replicas, f.limitPerSecond, f.offeredPerSecond, "\(f.admittedPerWindow)",
+        f.windowRatios.map { String(format: "%.3f", $0) }.joined(separator: ", ")
+      ))
+    }
     try writeResults(results, to: out)
   }
 
@@ -236,8 +240,8 @@ struct QuotaBench: AsyncParsableCommand {
           beside.append(percentile(q.admittedLatencies, 0.99))
           noisyAdmitted.append(Double(n.admittedLatencies.count) / noisySeconds)
           FileHandle.standardError.write(Data(String(
-            format: "(b) round %d: quiet alone p99 %.2f ms (%d ok, %d refused); beside noisy p99 %.2f ms (%d ok, %d refused); noisy admitted %d, refused %d\n",
-            round, alone.last!, a.admittedLatencies.count, a.refused, beside.last!, q.admittedLatencies.count, q.refused,
+            format: "(b) round %d: quiet p50 %.2f ms alone, %.2f ms beside noisy; quiet alone p99 %.2f ms (%d ok, %d refused); beside noisy p99 %.2f ms (%d ok, %d refused); noisy admitted %d, refused %d\n",
+            round, percentile(a.admittedLatencies, 0.5), percentile(q.admittedLatencies, 0.5), alone.last!, a.admittedLatencies.count, a.refused, beside.last!, q.admittedLatencies.count, q.refused,
             n.admittedLatencies.count, n.refused
           ).utf8))
         }
