@@ -206,6 +206,8 @@ public struct AuditService: RegistrableRPCService {
       try await write(current, provingFrom: request.verifiedTreeSize, log, to: writer)
       lastCheckpoint = current
     }
+    // Answered calls' events are readable: index any this log's mutations committed just now.
+    try await repository.sequencePending(only: log, logger: logger)
     var next = request.startIndex
     var wakeUps = subscription?.0.makeAsyncIterator()
     while true {

@@ -63,6 +63,7 @@ public final class Checkpointer: Service, Sendable {
 
   /// A checkpoint covering every record committed when this was called.
   public func current(_ log: AuditLogID) async throws(StoreError) -> StoredCheckpoint {
+    try await repository.sequencePending(only: log, logger: logger)
     let head = try await repository.head(log, logger: logger)
     if let latest = try await repository.checkpoint(log, logger: logger), latest.treeSize >= head.size {
       return latest

@@ -34,6 +34,7 @@ public final class Gateway: Sendable {
   public let metrics: GatewayMetrics
   let metricsServer: MetricsServer?
   public let auditBuffer: AuditBuffer
+  public let auditSequencer: AuditSequencer
   public let checkpointer: Checkpointer
   let auditNotifier: AuditNotifier
   let workflowHub: WorkflowHub
@@ -91,6 +92,12 @@ public final class Gateway: Sendable {
       repository: auditRepository,
       key: signingKey,
       trustDomain: config.trustDomain,
+      logger: logger,
+      waitUntilReady: { await ready.wait() }
+    )
+    self.auditSequencer = AuditSequencer(
+      repository: auditRepository,
+      signal: database.auditQueued,
       logger: logger,
       waitUntilReady: { await ready.wait() }
     )
@@ -294,6 +301,8 @@ public final class Gateway: Sendable {
       // Stops after the server (services stop in reverse order), so it commits the events of
       // calls that finished during the drain.
       auditBuffer,
+      // Likewise indexes the events of mutations that finished during the drain.
+      auditSequencer,
       checkpointer,
       GRPCServerService(gateway: self),
       TLSReloadService(tls: tls, interval: config.tlsWatchInterval),

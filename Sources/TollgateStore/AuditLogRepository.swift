@@ -99,60 +99,77 @@ public struct AuditLogRepository: Sendable {
     for entry in entries { byLog[entry.log, default: []].append(entry) }
     var appended: [AuditLogID: Range<UInt64>] = [:]
     for log in byLog.keys.sorted() {
-      let batch = byLog[log]!
-      // Creates the log on first use and takes its row lock in one round trip.
-      let rows = try await connection.query(
-        """
-        INSERT INTO audit_logs AS l (tenant_id) VALUES (\(log.rawValue))
-        ON CONFLICT (tenant_id) DO UPDATE SET size = l.size
-        RETURNING size, compact_range
-        """,
-        logger: logger
-      )
-      var head: (Int64, ByteBuffer)?
-      for try await row in rows.decode((Int64, ByteBuffer).self) { head = row }
-      guard let (size, rangeBytes) = head, var range = Self.compactRange(size: size, bytes: rangeBytes) else {
-        throw StoreError.unexpected("audit log \(log.rawValue) has a corrupt compact range")
-      }
-      let first = range.size
-      var levels: [Int16] = []
-      var nodeIndices: [Int64] = []
-      var hashes: [ByteBuffer] = []
-      levels.reserveCapacity(batch.count * 2)
-      nodeIndices.reserveCapacity(batch.count * 2)
-      hashes.reserveCapacity(batch.count * 2)
-      for entry in batch {
-        for (address, hash) in range.append(leafHash: MerkleTree.leafHash(entry.leaf.readableBytesView)) {
-          levels.append(Int16(address.level))
-          nodeIndices.append(Int64(address.index))
-          hashes.append(ByteBuffer(bytes: hash))
-        }
-      }
-      let indices = (0..<batch.count).map { Int64(first) + Int64($0) }
-      var rangeOut = ByteBuffer()
-      for hash in range.hashes { rangeOut.writeBytes(hash) }
-      // Leaves, nodes, the new head and the wake-up for followers in one statement.
-      try await connection.query(
-        """
-        WITH leaves AS (
-          INSERT INTO audit_leaves (tenant_id, leaf_index, leaf, event_time, method, principal, outcome)
-          SELECT \(log.rawValue), * FROM unnest(
-            \(indices)::bigint[], \(batch.map(\.leaf))::bytea[], \(batch.map(\.time))::timestamptz[],
-            \(batch.map(\.method))::text[], \(batch.map(\.principal))::text[], \(batch.map(\.outcome))::integer[])
-        ), nodes AS (
-          INSERT INTO audit_nodes (tenant_id, level, node_index, hash)
-          SELECT \(log.rawValue), * FROM unnest(\(levels)::smallint[], \(nodeIndices)::bigint[], \(hashes)::bytea[])
-        ), head AS (
-          UPDATE audit_logs SET size = \(Int64(range.size)), compact_range = \(rangeOut)
-          WHERE tenant_id = \(log.rawValue)
-        )
-        SELECT pg_notify(\(channel), \(log.rawValue))
-        """,
-        logger: logger
-      )
-      appended[log] = first..<range.size
+      let range = try await lockHead(log, on: connection, logger: logger)
+      appended[log] = try await append(byLog[log]!, to: log, at: range, on: connection, logger: logger)
     }
     return appended
+  }
+
+  /// Takes `log`'s head row lock until the transaction ends (creating the log on first use) and
+  /// returns its committed size and compact range, in one round trip.
+  static func lockHead(_ log: AuditLogID, on connection: PostgresConnection, logger: Logger) async throws -> CompactRange {
+    let rows = try await connection.query(
+      """
+      INSERT INTO audit_logs AS l (tenant_id) VALUES (\(log.rawValue))
+      ON CONFLICT (tenant_id) DO UPDATE SET size = l.size
+      RETURNING size, compact_range
+      """,
+      logger: logger
+    )
+    var head: (Int64, ByteBuffer)?
+    for try await row in rows.decode((Int64, ByteBuffer).self) { head = row }
+    guard let (size, rangeBytes) = head, let range = Self.compactRange(size: size, bytes: rangeBytes) else {
+      throw StoreError.unexpected("audit log \(log.rawValue) has a corrupt compact range")
+    }
+    return range
+  }
+
+  /// Appends `batch` to `log`, whose head the transaction has locked and found at `range`.
+  static func append(
+    _ batch: [AuditEntry],
+    to log: AuditLogID,
+    at range: CompactRange,
+    on connection: PostgresConnection,
+    logger: Logger
+  ) async throws -> Range<UInt64> {
+    var range = range
+    let first = range.size
+    var levels: [Int16] = []
+    var nodeIndices: [Int64] = []
+    var hashes: [ByteBuffer] = []
+    levels.reserveCapacity(batch.count * 2)
+    nodeIndices.reserveCapacity(batch.count * 2)
+    hashes.reserveCapacity(batch.count * 2)
+    for entry in batch {
+      for (address, hash) in range.append(leafHash: MerkleTree.leafHash(entry.leaf.readableBytesView)) {
+        levels.append(Int16(address.level))
+        nodeIndices.append(Int64(address.index))
+        hashes.append(ByteBuffer(bytes: hash))
+      }
+    }
+    let indices = (0..<batch.count).map { Int64(first) + Int64($0) }
+    var rangeOut = ByteBuffer()
+    for hash in range.hashes { rangeOut.writeBytes(hash) }
+    // Leaves, nodes, the new head and the wake-up for followers in one statement.
+    try await connection.query(
+      """
+      WITH leaves AS (
+        INSERT INTO audit_leaves (tenant_id, leaf_index, leaf, event_time, method, principal, outcome)
+        SELECT \(log.rawValue), * FROM unnest(
+          \(indices)::bigint[], \(batch.map(\.leaf))::bytea[], \(batch.map(\.time))::timestamptz[],
+          \(batch.map(\.method))::text[], \(batch.map(\.principal))::text[], \(batch.map(\.outcome))::integer[])
+      ), nodes AS (
+        INSERT INTO audit_nodes (tenant_id, level, node_index, hash)
+        SELECT \(log.rawValue), * FROM unnest(\(levels)::smallint[], \(nodeIndices)::bigint[], \(hashes)::bytea[])
+      ), head AS (
+        UPDATE audit_logs SET size = \(Int64(range.size)), compact_range = \(rangeOut)
+        WHERE tenant_id = \(log.rawValue)
+      )
+      SELECT pg_notify(\(channel), \(log.rawValue))
+      """,
+      logger: logger
+    )
+    return first..<range.size
   }
 
   static func compactRange(size: Int64, bytes: ByteBuffer) -> CompactRange? {
@@ -163,14 +180,78 @@ public struct AuditLogRepository: Sendable {
     return CompactRange(size: UInt64(size), hashes: hashes)
   }
 
-  /// Appends `entries` as the last statements of the caller's transaction, with platform rights:
-  /// the events' logs need not be the tenant the transaction is scoped to (an operator's
-  /// platform-log event for a change to one tenant, a new log's head row), and nothing
-  /// tenant-scoped runs after them.
-  static func appendWithPlatformRights(_ entries: [AuditEntry], on connection: PostgresConnection, logger: Logger) async throws {
+  /// Commits `entries` with the caller's transaction, to be given their log indices later by
+  /// ``sequencePending(only:limit:logger:)``. Runs as the last statements of the transaction, with
+  /// platform rights: the events' logs need not be the tenant the transaction is scoped to (an
+  /// operator's platform-log event for a change to one tenant), and nothing tenant-scoped runs
+  /// after them. Unlike an append it takes no lock, so concurrent mutations of one tenant commit
+  /// side by side instead of one at a time.
+  static func enqueueWithPlatformRights(_ entries: [AuditEntry], on connection: PostgresConnection, logger: Logger) async throws {
     guard !entries.isEmpty else { return }
     try await connection.query("SELECT set_config('role', \(Database.platformRole), true)", logger: logger)
-    try await append(entries, on: connection, logger: logger)
+    try await connection.query(
+      """
+      INSERT INTO audit_pending (tenant_id, leaf, event_time, method, principal, outcome)
+      SELECT * FROM unnest(
+        \(entries.map(\.log.rawValue))::text[], \(entries.map(\.leaf))::bytea[], \(entries.map(\.time))::timestamptz[],
+        \(entries.map(\.method))::text[], \(entries.map(\.principal))::text[], \(entries.map(\.outcome))::integer[])
+      """,
+      logger: logger
+    )
+    AuditEnqueueMarker.current?.mark()
+  }
+
+  /// Moves committed pending events into their logs, oldest first, in one transaction: of `log`
+  /// only if given, else of every log; at most `limit` per log. Returns how many it moved.
+  ///
+  /// Each log's head row is locked before its pending rows are read and deleted, so two
+  /// sequencers (of two replicas, or a reader's catch-up beside the background pass) never take
+  /// the same rows, and heads are locked in key order, so they cannot deadlock.
+  @discardableResult
+  public func sequencePending(only log: AuditLogID? = nil, limit: Int = 10_000, logger: Logger) async throws(StoreError) -> Int {
+    try await database.withPlatform(logger: logger) { connection in
+      var logs: [AuditLogID]
+      if let log {
+        // Readers catch up before every read; most find nothing, and must not pay a head lock.
+        let rows = try await connection.query(
+          "SELECT EXISTS (SELECT 1 FROM audit_pending WHERE tenant_id = \(log.rawValue))", logger: logger)
+        var any = false
+        for try await exists in rows.decode(Bool.self) { any = exists }
+        logs = any ? [log] : []
+      } else {
+        logs = []
+        let rows = try await connection.query("SELECT DISTINCT tenant_id FROM audit_pending", logger: logger)
+        for try await key in rows.decode(String.self) {
+          guard let log = AuditLogID(rawValue: key) else {
+            throw StoreError.unexpected("pending audit event of unknown log '\(key)'")
+          }
+          logs.append(log)
+        }
+      }
+      var moved = 0
+      for log in logs.sorted() {
+        let range = try await Self.lockHead(log, on: connection, logger: logger)
+        let rows = try await connection.query(
+          """
+          WITH taken AS (
+            DELETE FROM audit_pending WHERE seq IN (
+              SELECT seq FROM audit_pending WHERE tenant_id = \(log.rawValue) ORDER BY seq LIMIT \(limit))
+            RETURNING seq, leaf, event_time, method, principal, outcome
+          )
+          SELECT leaf, event_time, method, principal, outcome FROM taken ORDER BY seq
+          """,
+          logger: logger
+        )
+        var batch: [AuditEntry] = []
+        for try await (leaf, time, method, principal, outcome) in rows.decode((ByteBuffer, Date, String, String, Int32).self) {
+          batch.append(AuditEntry(log: log, leaf: leaf, time: time, method: method, principal: principal, outcome: outcome))
+        }
+        guard !batch.isEmpty else { continue }
+        try await Self.append(batch, to: log, at: range, on: connection, logger: logger)
+        moved += batch.count
+      }
+      return moved
+    }
   }
 
   /// Appends `entries` (of any logs) in a transaction of their own, committed on return.

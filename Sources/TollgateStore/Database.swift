@@ -25,6 +25,8 @@ public final class Database: Service, Sendable {
   public let redactedURL: String
   let logger: Logger
   let telemetry: Telemetry
+  /// Signalled after a transaction commits audit events for the sequencer to index.
+  public let auditQueued = AuditQueueSignal()
 
   public static let tenantRole = "tollgate_tenant"
   public static let platformRole = "tollgate_platform"
@@ -142,6 +144,8 @@ public final class Database: Service, Sendable {
     _ body: @Sendable @escaping (PostgresConnection) async throws -> Result
   ) async throws(StoreError) -> Result {
     let pending = mutation ? PendingAudit.current : nil
+    let marker = AuditEnqueueMarker()
+    let auditQueued = self.auditQueued
     let telemetry = self.telemetry
     let start = ContinuousClock.now
     let wait = PoolWait(telemetry: telemetry)
@@ -155,15 +159,18 @@ public final class Database: Service, Sendable {
           // A request that timed out while waiting for a connection must not run afterwards.
           try Task.checkCancellation()
           return try await connection.withTransaction(logger: logger) { connection in
-            let result = try await body(connection)
-            if let entry = pending?.claim() {
-              try await AuditLogRepository.appendWithPlatformRights([entry], on: connection, logger: logger)
+            try await AuditEnqueueMarker.$current.withValue(marker) {
+              let result = try await body(connection)
+              if let entry = pending?.claim() {
+                try await AuditLogRepository.enqueueWithPlatformRights([entry], on: connection, logger: logger)
+              }
+              return result
             }
-            return result
           }
         }
       }
       pending?.settle(committed: true)
+      if marker.isMarked { auditQueued.signal() }
       telemetry.record("tollgate_db_transaction_duration_seconds", [("outcome", "committed")], .now - start)
       return result
     } catch {

@@ -408,5 +408,35 @@ public enum Migrator {
         "GRANT SELECT, INSERT, UPDATE, DELETE ON quota_leases TO tollgate_platform",
       ]
     ),
+    Migration(
+      version: 6,
+      name: "audit events committed with their mutation, waiting for their log index",
+      statements: [
+        // A mutating call's transaction writes its event here instead of appending to the log:
+        // an append holds the log's head row until commit, which let one tenant commit only one
+        // mutation at a time. The sequencer moves these rows into the log in batches, deleting
+        // them in the transaction that appends them, so each event is in exactly one place.
+        """
+        CREATE TABLE audit_pending (
+          seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+          tenant_id text NOT NULL,
+          leaf bytea NOT NULL,
+          event_time timestamptz NOT NULL,
+          method text NOT NULL,
+          principal text NOT NULL,
+          outcome integer NOT NULL
+        )
+        """,
+        "CREATE INDEX audit_pending_by_log ON audit_pending (tenant_id, seq)",
+        "ALTER TABLE audit_pending ENABLE ROW LEVEL SECURITY",
+        "ALTER TABLE audit_pending FORCE ROW LEVEL SECURITY",
+        """
+        CREATE POLICY platform_access ON audit_pending TO tollgate_platform
+          USING ((SELECT current_user) = 'tollgate_platform')
+          WITH CHECK ((SELECT current_user) = 'tollgate_platform')
+        """,
+        "GRANT SELECT, INSERT, DELETE ON audit_pending TO tollgate_platform",
+      ]
+    ),
   ]
 }

@@ -398,6 +398,52 @@ import TollgateProtos
     }
   }
 
+  @Test func eventsLeftPendingByAStoppedReplicaAreIndexedAndReachFollowers() async throws {
+    try await TestGateway.run { gw in
+      try await Self.createTenant(gw, "acme")
+      try await Self.mutate(gw, "acme", count: 2)
+      let op = try gw.pki.issueOperator()
+      let (opened, open) = AsyncStream.makeStream(of: Void.self)
+      let followed = try await withThrowingTaskGroup(of: [Tollgate_V1_AuditRecord].self) { group in
+        group.addTask {
+          let seen = Mutex<[Tollgate_V1_AuditRecord]>([])
+          try await gw.withClient(op) { client async throws in
+            try await AuditReader(client: client, metadata: actingOn("acme")).stream(.with {
+              $0.follow = true
+              $0.verifiedTreeSize = 1
+              $0.methods = [Self.updateQuota]
+            }, options: .noTimeout) { message in
+              switch message.item {
+              case .checkpoint: open.yield()
+              case .records(let batch): seen.withLock { $0 += batch.records }
+              default: break
+              }
+              return seen.withLock { $0.count < 3 }
+            }
+          }
+          return seen.withLock { $0 }
+        }
+        var iterator = opened.makeAsyncIterator()
+        await iterator.next()
+        // What a replica leaves behind if it stops between committing a mutation and indexing its
+        // event: a row no call of this process wrote, so only the periodic sweep finds it.
+        try await gw.adminSQL(
+          """
+          INSERT INTO audit_pending (tenant_id, leaf, event_time, method, principal, outcome)
+          SELECT tenant_id, leaf, event_time, method, principal, outcome FROM audit_leaves
+          WHERE tenant_id = 'acme' AND leaf_index = 0
+          """
+        )
+        return try await group.next() ?? []
+      }
+      #expect(followed.count == 3)
+      #expect(followed.last?.leaf == followed.first?.leaf)
+      #expect(try await gw.count("SELECT count(*) FROM audit_pending") == 0)
+      let checkpoint = try await Self.verify(gw, tenant: "acme")
+      #expect(checkpoint.treeSize > followed.last?.index ?? 0)
+    }
+  }
+
   /// Opens a following StreamEvents as `auditor`, resumes `body` once the stream is open (its first
   /// message, a checkpoint, has arrived), and returns how the stream ended.
   static func whileFollowing(

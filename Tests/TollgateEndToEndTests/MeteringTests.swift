@@ -173,7 +173,7 @@ import TollgateProtos
       #expect(stored == 5)
       // Ingestion is mutating: each call's audit event committed with (or before) its first answer.
       let audited = try await gw.count(
-        "SELECT count(*) FROM audit_leaves WHERE tenant_id = 'acme' AND method LIKE '/tollgate.v1.MeteringService/Ingest%'"
+        "SELECT count(*) FROM \(TestGateway.committedAudit) WHERE tenant_id = 'acme' AND method LIKE '/tollgate.v1.MeteringService/Ingest%'"
       )
       #expect(audited == 3)
       try await gw.withClient(try gw.pki.issue(tenant: "acme", role: .partner)) { client async throws in
@@ -473,6 +473,13 @@ extension TestGateway {
   func count(_ sql: String) async throws -> Int64 {
     try await TestDatabase.adminCount(database.admin, sql, database: database.name)
   }
+
+  /// Every committed audit event, for SQL checks (`FROM \(TestGateway.committedAudit)`): those in
+  /// their logs and those a mutation committed that the sequencer has not indexed yet.
+  static let committedAudit = """
+    (SELECT tenant_id, method, principal FROM audit_leaves
+     UNION ALL SELECT tenant_id, method, principal FROM audit_pending) AS committed_audit
+    """
 
   /// The text column of every row, read as the superuser (past row-level security).
   func strings(_ sql: String) async throws -> [String] {

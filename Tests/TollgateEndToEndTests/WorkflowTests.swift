@@ -104,7 +104,7 @@ import TollgateProtos
       }
       #expect(
         try await gw.count(
-          "SELECT count(*) FROM audit_leaves WHERE tenant_id = 'acme' AND method = '/tollgate.v1.WorkflowService/Dispatch'"
+          "SELECT count(*) FROM \(TestGateway.committedAudit) WHERE tenant_id = 'acme' AND method = '/tollgate.v1.WorkflowService/Dispatch'"
         ) >= 3
       )
     }
@@ -218,7 +218,7 @@ import TollgateProtos
         #expect(decided == 1)
         #expect(
           try await gw.count(
-            "SELECT count(*) FROM audit_leaves WHERE method IN ('/tollgate.v1.WorkflowService/Approve', '/tollgate.v1.WorkflowService/Reject')"
+            "SELECT count(*) FROM \(TestGateway.committedAudit) WHERE method IN ('/tollgate.v1.WorkflowService/Approve', '/tollgate.v1.WorkflowService/Reject')"
           ) == 6
         )
       }
@@ -261,7 +261,7 @@ import TollgateProtos
         // What happened on the worker's stream is in the tenant's audit log, by the worker: the
         // Connect call itself, four leases and four failures, each in the transaction that made it.
         let onTheStream = try await gw.count(
-          "SELECT count(*) FROM audit_leaves WHERE tenant_id = 'acme' AND method = '/tollgate.v1.WorkflowService/Connect' AND principal LIKE '%/worker/%'"
+          "SELECT count(*) FROM \(TestGateway.committedAudit) WHERE tenant_id = 'acme' AND method = '/tollgate.v1.WorkflowService/Connect' AND principal LIKE '%/worker/%'"
         )
         #expect(onTheStream == 9)
       }
@@ -303,7 +303,7 @@ import TollgateProtos
         #expect((done.state, done.result, done.attempt) == (.succeeded, Data("fresh".utf8), 2))
         // The expiry is the gateway's own act, recorded without a principal.
         let expiries = try await gw.strings(
-          "SELECT principal FROM audit_leaves WHERE tenant_id = 'acme' AND method = 'tollgate.internal/LeaseExpired'"
+          "SELECT principal FROM \(TestGateway.committedAudit) WHERE tenant_id = 'acme' AND method = 'tollgate.internal/LeaseExpired'"
         )
         #expect(expiries == [""])
       }

@@ -1,0 +1,90 @@
+public import Logging
+public import ServiceLifecycle
+import Synchronization
+public import TollgateStore
+
+/// Gives the audit events that mutations committed to `audit_pending` their places in their
+/// logs, many per transaction, soon after they commit.
+///
+/// A mutation commits its event with its change but does not append it: an append holds the
+/// log's head row until commit, so one tenant's mutations would commit strictly one at a time.
+/// This service is woken by this process's commits (``Database/auditQueued``) and, every
+/// `sweepInterval`, looks for events another replica committed but did not index before it
+/// stopped. Readers of a log index that log's pending events first (``Checkpointer/current(_:)``,
+/// `StreamEvents`), so a record is readable as soon as its call has been answered.
+public final class AuditSequencer: Service, Sendable {
+  let repository: AuditLogRepository
+  let signal: AuditQueueSignal
+  let sweepInterval: Duration
+  let logger: Logger
+  let waitUntilReady: @Sendable () async -> Void
+  /// Per log and pass; a pass that moves this many of one log runs again at once.
+  let batchLimit = 10_000
+  private let moved = Atomic<Int>(0)
+
+  public init(
+    repository: AuditLogRepository,
+    signal: AuditQueueSignal,
+    sweepInterval: Duration = .seconds(1),
+    logger: Logger,
+    waitUntilReady: @escaping @Sendable () async -> Void = {}
+  ) {
+    self.repository = repository
+    self.signal = signal
+    self.sweepInterval = sweepInterval
+    self.logger = logger
+    self.waitUntilReady = waitUntilReady
+  }
+
+  /// Events this process has moved into their logs since it started.
+  public var eventsSequenced: Int { moved.load(ordering: .relaxed) }
+
+  public func run() async throws {
+    await cancelWhenGracefulShutdown { await self.waitUntilReady() }
+    await withGracefulShutdownHandler {
+      await withTaskGroup(of: Void.self) { group in
+        group.addTask { [signal, sweepInterval] in
+          // Events left behind by a replica that stopped between its commit and its pass.
+          while (try? await Task.sleep(for: sweepInterval)) != nil { signal.signal() }
+        }
+        for await _ in signal.wakes {
+          await sequenceAll(giveUpAfter: nil)
+        }
+        group.cancelAll()
+      }
+    } onGracefulShutdown: {
+      self.signal.finish()
+    }
+    // Stops after the server has drained: index what its last calls committed.
+    await sequenceAll(giveUpAfter: .seconds(10))
+  }
+
+  /// Moves every committed pending event into its log. Waits and retries while the database
+  /// fails: until shutdown begins (`giveUpAfter` nil), or for at most that long (the final pass).
+  /// Nothing is lost by giving up: the events stay committed in `audit_pending` for the next
+  /// replica's sweep.
+  public func sequenceAll(giveUpAfter patience: Duration? = nil) async {
+    var backoff: Duration = .milliseconds(50)
+    let start = ContinuousClock.now
+    while true {
+      do {
+        let count = try await repository.sequencePending(limit: batchLimit, logger: logger)
+        moved.add(count, ordering: .relaxed)
+        if count < batchLimit { return }
+        backoff = .milliseconds(50)
+      } catch {
+        logger.warning(
+          "pending audit events not indexed yet; retrying",
+          metadata: ["error": "\(error)", "backoff": "\(backoff)"]
+        )
+        if let patience {
+          if ContinuousClock.now - start > patience { return }
+        } else if Task.isShuttingDownGracefully {
+          return
+        }
+        try? await Task.sleep(for: backoff)
+        backoff = min(backoff * 2, .seconds(2))
+      }
+    }
+  }
+}
