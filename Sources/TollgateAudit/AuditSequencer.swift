@@ -16,6 +16,8 @@ public final class AuditSequencer: Service, Sendable {
   let repository: AuditLogRepository
   let signal: AuditQueueSignal
   let sweepInterval: Duration
+  /// How long a wake-up waits before its pass, gathering the events committed meanwhile.
+  let linger: Duration
   let logger: Logger
   let waitUntilReady: @Sendable () async -> Void
   /// Per log and pass; a pass that moves this many of one log runs again at once.
@@ -26,12 +28,14 @@ public final class AuditSequencer: Service, Sendable {
     repository: AuditLogRepository,
     signal: AuditQueueSignal,
     sweepInterval: Duration = .seconds(1),
+    linger: Duration = .milliseconds(50),
     logger: Logger,
     waitUntilReady: @escaping @Sendable () async -> Void = {}
   ) {
     self.repository = repository
     self.signal = signal
     self.sweepInterval = sweepInterval
+    self.linger = linger
     self.logger = logger
     self.waitUntilReady = waitUntilReady
   }
@@ -48,6 +52,9 @@ public final class AuditSequencer: Service, Sendable {
           while (try? await Task.sleep(for: sweepInterval)) != nil { signal.signal() }
         }
         for await _ in signal.wakes {
+          // Not at once: a pass right behind each commit would compete with the work that commit
+          // set off (a dispatched run's lease, above all) and index one event at a time.
+          try? await Task.sleep(for: linger)
           await sequenceAll(giveUpAfter: nil)
         }
         group.cancelAll()

@@ -180,21 +180,49 @@ public struct AuditLogRepository: Sendable {
     return CompactRange(size: UInt64(size), hashes: hashes)
   }
 
-  /// Commits `entries` with the caller's transaction, to be given their log indices later by
-  /// ``sequencePending(only:limit:logger:)``. Runs as the last statements of the transaction, with
-  /// platform rights: the events' logs need not be the tenant the transaction is scoped to (an
-  /// operator's platform-log event for a change to one tenant), and nothing tenant-scoped runs
-  /// after them. Unlike an append it takes no lock, so concurrent mutations of one tenant commit
-  /// side by side instead of one at a time.
-  static func enqueueWithPlatformRights(_ entries: [AuditEntry], on connection: PostgresConnection, logger: Logger) async throws {
+  /// Commits `entries` with the caller's transaction. Runs as the last statements of the
+  /// transaction, with platform rights: the events' logs need not be the tenant the transaction is
+  /// scoped to (an operator's platform-log event for a change to one tenant), and nothing
+  /// tenant-scoped runs after them.
+  ///
+  /// An event is appended at once if its log's head row is free; if another transaction holds it,
+  /// the event goes to `audit_pending` instead, to be given its index by
+  /// ``sequencePending(only:limit:logger:)`` once committed. An append holds the head until
+  /// commit, so waiting for it would let one tenant commit only one mutation at a time; trying it
+  /// first keeps a lone mutation's event indexed in its own transaction, with no pass to follow.
+  /// Heads are only ever tried here (`SKIP LOCKED`), never waited for, so this cannot deadlock.
+  static func recordWithPlatformRights(_ entries: [AuditEntry], on connection: PostgresConnection, logger: Logger) async throws {
     guard !entries.isEmpty else { return }
     try await connection.query("SELECT set_config('role', \(Database.platformRole), true)", logger: logger)
+    var byLog: [AuditLogID: [AuditEntry]] = [:]
+    for entry in entries { byLog[entry.log, default: []].append(entry) }
+    var deferred: [AuditEntry] = []
+    for log in byLog.keys.sorted() {
+      let rows = try await connection.query(
+        "SELECT size, compact_range FROM audit_logs WHERE tenant_id = \(log.rawValue) FOR UPDATE SKIP LOCKED",
+        logger: logger
+      )
+      var head: CompactRange?
+      for try await (size, bytes) in rows.decode((Int64, ByteBuffer).self) {
+        guard let range = Self.compactRange(size: size, bytes: bytes) else {
+          throw StoreError.unexpected("audit log \(log.rawValue) has a corrupt compact range")
+        }
+        head = range
+      }
+      // No row: busy, or a log's first event (the sequencer creates the log).
+      if let head {
+        try await append(byLog[log]!, to: log, at: head, on: connection, logger: logger)
+      } else {
+        deferred += byLog[log]!
+      }
+    }
+    guard !deferred.isEmpty else { return }
     try await connection.query(
       """
       INSERT INTO audit_pending (tenant_id, leaf, event_time, method, principal, outcome)
       SELECT * FROM unnest(
-        \(entries.map(\.log.rawValue))::text[], \(entries.map(\.leaf))::bytea[], \(entries.map(\.time))::timestamptz[],
-        \(entries.map(\.method))::text[], \(entries.map(\.principal))::text[], \(entries.map(\.outcome))::integer[])
+        \(deferred.map(\.log.rawValue))::text[], \(deferred.map(\.leaf))::bytea[], \(deferred.map(\.time))::timestamptz[],
+        \(deferred.map(\.method))::text[], \(deferred.map(\.principal))::text[], \(deferred.map(\.outcome))::integer[])
       """,
       logger: logger
     )

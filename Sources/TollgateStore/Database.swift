@@ -162,7 +162,7 @@ public final class Database: Service, Sendable {
             try await AuditEnqueueMarker.$current.withValue(marker) {
               let result = try await body(connection)
               if let entry = pending?.claim() {
-                try await AuditLogRepository.enqueueWithPlatformRights([entry], on: connection, logger: logger)
+                try await AuditLogRepository.recordWithPlatformRights([entry], on: connection, logger: logger)
               }
               return result
             }

@@ -379,7 +379,7 @@ public struct WorkflowRepository: Sendable {
           nextDue = due
         }
       }
-      try await AuditLogRepository.enqueueWithPlatformRights(
+      try await AuditLogRepository.recordWithPlatformRights(
         audit(leases.map { RunChange(tenant: tenant, runID: $0.run.id, lease: $0.leaseID, attempt: $0.run.attempt, state: .running) }),
         on: connection,
         logger: logger
@@ -497,7 +497,7 @@ public struct WorkflowRepository: Sendable {
       for try await (lease, run, attempt) in rows.decode((UUID, UUID, Int).self) {
         changes.append(RunChange(tenant: tenant, runID: run, lease: lease, attempt: attempt, state: .succeeded))
       }
-      try await AuditLogRepository.enqueueWithPlatformRights(audit(changes), on: connection, logger: logger)
+      try await AuditLogRepository.recordWithPlatformRights(audit(changes), on: connection, logger: logger)
       return Set(changes.map(\.lease))
     }
   }
@@ -536,7 +536,7 @@ public struct WorkflowRepository: Sendable {
           changes.append(RunChange(tenant: tenant, runID: run, lease: lease, attempt: attempt, state: state))
         }
       }
-      try await AuditLogRepository.enqueueWithPlatformRights(audit(changes), on: connection, logger: logger)
+      try await AuditLogRepository.recordWithPlatformRights(audit(changes), on: connection, logger: logger)
       return changes.first?.state
     }
   }
@@ -595,7 +595,7 @@ public struct WorkflowRepository: Sendable {
         """,
         logger: logger
       )
-      try await AuditLogRepository.enqueueWithPlatformRights(audit(changes), on: connection, logger: logger)
+      try await AuditLogRepository.recordWithPlatformRights(audit(changes), on: connection, logger: logger)
       return count
     }
   }
