@@ -1,6 +1,7 @@
 import Crypto
 public import Foundation
 import SwiftASN1
+import Synchronization
 public import TollgateModel
 public import X509
 
@@ -13,6 +14,7 @@ public import X509
 public struct CertificateIdentity: Sendable {
   public let trustDomain: String
   private let now: @Sendable () -> Date
+  private let known = KnownPrincipals()
 
   public init(trustDomain: String, now: @escaping @Sendable () -> Date = { Date() }) {
     self.trustDomain = trustDomain
@@ -20,11 +22,23 @@ public struct CertificateIdentity: Sendable {
   }
 
   /// The principal `certificate` identifies, or UNAUTHENTICATED with the reason.
+  ///
+  /// Every call on a connection presents the same certificate, and reading one (its SAN, and a
+  /// re-encoding for the fingerprint) cost more than the rest of a refused call's identity work;
+  /// so a certificate read once is remembered, keyed by its exact bytes. Validity is still checked
+  /// on every call, and revocation is checked by the caller on every call.
   public func principal(from certificate: Certificate) throws(TollgateError) -> Principal {
     let time = now()
     guard certificate.notValidBefore <= time, time <= certificate.notValidAfter else {
       throw .unauthenticated("client certificate is outside its validity period")
     }
+    if let principal = known.principal(for: certificate) { return principal }
+    let principal = try read(certificate)
+    known.remember(principal, for: certificate)
+    return principal
+  }
+
+  private func read(_ certificate: Certificate) throws(TollgateError) -> Principal {
     let uris: [String]
     do {
       let names = try certificate.extensions.subjectAlternativeNames
@@ -66,5 +80,23 @@ public struct CertificateIdentity: Sendable {
     var serializer = DER.Serializer()
     try serializer.serialize(certificate)
     return HexText.encode(SHA256.hash(data: serializer.serializedBytes))
+  }
+}
+
+/// Principals of certificates already read, by the certificates' exact DER bytes (`Certificate`'s
+/// equality), bounded: when full it starts over, which costs one re-read per live certificate.
+final class KnownPrincipals: Sendable {
+  static let capacity = 10_000
+  private let principals = Mutex<[Certificate: Principal]>([:])
+
+  func principal(for certificate: Certificate) -> Principal? {
+    principals.withLock { $0[certificate] }
+  }
+
+  func remember(_ principal: Principal, for certificate: Certificate) {
+    principals.withLock { principals in
+      if principals.count >= Self.capacity { principals.removeAll(keepingCapacity: true) }
+      principals[certificate] = principal
+    }
   }
 }

@@ -116,13 +116,11 @@ final class ReloadableTLS: CertificateReloader, Sendable {
           RFC5280Policy(validationTime: Date())
         }
         switch await verifier.validate(leaf: leaf, intermediates: CertificateStore(chain.dropFirst())) {
-        case .validCertificate(let validated):
-          let nio = try validated.map { certificate in
-            var serializer = DER.Serializer()
-            try serializer.serialize(certificate)
-            return try NIOSSLCertificate(bytes: serializer.serializedBytes, format: .der)
-          }
-          promise.succeed(.certificateVerified(VerificationMetadata(ValidatedCertificateChain(nio))))
+        case .validCertificate:
+          // No chain in the metadata: given one, the transport re-parses every certificate of it
+          // for every call on the connection; without, it parses only the leaf, which is all
+          // identity reads.
+          promise.succeed(.certificateVerified(VerificationMetadata(nil)))
         case .couldNotValidate:
           promise.succeed(.failed)
         }

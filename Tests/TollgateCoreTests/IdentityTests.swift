@@ -1,4 +1,5 @@
 import Foundation
+import Synchronization
 import Testing
 import TollgateCertificates
 import TollgateCore
@@ -80,6 +81,22 @@ import X509
   @Test func expiredCertificateIsRefused() throws {
     let spiffe = SPIFFEID(operatorNamed: "alice", trustDomain: "example.org")
     let issued = try ca.issue(.principal(spiffe), validity: 60, notBefore: Date().addingTimeInterval(-3600))
+    #expect(throws: TollgateError.unauthenticated("client certificate is outside its validity period")) {
+      try identity.principal(from: issued.certificate)
+    }
+  }
+
+  @Test func rememberedCertificateIsStillCheckedForValidityOnEveryCall() throws {
+    let spiffe = SPIFFEID(tenant: try TenantID(validating: "acme"), role: .partner, name: "p", trustDomain: "example.org")
+    let issued = try ca.issue(.principal(spiffe), validity: 3600)
+    let other = try ca.issue(.principal(SPIFFEID(operatorNamed: "bob", trustDomain: "example.org")))
+    let clock = Mutex(Date())
+    let identity = CertificateIdentity(trustDomain: "example.org") { clock.withLock { $0 } }
+    let first = try identity.principal(from: issued.certificate)
+    #expect(try identity.principal(from: issued.certificate) == first)
+    // Another certificate is read for itself, not answered from the first one's entry.
+    #expect(try identity.principal(from: other.certificate).spiffeID == SPIFFEID(operatorNamed: "bob", trustDomain: "example.org"))
+    clock.withLock { $0 = $0.addingTimeInterval(3600) }
     #expect(throws: TollgateError.unauthenticated("client certificate is outside its validity period")) {
       try identity.principal(from: issued.certificate)
     }
