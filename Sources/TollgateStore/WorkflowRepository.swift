@@ -355,7 +355,7 @@ public struct WorkflowRepository: Sendable {
           SET state = 'running', attempt = r.attempt + 1, lease_id = l.lease,
               lease_expires = now() + \(leaseMillis) * interval '1 millisecond', worker = \(worker), update_time = now()
           FROM unnest(\(picked)::uuid[], \(leaseIDs)::uuid[]) AS l(run_id, lease)
-          WHERE r.run_id = l.run_id
+          WHERE r.tenant_id = \(tenant.rawValue) AND r.run_id = ANY(\(picked)::uuid[]) AND r.run_id = l.run_id
           RETURNING \(unescaped: Self.updatedRunColumns), l.lease
           """,
           logger: logger
@@ -488,7 +488,8 @@ public struct WorkflowRepository: Sendable {
         UPDATE workflow_runs r
         SET state = 'succeeded', result = c.result, lease_id = NULL, lease_expires = NULL, update_time = now()
         FROM unnest(\(leases)::uuid[], \(bytes)::bytea[]) AS c(lease, result)
-        WHERE r.lease_id = c.lease AND r.state = 'running'
+        WHERE r.tenant_id = \(tenant.rawValue) AND r.lease_id = ANY(\(leases)::uuid[]) AND r.lease_id = c.lease
+          AND r.state = 'running'
         RETURNING c.lease, r.run_id, r.attempt
         """,
         logger: logger
