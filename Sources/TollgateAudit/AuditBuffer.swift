@@ -80,8 +80,7 @@ public final class AuditBuffer: Service, Sendable {
   /// Appends queued events batch by batch until none are left, retrying failures with backoff:
   /// until shutdown begins (`giveUpAfter` nil), or for at most that long in a row (the final flush).
   func flushQueued(giveUpAfter patience: Duration?) async {
-    var backoff: Duration = .milliseconds(50)
-    var failingSince: ContinuousClock.Instant?
+    var backoff = RetryBackoff()
     while true {
       let batch = state.withLock { state -> [AuditEntry] in
         let batch = Array(state.queued.prefix(batchLimit))
@@ -96,27 +95,18 @@ public final class AuditBuffer: Service, Sendable {
           $0.outstanding -= batch.count
           $0.appendingSince = nil
         }
-        backoff = .milliseconds(50)
-        failingSince = nil
+        backoff.succeeded()
       } catch {
         // Put the batch back in front, in order, and wait before retrying.
         state.withLock {
           $0.queued.insert(contentsOf: batch, at: 0)
           $0.appendingSince = nil
         }
-        let since = failingSince ?? .now
-        failingSince = since
         logger.warning(
           "audit events not committed yet; retrying",
-          metadata: ["events": "\(batch.count)", "error": "\(error)", "backoff": "\(backoff)"]
+          metadata: ["events": "\(batch.count)", "error": "\(error)", "backoff": "\(backoff.delay)"]
         )
-        if let patience {
-          if ContinuousClock.now - since > patience { return }
-        } else if Task.isShuttingDownGracefully {
-          return
-        }
-        try? await Task.sleep(for: backoff)
-        backoff = min(backoff * 2, .seconds(2))
+        guard await backoff.failed(patience: patience) else { return }
       }
     }
   }

@@ -67,30 +67,24 @@ public final class AuditSequencer: Service, Sendable {
   }
 
   /// Moves every committed pending event into its log. Waits and retries while the database
-  /// fails: until shutdown begins (`giveUpAfter` nil), or for at most that long (the final pass).
+  /// fails: until shutdown begins (`giveUpAfter` nil), or while failures last less than that
+  /// (the final pass).
   /// Nothing is lost by giving up: the events stay committed in `audit_pending` for the next
   /// replica's sweep.
   public func sequenceAll(giveUpAfter patience: Duration? = nil) async {
-    var backoff: Duration = .milliseconds(50)
-    let start = ContinuousClock.now
+    var backoff = RetryBackoff()
     while true {
       do {
         let count = try await repository.sequencePending(limit: batchLimit, logger: logger)
         moved.add(count, ordering: .relaxed)
         if count < batchLimit { return }
-        backoff = .milliseconds(50)
+        backoff.succeeded()
       } catch {
         logger.warning(
           "pending audit events not indexed yet; retrying",
-          metadata: ["error": "\(error)", "backoff": "\(backoff)"]
+          metadata: ["error": "\(error)", "backoff": "\(backoff.delay)"]
         )
-        if let patience {
-          if ContinuousClock.now - start > patience { return }
-        } else if Task.isShuttingDownGracefully {
-          return
-        }
-        try? await Task.sleep(for: backoff)
-        backoff = min(backoff * 2, .seconds(2))
+        guard await backoff.failed(patience: patience) else { return }
       }
     }
   }

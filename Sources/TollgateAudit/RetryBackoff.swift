@@ -1,0 +1,28 @@
+import ServiceLifecycle
+
+/// The wait between retries of a failing audit write: 50 ms, doubling up to 2 s, started over by
+/// a success. Gives up once shutdown has begun, or, with a `patience`, once failures have lasted
+/// that long in a row (a final flush that must end).
+struct RetryBackoff {
+  private(set) var delay: Duration = .milliseconds(50)
+  private var failingSince: ContinuousClock.Instant?
+
+  mutating func succeeded() {
+    delay = .milliseconds(50)
+    failingSince = nil
+  }
+
+  /// Call after a failure: waits and returns true to retry, or returns false to give up.
+  mutating func failed(patience: Duration?) async -> Bool {
+    let since = failingSince ?? .now
+    failingSince = since
+    if let patience {
+      if ContinuousClock.now - since > patience { return false }
+    } else if Task.isShuttingDownGracefully {
+      return false
+    }
+    try? await Task.sleep(for: delay)
+    delay = min(delay * 2, .seconds(2))
+    return true
+  }
+}
