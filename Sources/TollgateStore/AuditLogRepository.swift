@@ -250,8 +250,11 @@ public struct AuditLogRepository: Sendable {
         logs = []
         let rows = try await connection.query("SELECT DISTINCT tenant_id FROM audit_pending", logger: logger)
         for try await key in rows.decode(String.self) {
+          // Only this code writes the table; a key it cannot read was put there by hand, and must
+          // not stop every other log's events from being indexed.
           guard let log = AuditLogID(rawValue: key) else {
-            throw StoreError.unexpected("pending audit event of unknown log '\(key)'")
+            logger.error("pending audit events name an unknown log; leaving them", metadata: ["log": "\(key)"])
+            continue
           }
           logs.append(log)
         }
