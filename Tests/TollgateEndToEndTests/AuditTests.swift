@@ -477,6 +477,10 @@ import TollgateProtos
     try await TestGateway.run(configure: { $0.auditBufferCapacity = 2 }) { gw in
       try await Self.createTenant(gw, "acme")
       try await Self.mutate(gw, "acme", count: 1)
+      // A log's first event waits in audit_pending for the sequencer, which creates the log's
+      // head row; index it now, so that there is a head row to lock below.
+      await gw.gateway.auditSequencer.sequenceAll()
+      #expect(try await gw.count("SELECT count(*) FROM audit_logs WHERE tenant_id = 'acme'") == 1)
       let partner = try gw.pki.issue(tenant: "acme", role: .partner)
       let getTenant: @Sendable () async -> RPCError.Code? = {
         await statusCode {
