@@ -45,6 +45,10 @@ public final class AuditSequencer: Service, Sendable {
 
   public func run() async throws {
     await cancelWhenGracefulShutdown { await self.waitUntilReady() }
+    // Stopped before the schema was ready (or as it became so): this process can have committed
+    // nothing to index, and a last pass would only retry against a database that is not there.
+    // Anything pending from elsewhere stays committed for the next replica's sweep.
+    guard !Task.isShuttingDownGracefully else { return }
     await withGracefulShutdownHandler {
       await withTaskGroup(of: Void.self) { group in
         group.addTask { [signal, sweepInterval] in
