@@ -24,17 +24,10 @@ public struct IdentityInterceptor: ServerInterceptor {
   ) async throws -> StreamingServerResponse<Output> {
     let scope = try self.scope(request: request, context: context)
     CallRecord.current?.scope = scope
-    var response = try await CallScope.$current.withValue(scope) {
+    let response = try await CallScope.$current.withValue(scope) {
       try await next(request, context)
     }
-    if case .success(var contents) = response.accepted {
-      let producer = contents.producer
-      contents.producer = { writer in
-        try await CallScope.$current.withValue(scope) { try await producer(writer) }
-      }
-      response.accepted = .success(contents)
-    }
-    return response
+    return response.producerRunning { produce in try await CallScope.$current.withValue(scope) { try await produce() } }
   }
 
   func scope<Input>(request: StreamingServerRequest<Input>, context: ServerContext) throws(TollgateError) -> CallScope {

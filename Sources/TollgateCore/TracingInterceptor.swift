@@ -22,40 +22,17 @@ public struct TracingInterceptor: ServerInterceptor {
     span.attributes["rpc.service"] = method.service.fullyQualifiedService
     span.attributes["rpc.method"] = method.method
     let spanContext = span.context
-    var response: StreamingServerResponse<Output>
-    do {
-      response = try await ServiceContext.withValue(spanContext) { try await next(request, context) }
-    } catch {
-      Self.finish(span, error: error)
-      throw error
-    }
-    switch response.accepted {
-    case .failure(let error):
-      Self.finish(span, error: error)
-    case .success(var contents):
-      let producer = contents.producer
-      contents.producer = { writer in
-        do {
-          let trailers = try await ServiceContext.withValue(spanContext) { try await producer(writer) }
-          span.attributes["rpc.grpc.status_code"] = 0
-          span.end()
-          return trailers
-        } catch {
-          Self.finish(span, error: error)
-          throw error
-        }
+    let response = try await observingEnd(of: {
+      try await ServiceContext.withValue(spanContext) { try await next(request, context) }
+    }) { code, _, error in
+      span.attributes["rpc.grpc.status_code"] = Int(code?.rawValue ?? 0)
+      if let error {
+        span.recordError(error)
+        span.setStatus(SpanStatus(code: .error, message: rpcStatus(of: error)?.message))
       }
-      response.accepted = .success(contents)
+      span.end()
     }
-    return response
-  }
-
-  static func finish(_ span: any Span, error: any Error) {
-    let code = rpcStatus(of: error)?.code
-    span.attributes["rpc.grpc.status_code"] = code.map { Int($0.rawValue) } ?? 2
-    span.recordError(error)
-    span.setStatus(SpanStatus(code: .error, message: rpcStatus(of: error)?.message))
-    span.end()
+    return response.producerRunning { produce in try await ServiceContext.withValue(spanContext) { try await produce() } }
   }
 }
 

@@ -30,7 +30,7 @@ struct AccessLogInterceptor: ServerInterceptor {
     let clock = self.clock
     return try await observingEnd(of: {
       try await CallRecord.$current.withValue(record) { try await next(request, context) }
-    }) { code, message in
+    }) { code, message, _ in
       var metadata: Logger.Metadata = [
         "request_id": .string(record.requestID),
         "method": .string(method),

@@ -101,7 +101,7 @@ struct MetricsInterceptor: ServerInterceptor {
     metrics.started(method, type: type)
     let metrics = self.metrics
     let clock = self.clock
-    return try await observingEnd(of: { try await next(request, context) }) { code, _ in
+    return try await observingEnd(of: { try await next(request, context) }) { code, _, _ in
       metrics.handled(method, type: type, code: code.map(Self.name) ?? "OK", duration: clock.now - start)
     }
   }
