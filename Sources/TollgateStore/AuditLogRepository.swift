@@ -108,7 +108,7 @@ public struct AuditLogRepository: Sendable {
   /// Takes `log`'s head row lock until the transaction ends (creating the log on first use) and
   /// returns its committed size and compact range, in one round trip.
   static func lockHead(_ log: AuditLogID, on connection: PostgresConnection, logger: Logger) async throws -> CompactRange {
-    let rows = try await connection.query(
+    let rows = try await connection.prepared(
       """
       INSERT INTO audit_logs AS l (tenant_id) VALUES (\(log.rawValue))
       ON CONFLICT (tenant_id) DO UPDATE SET size = l.size
@@ -151,7 +151,7 @@ public struct AuditLogRepository: Sendable {
     var rangeOut = ByteBuffer()
     for hash in range.hashes { rangeOut.writeBytes(hash) }
     // Leaves, nodes, the new head and the wake-up for followers in one statement.
-    try await connection.query(
+    try await connection.prepared(
       """
       WITH leaves AS (
         INSERT INTO audit_leaves (tenant_id, leaf_index, leaf, event_time, method, principal, outcome)
@@ -193,12 +193,12 @@ public struct AuditLogRepository: Sendable {
   /// Heads are only ever tried here (`SKIP LOCKED`), never waited for, so this cannot deadlock.
   static func recordWithPlatformRights(_ entries: [AuditEntry], on connection: PostgresConnection, logger: Logger) async throws {
     guard !entries.isEmpty else { return }
-    try await connection.query("SELECT set_config('role', \(Database.platformRole), true)", logger: logger)
+    try await connection.prepared("SELECT set_config('role', \(Database.platformRole), true)", logger: logger)
     var byLog: [AuditLogID: [AuditEntry]] = [:]
     for entry in entries { byLog[entry.log, default: []].append(entry) }
     var deferred: [AuditEntry] = []
     for log in byLog.keys.sorted() {
-      let rows = try await connection.query(
+      let rows = try await connection.prepared(
         "SELECT size, compact_range FROM audit_logs WHERE tenant_id = \(log.rawValue) FOR UPDATE SKIP LOCKED",
         logger: logger
       )
@@ -217,7 +217,7 @@ public struct AuditLogRepository: Sendable {
       }
     }
     guard !deferred.isEmpty else { return }
-    try await connection.query(
+    try await connection.prepared(
       """
       INSERT INTO audit_pending (tenant_id, leaf, event_time, method, principal, outcome)
       SELECT * FROM unnest(
@@ -241,14 +241,14 @@ public struct AuditLogRepository: Sendable {
       var logs: [AuditLogID]
       if let log {
         // Readers catch up before every read; most find nothing, and must not pay a head lock.
-        let rows = try await connection.query(
+        let rows = try await connection.prepared(
           "SELECT EXISTS (SELECT 1 FROM audit_pending WHERE tenant_id = \(log.rawValue))", logger: logger)
         var any = false
         for try await exists in rows.decode(Bool.self) { any = exists }
         logs = any ? [log] : []
       } else {
         logs = []
-        let rows = try await connection.query("SELECT DISTINCT tenant_id FROM audit_pending", logger: logger)
+        let rows = try await connection.prepared("SELECT DISTINCT tenant_id FROM audit_pending", logger: logger)
         for try await key in rows.decode(String.self) {
           // Only this code writes the table; a key it cannot read was put there by hand, and must
           // not stop every other log's events from being indexed.
@@ -262,7 +262,7 @@ public struct AuditLogRepository: Sendable {
       var moved = 0
       for log in logs.sorted() {
         let range = try await Self.lockHead(log, on: connection, logger: logger)
-        let rows = try await connection.query(
+        let rows = try await connection.prepared(
           """
           WITH taken AS (
             DELETE FROM audit_pending WHERE seq IN (
@@ -309,7 +309,7 @@ public struct AuditLogRepository: Sendable {
   /// The committed size and compact range of `log` (empty if it has no events yet).
   public func head(_ log: AuditLogID, logger: Logger) async throws(StoreError) -> CompactRange {
     try await reading(log, logger: logger) { connection in
-      let rows = try await connection.query(
+      let rows = try await connection.prepared(
         "SELECT size, compact_range FROM audit_logs WHERE tenant_id = \(log.rawValue)",
         logger: logger
       )
@@ -333,7 +333,7 @@ public struct AuditLogRepository: Sendable {
     logger: Logger
   ) async throws(StoreError) -> [(index: UInt64, leaf: ByteBuffer)] {
     try await reading(log, logger: logger) { connection in
-      let rows = try await connection.query(
+      let rows = try await connection.prepared(
         """
         SELECT leaf_index, leaf FROM audit_leaves
         WHERE tenant_id = \(log.rawValue) AND leaf_index >= \(Int64(from)) AND leaf_index < \(Int64(below))
@@ -356,7 +356,7 @@ public struct AuditLogRepository: Sendable {
   /// The stored leaf at `index`, if present.
   public func leaf(_ log: AuditLogID, index: UInt64, logger: Logger) async throws(StoreError) -> ByteBuffer? {
     try await reading(log, logger: logger) { connection in
-      let rows = try await connection.query(
+      let rows = try await connection.prepared(
         "SELECT leaf FROM audit_leaves WHERE tenant_id = \(log.rawValue) AND leaf_index = \(Int64(index))",
         logger: logger
       )
@@ -374,7 +374,7 @@ public struct AuditLogRepository: Sendable {
     guard !addresses.isEmpty else { return [:] }
     let wanted = Array(addresses)
     let found = try await reading(log, logger: logger) { connection in
-      let rows = try await connection.query(
+      let rows = try await connection.prepared(
         """
         SELECT n.level, n.node_index, n.hash FROM audit_nodes n
         JOIN unnest(\(wanted.map { Int16($0.level) })::smallint[], \(wanted.map { Int64($0.index) })::bigint[])
@@ -416,7 +416,7 @@ public struct AuditLogRepository: Sendable {
   {
     let size = treeSize.map { Int64($0) }
     return try await reading(log, logger: logger) { connection in
-      let rows = try await connection.query(
+      let rows = try await connection.prepared(
         """
         SELECT \(unescaped: Self.checkpointColumns) FROM audit_checkpoints
         WHERE tenant_id = \(log.rawValue) AND (\(size)::bigint IS NULL OR tree_size = \(size))

@@ -84,7 +84,7 @@ public final class Database: Service, Sendable {
     _ body: @escaping @Sendable (PostgresConnection) async throws -> Result
   ) async throws(StoreError) -> Result {
     try await transaction(mutation: mutation, logger: logger) { connection in
-      try await connection.query(
+      try await connection.prepared(
         "SELECT set_config('role', \(Database.tenantRole), true), set_config('tollgate.tenant_id', \(tenant.rawValue), true)",
         logger: logger
       )
@@ -99,7 +99,7 @@ public final class Database: Service, Sendable {
     _ body: @escaping @Sendable (PostgresConnection) async throws -> Result
   ) async throws(StoreError) -> Result {
     try await transaction(mutation: mutation, logger: logger) { connection in
-      try await connection.query("SELECT set_config('role', \(Database.platformRole), true)", logger: logger)
+      try await connection.prepared("SELECT set_config('role', \(Database.platformRole), true)", logger: logger)
       return try await body(connection)
     }
   }

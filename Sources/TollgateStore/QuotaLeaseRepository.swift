@@ -60,7 +60,7 @@ public struct QuotaLeaseRepository: Sendable {
     let resources = leases.map(\.key.resource)
     let demands = leases.map(\.demand)
     return try await database.withPlatform(logger: logger) { connection in
-      try await connection.query(
+      try await connection.prepared(
         """
         WITH mine AS (
           SELECT * FROM unnest(\(tenants)::text[], \(resources)::text[], \(demands)::float8[])
@@ -80,7 +80,7 @@ public struct QuotaLeaseRepository: Sendable {
         logger: logger
       )
       var others: [ResourceKey: Held] = [:]
-      let rows = try await connection.query(
+      let rows = try await connection.prepared(
         """
         SELECT tenant_id, resource, sum(demand)::float8, count(*)::integer
         FROM quota_leases

@@ -80,7 +80,7 @@ public struct TenantRepository: Sendable {
     try await database.withTenant(id, logger: logger) { connection in
       // No WHERE clause is needed: row-level security limits this transaction to `id`'s row.
       // The filter is kept anyway so the intent reads in the SQL.
-      let rows = try await connection.query(
+      let rows = try await connection.prepared(
         "SELECT \(unescaped: Self.tenantColumns) FROM tenants WHERE tenant_id = \(id.rawValue)",
         logger: logger
       )

@@ -235,7 +235,7 @@ public struct UsageRepository: Sendable {
     let subjects = rows.map(\.subject), times = rows.map(\.time), values = rows.map(\.value)
     let properties = rows.map(\.propertiesJSON)
     let gated = gate != nil
-    let result = try await connection.query(
+    let result = try await connection.prepared(
       """
       WITH gate AS (
         SELECT (SELECT coalesce(array_agg(name), '{}') FROM meters WHERE name = ANY(\(gate ?? []))) AS known,
@@ -294,7 +294,7 @@ public struct UsageRepository: Sendable {
     // reaches the caller as itself rather than as a store failure.
     let outcome: Result<(UsageQuery, UsagePage), any Error> = try await database.withTenant(tenant, logger: logger) { connection in
       var meter: MeterDefinition?
-      for try await row in try await connection.query(
+      for try await row in try await connection.prepared(
         "SELECT \(unescaped: Self.meterColumns) FROM meters WHERE name = \(meterName)",
         logger: logger
       ).decode(MeterRow.self) {

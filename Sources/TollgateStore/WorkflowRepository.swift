@@ -64,7 +64,7 @@ public struct WorkflowRepository: Sendable {
     )
   }
 
-  static func runs(_ rows: PostgresRowSequence) async throws -> [RunRecord] {
+  static func runs(_ rows: some AsyncSequence<PostgresRow, any Error>) async throws -> [RunRecord] {
     var out: [RunRecord] = []
     for try await row in rows { out.append(try decodeRun(row)) }
     return out
@@ -80,7 +80,7 @@ public struct WorkflowRepository: Sendable {
       let key: String? = new.idempotencyKey.isEmpty ? nil : new.idempotencyKey
       let state: RunState = new.requiredApprover.isEmpty ? .queued : .pendingApproval
       let inserted = try await Self.runs(
-        try await connection.query(
+        try await connection.prepared(
           """
           INSERT INTO workflow_runs (tenant_id, run_id, type, payload, idempotency_key, priority, run_after,
                                      max_attempts, state, required_approver, approval_reason)
@@ -96,7 +96,7 @@ public struct WorkflowRepository: Sendable {
       if let run = inserted.first { return (run, true) }
       // The key's run committed before this statement's conflict check; it is visible now.
       let existing = try await Self.runs(
-        try await connection.query(
+        try await connection.prepared(
           "SELECT \(unescaped: Self.runColumns) FROM workflow_runs WHERE idempotency_key = \(key)",
           logger: logger
         )
@@ -118,7 +118,7 @@ public struct WorkflowRepository: Sendable {
   }
 
   static func run(_ id: UUID, connection: PostgresConnection, logger: Logger) async throws -> RunRecord {
-    let rows = try await connection.query(
+    let rows = try await connection.prepared(
       "SELECT \(unescaped: runColumns) FROM workflow_runs WHERE run_id = \(id)",
       logger: logger
     )
@@ -322,7 +322,7 @@ public struct WorkflowRepository: Sendable {
     return try await database.withTenant(tenant, mutation: true, logger: logger) { connection in
       var picked: [UUID] = []
       var limitsText = "{}"
-      for try await (id, limits) in try await connection.query(
+      for try await (id, limits) in try await connection.prepared(
         """
         SELECT run_id, (SELECT coalesce(quota->'workflowTypeConcurrency', '{}'::jsonb)::text FROM tenants)
         \(unescaped: Self.readyRuns) AND type = ANY(\(types)::text[])
@@ -349,7 +349,7 @@ public struct WorkflowRepository: Sendable {
       var leases: [Lease] = []
       if !picked.isEmpty {
         let leaseIDs = picked.map { _ in UUID() }
-        let rows = try await connection.query(
+        let rows = try await connection.prepared(
           """
           UPDATE workflow_runs r
           SET state = 'running', attempt = r.attempt + 1, lease_id = l.lease,
@@ -369,7 +369,7 @@ public struct WorkflowRepository: Sendable {
       }
       var nextDue: Date?
       if leases.count < limit {
-        for try await due in try await connection.query(
+        for try await due in try await connection.prepared(
           """
           SELECT min(run_after) FROM workflow_runs
           WHERE state IN ('queued', 'failed') AND type = ANY(\(types)::text[]) AND run_after > now()
@@ -456,7 +456,7 @@ public struct WorkflowRepository: Sendable {
     guard !leases.isEmpty else { return [] }
     let leaseMillis = leaseTimeout.wholeMilliseconds
     return try await database.withTenant(tenant, logger: logger) { connection in
-      let rows = try await connection.query(
+      let rows = try await connection.prepared(
         """
         UPDATE workflow_runs SET lease_expires = now() + \(leaseMillis) * interval '1 millisecond'
         WHERE lease_id = ANY(\(leases)::uuid[]) AND state = 'running'
@@ -483,7 +483,7 @@ public struct WorkflowRepository: Sendable {
     let leases = results.map(\.lease)
     let bytes = results.map { ByteBuffer(bytes: $0.result) }
     return try await database.withTenant(tenant, logger: logger) { connection in
-      let rows = try await connection.query(
+      let rows = try await connection.prepared(
         """
         UPDATE workflow_runs r
         SET state = 'succeeded', result = c.result, lease_id = NULL, lease_expires = NULL, update_time = now()
@@ -517,7 +517,7 @@ public struct WorkflowRepository: Sendable {
   ) async throws(StoreError) -> RunState? {
     let baseMillis = retryBase.wholeMilliseconds
     return try await database.withTenant(tenant, logger: logger) { connection in
-      let rows = try await connection.query(
+      let rows = try await connection.prepared(
         """
         UPDATE workflow_runs
         SET state = CASE WHEN \(retryable) AND attempt < max_attempts THEN 'failed' ELSE 'dead' END,

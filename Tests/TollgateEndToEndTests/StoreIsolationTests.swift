@@ -106,6 +106,30 @@ import TollgateStore
     }
   }
 
+  /// The driver remembers a statement whose preparation failed for its connection's life; a
+  /// statement prepared before its table existed must work once the table does, not fail on that
+  /// connection for good. One connection, so the second attempt cannot dodge onto another.
+  @Test func aStatementThatFailedToPrepareWorksOnceItsTableExists() async throws {
+    try await withStore(connections: 1) { database, _ in
+      let probe: PostgresQuery = "SELECT count(*)::bigint FROM prepare_probe"
+      await #expect(throws: StoreError.self) {
+        try await database.withPlatform(logger: testLogger) { connection in
+          _ = try await connection.prepared(probe, logger: testLogger)
+        }
+      }
+      try await database.client.withConnection { connection in
+        try await connection.query("CREATE TABLE prepare_probe (n integer)", logger: testLogger)
+        try await connection.query("GRANT SELECT ON prepare_probe TO \(unescaped: Database.platformRole)", logger: testLogger)
+      }
+      let count = try await database.withPlatform(logger: testLogger) { connection in
+        var count: Int64 = -1
+        for try await n in try await connection.prepared(probe, logger: testLogger).decode(Int64.self) { count = n }
+        return count
+      }
+      #expect(count == 0)
+    }
+  }
+
   @Test func concurrentMigrationsApplyOnce() async throws {
     try await TestDatabase.withDatabase { db in
       let databases = (0..<3).map { _ in Database(url: db.app, maximumConnections: 2, logger: testLogger) }
