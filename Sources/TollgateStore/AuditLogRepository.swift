@@ -196,10 +196,23 @@ public struct AuditLogRepository: Sendable {
     try await connection.prepared("SELECT set_config('role', \(Database.platformRole), true)", logger: logger)
     var byLog: [AuditLogID: [AuditEntry]] = [:]
     for entry in entries { byLog[entry.log, default: []].append(entry) }
-    var deferred: [AuditEntry] = []
     for log in byLog.keys.sorted() {
+      let batch = byLog[log]!
+      // Tries the head and, only if that finds no row, commits the events as pending, in one
+      // statement: most tries under load find the head busy, and then need no second round trip.
       let rows = try await connection.prepared(
-        "SELECT size, compact_range FROM audit_logs WHERE tenant_id = \(log.rawValue) FOR UPDATE SKIP LOCKED",
+        """
+        WITH head AS (
+          SELECT size, compact_range FROM audit_logs WHERE tenant_id = \(log.rawValue) FOR UPDATE SKIP LOCKED
+        ), pending AS (
+          INSERT INTO audit_pending (tenant_id, leaf, event_time, method, principal, outcome)
+          SELECT \(log.rawValue), * FROM unnest(
+            \(batch.map(\.leaf))::bytea[], \(batch.map(\.time))::timestamptz[],
+            \(batch.map(\.method))::text[], \(batch.map(\.principal))::text[], \(batch.map(\.outcome))::integer[])
+          WHERE NOT EXISTS (SELECT 1 FROM head)
+        )
+        SELECT size, compact_range FROM head
+        """,
         logger: logger
       )
       var head: CompactRange?
@@ -209,24 +222,13 @@ public struct AuditLogRepository: Sendable {
         }
         head = range
       }
-      // No row: busy, or a log's first event (the sequencer creates the log).
       if let head {
-        try await append(byLog[log]!, to: log, at: head, on: connection, logger: logger)
+        try await append(batch, to: log, at: head, on: connection, logger: logger)
       } else {
-        deferred += byLog[log]!
+        // Busy, or the log's first event (the sequencer creates the log).
+        AuditEnqueueMarker.current?.mark()
       }
     }
-    guard !deferred.isEmpty else { return }
-    try await connection.prepared(
-      """
-      INSERT INTO audit_pending (tenant_id, leaf, event_time, method, principal, outcome)
-      SELECT * FROM unnest(
-        \(deferred.map(\.log.rawValue))::text[], \(deferred.map(\.leaf))::bytea[], \(deferred.map(\.time))::timestamptz[],
-        \(deferred.map(\.method))::text[], \(deferred.map(\.principal))::text[], \(deferred.map(\.outcome))::integer[])
-      """,
-      logger: logger
-    )
-    AuditEnqueueMarker.current?.mark()
   }
 
   /// Moves committed pending events into their logs, oldest first, in one transaction: of `log`
