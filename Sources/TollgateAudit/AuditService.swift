@@ -22,7 +22,7 @@ public struct AuditService: RegistrableRPCService {
   let notifier: AuditNotifier
   let logger: Logger
   /// Records per database read of a stream.
-  let pageSize = 5_000
+  let pageSize = 20_000
   /// Target size of one message of records (clients accept 4 MiB by default).
   static let batchBytes = 1 << 20
   /// Least time between the checkpoints a following stream sends.

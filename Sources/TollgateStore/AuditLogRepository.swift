@@ -40,6 +40,9 @@ public struct AuditFilter: Sendable {
     self.principal = principal
     self.outcomes = outcomes
   }
+
+  /// True when the filter lets every record through.
+  public var isEmpty: Bool { from == nil && until == nil && methods.isEmpty && principal == nil && outcomes.isEmpty }
 }
 
 /// A signed checkpoint as stored.
@@ -335,19 +338,31 @@ public struct AuditLogRepository: Sendable {
     logger: Logger
   ) async throws(StoreError) -> [(index: UInt64, leaf: ByteBuffer)] {
     try await reading(log, logger: logger) { connection in
-      let rows = try await connection.prepared(
-        """
-        SELECT leaf_index, leaf FROM audit_leaves
-        WHERE tenant_id = \(log.rawValue) AND leaf_index >= \(Int64(from)) AND leaf_index < \(Int64(below))
-          AND (\(filter.from)::timestamptz IS NULL OR event_time >= \(filter.from))
-          AND (\(filter.until)::timestamptz IS NULL OR event_time < \(filter.until))
-          AND (cardinality(\(filter.methods)::text[]) = 0 OR method = ANY(\(filter.methods)))
-          AND (\(filter.principal)::text IS NULL OR principal = \(filter.principal))
-          AND (cardinality(\(filter.outcomes)::integer[]) = 0 OR outcome = ANY(\(filter.outcomes)))
-        ORDER BY leaf_index
-        """,
-        logger: logger
-      )
+      // Unfiltered reads (exports, verification, followers) get a statement of their own: the
+      // prepared statement's generic plan cannot fold the filter's `IS NULL` tests away, and would
+      // evaluate all five for every row of a million-record export.
+      let rows = try await filter.isEmpty
+        ? connection.prepared(
+          """
+          SELECT leaf_index, leaf FROM audit_leaves
+          WHERE tenant_id = \(log.rawValue) AND leaf_index >= \(Int64(from)) AND leaf_index < \(Int64(below))
+          ORDER BY leaf_index
+          """,
+          logger: logger
+        )
+        : connection.prepared(
+          """
+          SELECT leaf_index, leaf FROM audit_leaves
+          WHERE tenant_id = \(log.rawValue) AND leaf_index >= \(Int64(from)) AND leaf_index < \(Int64(below))
+            AND (\(filter.from)::timestamptz IS NULL OR event_time >= \(filter.from))
+            AND (\(filter.until)::timestamptz IS NULL OR event_time < \(filter.until))
+            AND (cardinality(\(filter.methods)::text[]) = 0 OR method = ANY(\(filter.methods)))
+            AND (\(filter.principal)::text IS NULL OR principal = \(filter.principal))
+            AND (cardinality(\(filter.outcomes)::integer[]) = 0 OR outcome = ANY(\(filter.outcomes)))
+          ORDER BY leaf_index
+          """,
+          logger: logger
+        )
       var out: [(index: UInt64, leaf: ByteBuffer)] = []
       out.reserveCapacity(Int(below - min(from, below)))
       for try await (index, leaf) in rows.decode((Int64, ByteBuffer).self) { out.append((UInt64(index), leaf)) }
