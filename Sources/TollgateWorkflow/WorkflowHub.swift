@@ -6,8 +6,10 @@ public import TollgateModel
 ///
 /// `t <tenant> <state> <previous> <type>`: a run of the tenant changed state. Watchers re-read. A
 /// run that became QUEUED or FAILED (ready now or later) wakes one worker for its type with room,
-/// taking turns, so one dispatch costs one claim here rather than one per connected worker; a
-/// worker whose claim filled its room passes the turn on, since more may be ready. A run that
+/// so one dispatch costs at most one claim here rather than one per connected worker: a worker
+/// whose claim is in flight if there is one (its next claim then leases, together, every run that
+/// became ready meanwhile), otherwise the next in turn. A worker whose claim filled its room
+/// passes the turn on, since more may be ready. A run that
 /// left RUNNING frees a slot of its type's concurrency limit, so it wakes the workers a limit
 /// held back.
 /// `r <tenant> <lease> <reason>`: a lease ended (cancelled, expired); whichever stream holds it
@@ -17,8 +19,12 @@ public final class WorkflowHub: Sendable {
     case watcher
     /// `wantsWork` says whether the worker has room for a run of the type (nil: any of its
     /// types); `heldBackByLimit` whether its last claim left ready runs behind because of a
-    /// per-type limit.
-    case worker(wantsWork: @Sendable (String?) -> Bool, heldBackByLimit: @Sendable () -> Bool)
+    /// per-type limit; `claiming` whether a claim of its is in flight.
+    case worker(
+      wantsWork: @Sendable (String?) -> Bool,
+      heldBackByLimit: @Sendable () -> Bool,
+      claiming: @Sendable () -> Bool
+    )
   }
 
   private struct Subscriber {
@@ -93,8 +99,13 @@ public final class WorkflowHub: Sendable {
     return subscription
   }
 
-  /// Wakes the next of `tenant`'s workers in turn that has room for a run of `type` (nil: of
-  /// any type), other than `except`. True if one was woken.
+  /// Wakes one of `tenant`'s workers, other than `except`, that has room for a run of `type`
+  /// (nil: of any type): one whose claim is in flight, else the next in turn. True if one was
+  /// woken.
+  ///
+  /// Under load this batches: wake-ups that reach a claiming worker coalesce into one more claim
+  /// of its, which leases everything that became ready meanwhile, where taking turns gave each of
+  /// several workers a claim of its own for a run or two. An idle worker is still woken at once.
   @discardableResult
   public func wakeNextWorker(_ tenant: TenantID, type: String?, except: Subscription? = nil) -> Bool {
     let target = state.withLock { state -> AsyncStream<Void>.Continuation? in
@@ -102,12 +113,17 @@ public final class WorkflowHub: Sendable {
       let workers = subscribers.filter { if case .worker = $0.value.kind { return true } else { return false } }
         .sorted { $0.key < $1.key }
       guard !workers.isEmpty else { return nil }
+      for (id, subscriber) in workers where id != except?.id {
+        if case .worker(let wantsWork, _, let claiming) = subscriber.kind, claiming(), wantsWork(type) {
+          return subscriber.wake
+        }
+      }
       let last = state.lastWoken[tenant] ?? 0
       let start = workers.firstIndex { $0.key > last } ?? 0
       for offset in 0..<workers.count {
         let (id, subscriber) = workers[(start + offset) % workers.count]
         if id == except?.id { continue }
-        if case .worker(let wantsWork, _) = subscriber.kind, wantsWork(type) {
+        if case .worker(let wantsWork, _, _) = subscriber.kind, wantsWork(type) {
           state.lastWoken[tenant] = id
           return subscriber.wake
         }
@@ -134,7 +150,7 @@ public final class WorkflowHub: Sendable {
         switch subscriber.kind {
         case .watcher:
           subscriber.wake.yield()
-        case .worker(_, let heldBackByLimit):
+        case .worker(_, let heldBackByLimit, _):
           if previous == .running && heldBackByLimit() { subscriber.wake.yield() }
         }
       }

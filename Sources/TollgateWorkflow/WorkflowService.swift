@@ -165,7 +165,11 @@ extension WorkflowService: Tollgate_V1_WorkflowService.SimpleServiceProtocol {
       let session = WorkerSession(scope: try CallScope.required())
       let subscription = hub.subscribe(
         tenant,
-        as: .worker(wantsWork: { session.wants($0) }, heldBackByLimit: { session.heldBackByLimit })
+        as: .worker(
+          wantsWork: { session.wants($0) },
+          heldBackByLimit: { session.heldBackByLimit },
+          claiming: { session.isClaiming }
+        )
       )
       defer {
         subscription.cancel()
@@ -421,6 +425,8 @@ extension WorkflowService: Tollgate_V1_WorkflowService.SimpleServiceProtocol {
     while !Task.isCancelled && !session.isClosed {
       let (types, free, name) = session.claimable
       if free > 0 {
+        session.setClaiming(true)
+        defer { session.setClaiming(false) }
         let claim = try await repository.claim(
           tenant,
           types: types,
@@ -525,6 +531,7 @@ final class WorkerSession: Sendable {
     var held: Set<UUID> = []
     var closed = false
     var heldBackByLimit = false
+    var claiming = false
   }
   private let state = Mutex(State())
 
@@ -555,6 +562,11 @@ final class WorkerSession: Sendable {
   }
 
   var heldBackByLimit: Bool { state.withLock { $0.heldBackByLimit } }
+
+  /// Whether a claim for this worker is in flight: wake-ups for it then join its next claim.
+  var isClaiming: Bool { state.withLock { $0.claiming } }
+
+  func setClaiming(_ claiming: Bool) { state.withLock { $0.claiming = claiming } }
 
   /// Whether a ready run of `type` (nil: of any type) is worth a claim by this worker.
   func wants(_ type: String?) -> Bool {
