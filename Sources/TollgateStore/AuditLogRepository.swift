@@ -431,16 +431,28 @@ public struct AuditLogRepository: Sendable {
   public func checkpoint(_ log: AuditLogID, treeSize: UInt64? = nil, logger: Logger) async throws(StoreError)
     -> StoredCheckpoint?
   {
-    let size = treeSize.map { Int64($0) }
     return try await reading(log, logger: logger) { connection in
-      let rows = try await connection.prepared(
-        """
-        SELECT \(unescaped: Self.checkpointColumns) FROM audit_checkpoints
-        WHERE tenant_id = \(log.rawValue) AND (\(size)::bigint IS NULL OR tree_size = \(size))
-        ORDER BY tree_size DESC LIMIT 1
-        """,
-        logger: logger
-      )
+      // Two statements, not one with `$size IS NULL OR tree_size = $size`: as a prepared
+      // statement's generic plan, that one would find an old size by walking the log's checkpoints
+      // down from the newest.
+      let rows =
+        if let treeSize {
+          try await connection.prepared(
+            """
+            SELECT \(unescaped: Self.checkpointColumns) FROM audit_checkpoints
+            WHERE tenant_id = \(log.rawValue) AND tree_size = \(Int64(treeSize))
+            """,
+            logger: logger
+          )
+        } else {
+          try await connection.prepared(
+            """
+            SELECT \(unescaped: Self.checkpointColumns) FROM audit_checkpoints
+            WHERE tenant_id = \(log.rawValue) ORDER BY tree_size DESC LIMIT 1
+            """,
+            logger: logger
+          )
+        }
       for try await row in rows.decode(CheckpointRow.self) { return Self.decode(log, row) }
       return nil
     }
