@@ -158,14 +158,22 @@ public final class Database: Service, Sendable {
           defer { telemetry.adjust("tollgate_db_connections_in_use", by: -1) }
           // A request that timed out while waiting for a connection must not run afterwards.
           try Task.checkCancellation()
-          return try await connection.withTransaction(logger: logger) { connection in
-            try await AuditEnqueueMarker.$current.withValue(marker) {
-              let result = try await body(connection)
-              if let entry = pending?.claim() {
-                try await AuditLogRepository.recordWithPlatformRights([entry], on: connection, logger: logger)
+          let poisoned = PoisonedConnection()
+          do {
+            return try await PoisonedConnection.$current.withValue(poisoned) {
+              try await connection.withTransaction(logger: logger) { connection in
+                try await AuditEnqueueMarker.$current.withValue(marker) {
+                  let result = try await body(connection)
+                  if let entry = pending?.claim() {
+                    try await AuditLogRepository.recordWithPlatformRights([entry], on: connection, logger: logger)
+                  }
+                  return result
+                }
               }
-              return result
             }
+          } catch {
+            if poisoned.isMarked { try? await connection.close() }
+            throw error
           }
         }
       }

@@ -106,17 +106,46 @@ import TollgateStore
     }
   }
 
+  /// A prepared statement is planned once and, after five runs, may keep a generic plan: row-level
+  /// security must still follow the tenant of each transaction, not the one it was planned under.
+  /// One connection, so every run reuses the same prepared statement.
+  @Test func preparedStatementsFollowEachTransactionsTenant() async throws {
+    try await withStore(connections: 1) { database, repository in
+      let acme = try TenantID(validating: "acme")
+      let globex = try TenantID(validating: "globex")
+      for id in [acme, globex] {
+        _ = try await repository.create(id: id, displayName: id.rawValue, quota: .defaults, logger: testLogger)
+      }
+      // No WHERE clause: only the policy decides which rows are seen.
+      let everyTenant: PostgresQuery = "SELECT tenant_id FROM tenants"
+      func seen(as tenant: TenantID) async throws -> [String] {
+        try await database.withTenant(tenant, logger: testLogger) { connection in
+          var ids: [String] = []
+          for try await id in try await connection.prepared(everyTenant, logger: testLogger).decode(String.self) {
+            ids.append(id)
+          }
+          return ids
+        }
+      }
+      for _ in 0..<8 { #expect(try await seen(as: acme) == ["acme"]) }
+      for _ in 0..<8 { #expect(try await seen(as: globex) == ["globex"]) }
+      #expect(try await seen(as: acme) == ["acme"])
+    }
+  }
+
   /// The driver remembers a statement whose preparation failed for its connection's life; a
   /// statement prepared before its table existed must work once the table does, not fail on that
   /// connection for good. One connection, so the second attempt cannot dodge onto another.
   @Test func aStatementThatFailedToPrepareWorksOnceItsTableExists() async throws {
     try await withStore(connections: 1) { database, _ in
       let probe: PostgresQuery = "SELECT count(*)::bigint FROM prepare_probe"
-      await #expect(throws: StoreError.self) {
+      // The database's own error, at once: not the operation timeout's UNAVAILABLE.
+      let failure = await #expect(throws: StoreError.self) {
         try await database.withPlatform(logger: testLogger) { connection in
           _ = try await connection.prepared(probe, logger: testLogger)
         }
       }
+      #expect(failure.map { "\($0)".contains("42P01") } == true)
       try await database.client.withConnection { connection in
         try await connection.query("CREATE TABLE prepare_probe (n integer)", logger: testLogger)
         try await connection.query("GRANT SELECT ON prepare_probe TO \(unescaped: Database.platformRole)", logger: testLogger)
