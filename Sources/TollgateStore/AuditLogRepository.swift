@@ -119,12 +119,22 @@ public struct AuditLogRepository: Sendable {
       """,
       logger: logger
     )
-    var head: (Int64, ByteBuffer)?
-    for try await row in rows.decode((Int64, ByteBuffer).self) { head = row }
-    guard let (size, rangeBytes) = head, let range = Self.compactRange(size: size, bytes: rangeBytes) else {
+    guard let range = try await head(of: log, in: rows) else {
       throw StoreError.unexpected("audit log \(log.rawValue) has a corrupt compact range")
     }
     return range
+  }
+
+  /// The head of `log` in `rows` (`size, compact_range`), nil if there is no row.
+  static func head(of log: AuditLogID, in rows: some AsyncSequence<PostgresRow, any Error>) async throws -> CompactRange? {
+    var head: CompactRange?
+    for try await (size, bytes) in rows.decode((Int64, ByteBuffer).self) {
+      guard let range = compactRange(size: size, bytes: bytes) else {
+        throw StoreError.unexpected("audit log \(log.rawValue) has a corrupt compact range")
+      }
+      head = range
+    }
+    return head
   }
 
   /// Appends `batch` to `log`, whose head the transaction has locked and found at `range`.
@@ -218,18 +228,11 @@ public struct AuditLogRepository: Sendable {
         """,
         logger: logger
       )
-      var head: CompactRange?
-      for try await (size, bytes) in rows.decode((Int64, ByteBuffer).self) {
-        guard let range = Self.compactRange(size: size, bytes: bytes) else {
-          throw StoreError.unexpected("audit log \(log.rawValue) has a corrupt compact range")
-        }
-        head = range
-      }
-      if let head {
+      if let head = try await head(of: log, in: rows) {
         try await append(batch, to: log, at: head, on: connection, logger: logger)
       } else {
         // Busy, or the log's first event (the sequencer creates the log).
-        AuditEnqueueMarker.current?.mark()
+        TransactionMarks.current?.markAuditQueued()
       }
     }
   }
@@ -318,13 +321,7 @@ public struct AuditLogRepository: Sendable {
         "SELECT size, compact_range FROM audit_logs WHERE tenant_id = \(log.rawValue)",
         logger: logger
       )
-      for try await (size, bytes) in rows.decode((Int64, ByteBuffer).self) {
-        guard let range = Self.compactRange(size: size, bytes: bytes) else {
-          throw StoreError.unexpected("audit log \(log.rawValue) has a corrupt compact range")
-        }
-        return range
-      }
-      return CompactRange()
+      return try await Self.head(of: log, in: rows) ?? CompactRange()
     }
   }
 

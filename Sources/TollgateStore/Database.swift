@@ -144,7 +144,7 @@ public final class Database: Service, Sendable {
     _ body: @Sendable @escaping (PostgresConnection) async throws -> Result
   ) async throws(StoreError) -> Result {
     let pending = mutation ? PendingAudit.current : nil
-    let marker = AuditEnqueueMarker()
+    let marks = TransactionMarks()
     let auditQueued = self.auditQueued
     let telemetry = self.telemetry
     let start = ContinuousClock.now
@@ -158,27 +158,24 @@ public final class Database: Service, Sendable {
           defer { telemetry.adjust("tollgate_db_connections_in_use", by: -1) }
           // A request that timed out while waiting for a connection must not run afterwards.
           try Task.checkCancellation()
-          let poisoned = PoisonedConnection()
           do {
-            return try await PoisonedConnection.$current.withValue(poisoned) {
+            return try await TransactionMarks.$current.withValue(marks) {
               try await connection.withTransaction(logger: logger) { connection in
-                try await AuditEnqueueMarker.$current.withValue(marker) {
-                  let result = try await body(connection)
-                  if let entry = pending?.claim() {
-                    try await AuditLogRepository.recordWithPlatformRights([entry], on: connection, logger: logger)
-                  }
-                  return result
+                let result = try await body(connection)
+                if let entry = pending?.claim() {
+                  try await AuditLogRepository.recordWithPlatformRights([entry], on: connection, logger: logger)
                 }
+                return result
               }
             }
           } catch {
-            if poisoned.isMarked { try? await connection.close() }
+            if marks.connectionPoisoned { try? await connection.close() }
             throw error
           }
         }
       }
       pending?.settle(committed: true)
-      if marker.isMarked { auditQueued.signal() }
+      if marks.auditQueued { auditQueued.signal() }
       telemetry.record("tollgate_db_transaction_duration_seconds", [("outcome", "committed")], .now - start)
       return result
     } catch {
@@ -212,6 +209,24 @@ public final class Database: Service, Sendable {
       race.finish(.failure(CancellationError()))
     }
   }
+}
+
+/// What the statements of one transaction report for the transaction to act on when it ends.
+final class TransactionMarks: Sendable {
+  @TaskLocal static var current: TransactionMarks?
+  private let queued = Atomic<Bool>(false)
+  private let poisoned = Atomic<Bool>(false)
+
+  /// Events went to `audit_pending`: the sequencer is woken once the transaction has committed
+  /// (not before: it would find nothing yet).
+  func markAuditQueued() { queued.store(true, ordering: .relaxed) }
+  var auditQueued: Bool { queued.load(ordering: .relaxed) }
+
+  /// A statement's failed preparation left the connection unfit for reuse: the transaction closes
+  /// it after its rollback (closing it under the transaction left the rollback waiting for the
+  /// operation timeout).
+  func markConnectionPoisoned() { poisoned.store(true, ordering: .relaxed) }
+  var connectionPoisoned: Bool { poisoned.load(ordering: .relaxed) }
 }
 
 /// The first of an operation and its deadline to finish wins; the loser is cancelled, not awaited.

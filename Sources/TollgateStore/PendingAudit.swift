@@ -50,18 +50,6 @@ public final class PendingAudit: Sendable {
   }
 }
 
-/// Marks a transaction that committed events to `audit_pending`, so that the sequencer can be
-/// woken once the transaction has committed (not before: it would find nothing yet).
-final class AuditEnqueueMarker: Sendable {
-  @TaskLocal static var current: AuditEnqueueMarker?
-
-  private let marked = Atomic<Bool>(false)
-
-  func mark() { marked.store(true, ordering: .relaxed) }
-
-  var isMarked: Bool { marked.load(ordering: .relaxed) }
-}
-
 /// Wakes the audit sequencer of this process after a transaction commits pending audit events.
 /// Wake-ups that arrive while it works coalesce into one more pass.
 public final class AuditQueueSignal: Sendable {

@@ -19,7 +19,7 @@ extension PostgresConnection {
   /// table that a migration has not created yet, an aborted transaction, a lock or statement
   /// timeout, a column type changed under a cached plan. On such an error the connection is
   /// closed so that the pool replaces it instead of keeping a poisoned one: by the transaction
-  /// that ran the statement once it has rolled back (``PoisonedConnection``), or at once outside
+  /// that ran the statement once it has rolled back (``TransactionMarks``), or at once outside
   /// one.
   public func prepared(
     _ query: PostgresQuery,
@@ -38,8 +38,8 @@ extension PostgresConnection {
           "closing a database connection after a prepared statement failed",
           metadata: ["statement": "\(name)", "sqlstate": "\(error.serverInfo?[.sqlState] ?? "")"]
         )
-        if let transaction = PoisonedConnection.current {
-          transaction.mark()
+        if let transaction = TransactionMarks.current {
+          transaction.markConnectionPoisoned()
         } else {
           try? await self.close()
         }
@@ -47,19 +47,6 @@ extension PostgresConnection {
       throw error
     }
   }
-}
-
-/// Set by a transaction for the statements it runs: one of them left the connection unfit for
-/// reuse, and the transaction closes it after its rollback. (Closing it under the transaction
-/// instead left the rollback waiting for the operation timeout.)
-public final class PoisonedConnection: Sendable {
-  @TaskLocal public static var current: PoisonedConnection?
-  private let marked = Atomic<Bool>(false)
-
-  public init() {}
-
-  func mark() { marked.store(true, ordering: .relaxed) }
-  public var isMarked: Bool { marked.load(ordering: .relaxed) }
 }
 
 /// The driver's prepared statements are types whose name and SQL are static; this one reads
