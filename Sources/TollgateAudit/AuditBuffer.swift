@@ -10,7 +10,8 @@ public import TollgateStore
 /// (``admitsCalls``); otherwise it is refused instead of running unaudited. A call queues its
 /// event when it ends (``submit(_:)``), always, so the queue can exceed `capacity` by the calls
 /// already running, never more. Long streams therefore hold no place while they run. The flusher
-/// appends whatever is queued as soon as it is queued, one transaction per batch; while the
+/// lets events gather for `linger` after the first, then appends whatever is queued, one
+/// transaction per batch (at most `batchLimit` events), until nothing is left; while the
 /// database is down or slow it keeps the events and retries, and the queue fills. On shutdown it
 /// runs after the server has drained and flushes every remaining event before it returns.
 public final class AuditBuffer: Service, Sendable {
@@ -18,6 +19,10 @@ public final class AuditBuffer: Service, Sendable {
   let repository: AuditLogRepository
   let logger: Logger
   let batchLimit = 2_000
+  /// How long the flusher lets events gather after one is queued. A flush is a transaction of
+  /// five round trips and a WAL flush whatever its size; at 1,000 calls/s without a pause most
+  /// batches held two or three events, and PostgreSQL spent about 250 µs of CPU per event.
+  let linger: Duration
 
   private struct State {
     /// Events queued or being appended, not yet committed.
@@ -30,8 +35,9 @@ public final class AuditBuffer: Service, Sendable {
   private let wake: AsyncStream<Void>
   private let wakeContinuation: AsyncStream<Void>.Continuation
 
-  public init(capacity: Int, repository: AuditLogRepository, logger: Logger) {
+  public init(capacity: Int, repository: AuditLogRepository, logger: Logger, linger: Duration = .milliseconds(20)) {
     self.capacity = capacity
+    self.linger = linger
     self.repository = repository
     self.logger = logger
     (wake, wakeContinuation) = AsyncStream.makeStream(of: Void.self, bufferingPolicy: .bufferingNewest(1))
@@ -64,6 +70,9 @@ public final class AuditBuffer: Service, Sendable {
   public func run() async throws {
     await withGracefulShutdownHandler {
       for await _ in wake {
+        if linger > .zero && state.withLock({ $0.queued.count < batchLimit }) {
+          try? await Task.sleep(for: linger)
+        }
         await flushQueued(giveUpAfter: nil)
       }
     } onGracefulShutdown: {

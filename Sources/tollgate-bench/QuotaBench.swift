@@ -232,6 +232,7 @@ struct QuotaBench: AsyncParsableCommand {
         var noisyAdmitted: [Double] = []
         for round in 1...rounds {
           let a = try await openLoad(quietClient, rate: quietRate, until: ContinuousClock.now + phase)
+          FileHandle.standardError.write(Data("(b) round \(round): noisy phase begins\n".utf8))
           let end = ContinuousClock.now + phase
           async let quietLoad = openLoad(quietClient, rate: quietRate, until: end)
           async let noisyLoad = openLoad(noisyClient, rate: noisyRate, until: end)
