@@ -73,22 +73,25 @@ public final class AuditBuffer: Service, Sendable {
         if linger > .zero && state.withLock({ $0.queued.count < batchLimit }) {
           try? await Task.sleep(for: linger)
         }
-        await flushQueued(giveUpAfter: nil)
+        await flushQueued(giveUpAfter: nil, untilEmpty: false)
       }
     } onGracefulShutdown: {
       self.wakeContinuation.finish()
     }
     // The server has drained (it shuts down before this service): everything is queued now.
-    await flushQueued(giveUpAfter: .seconds(10))
+    await flushQueued(giveUpAfter: .seconds(10), untilEmpty: true)
     let lost = state.withLock { $0.queued.count }
     if lost > 0 {
       logger.critical("audit events could not be committed before exit", metadata: ["events": "\(lost)"])
     }
   }
 
-  /// Appends queued events batch by batch until none are left, retrying failures with backoff:
-  /// until shutdown begins (`giveUpAfter` nil), or for at most that long in a row (the final flush).
-  func flushQueued(giveUpAfter patience: Duration?) async {
+  /// Appends queued events batch by batch, retrying failures with backoff: until shutdown begins
+  /// (`giveUpAfter` nil), or for at most that long in a row (the final flush). Unless `untilEmpty`,
+  /// it stops once less than a full batch is left: those events queued during the flush, and
+  /// their wake-up is waiting, so the next flush lingers first instead of appending them in
+  /// dribbles.
+  func flushQueued(giveUpAfter patience: Duration?, untilEmpty: Bool) async {
     var backoff = RetryBackoff()
     while true {
       let batch = state.withLock { state -> [AuditEntry] in
@@ -105,6 +108,7 @@ public final class AuditBuffer: Service, Sendable {
           $0.appendingSince = nil
         }
         backoff.succeeded()
+        if !untilEmpty && state.withLock({ $0.queued.count < batchLimit }) { return }
       } catch {
         // Put the batch back in front, in order, and wait before retrying.
         state.withLock {
