@@ -438,5 +438,21 @@ public enum Migrator {
         "GRANT SELECT, INSERT, DELETE ON audit_pending TO tollgate_platform",
       ]
     ),
+    Migration(
+      version: 7,
+      name: "an index of the runs scheduled for later",
+      statements: [
+        // A claim that comes up short asks when the next run of its types becomes due. Through
+        // the ready index that read every ready run of those types, so under a backlog each such
+        // claim cost in proportion to the backlog. Only a run written with a due time after its
+        // write time (a later start, a retry's backoff) can be due in the future, since every
+        // write sets update_time to now(); this index holds only those, and runs due at once
+        // never enter it.
+        """
+        CREATE INDEX workflow_runs_scheduled ON workflow_runs (tenant_id, type, run_after)
+          WHERE state IN ('queued', 'failed') AND run_after > update_time
+        """,
+      ]
+    ),
   ]
 }

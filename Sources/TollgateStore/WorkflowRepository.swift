@@ -369,10 +369,13 @@ public struct WorkflowRepository: Sendable {
       }
       var nextDue: Date?
       if leases.count < limit {
+        // `run_after > update_time` follows from `run_after > now()` (no write sets update_time
+        // later than now()); stated, it lets the planner read the small index of scheduled runs.
         for try await due in try await connection.prepared(
           """
           SELECT min(run_after) FROM workflow_runs
           WHERE state IN ('queued', 'failed') AND type = ANY(\(types)::text[]) AND run_after > now()
+            AND run_after > update_time
           """,
           logger: logger
         ).decode(Date?.self) {
