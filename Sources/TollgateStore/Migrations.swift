@@ -449,7 +449,7 @@ public enum Migrator {
         // write sets update_time to now(); this index holds only those, and runs due at once
         // never enter it.
         """
-        CREATE INDEX workflow_runs_scheduled ON workflow_runs (tenant_id, type, run_after)
+        CREATE INDEX IF NOT EXISTS workflow_runs_scheduled ON workflow_runs (tenant_id, type, run_after)
           WHERE state IN ('queued', 'failed') AND run_after > update_time
         """,
       ]
