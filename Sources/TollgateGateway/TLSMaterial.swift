@@ -1,5 +1,5 @@
 import Foundation
-public import GRPCNIOTransportHTTP2
+import GRPCNIOTransportHTTP2
 import NIOSSL
 import SwiftASN1
 import TollgateCore

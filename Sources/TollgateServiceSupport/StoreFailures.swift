@@ -1,8 +1,8 @@
-public import GRPCCore
+import GRPCCore
 public import Logging
 import NIOCore
-public import TollgateCore
-public import TollgateStore
+import TollgateCore
+import TollgateStore
 
 /// Runs a handler's `body`, turning store failures into client-actionable errors and logging the
 /// rest: shared by every service so a database outage reads the same everywhere and no SQL text

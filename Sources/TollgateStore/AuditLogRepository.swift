@@ -138,6 +138,7 @@ public struct AuditLogRepository: Sendable {
   }
 
   /// Appends `batch` to `log`, whose head the transaction has locked and found at `range`.
+  @discardableResult
   static func append(
     _ batch: [AuditEntry],
     to log: AuditLogID,

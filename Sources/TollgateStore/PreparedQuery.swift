@@ -21,6 +21,7 @@ extension PostgresConnection {
   /// closed so that the pool replaces it instead of keeping a poisoned one: by the transaction
   /// that ran the statement once it has rolled back (``TransactionMarks``), or at once outside
   /// one.
+  @discardableResult
   public func prepared(
     _ query: PostgresQuery,
     logger: Logger,

@@ -100,7 +100,7 @@ public struct QuotaLeaseRepository: Sendable {
   /// Gives this replica's leases back at once (a clean shutdown) rather than when they expire.
   public func release(replica: String, logger: Logger) async throws(StoreError) {
     try await database.withPlatform(logger: logger) { connection in
-      try await connection.query("DELETE FROM quota_leases WHERE replica_id = \(replica)", logger: logger)
+      _ = try await connection.query("DELETE FROM quota_leases WHERE replica_id = \(replica)", logger: logger)
     }
   }
 }

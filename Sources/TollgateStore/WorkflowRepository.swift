@@ -248,7 +248,7 @@ public struct WorkflowRepository: Sendable {
 
   public func unwatch(_ tenant: TenantID, id: UUID, watch: UUID, logger: Logger) async throws(StoreError) {
     try await database.withTenant(tenant, logger: logger) { connection in
-      try await connection.query("DELETE FROM workflow_watches WHERE run_id = \(id) AND watch_id = \(watch)", logger: logger)
+      _ = try await connection.query("DELETE FROM workflow_watches WHERE run_id = \(id) AND watch_id = \(watch)", logger: logger)
     }
   }
 
