@@ -10,8 +10,8 @@ public import TollgateStore
 /// (``admitsCalls``); otherwise it is refused instead of running unaudited. A call queues its
 /// event when it ends (``submit(_:)``), always, so the queue can exceed `capacity` by the calls
 /// already running, never more. Long streams therefore hold no place while they run. The flusher
-/// lets events gather for `linger` after the first, then appends whatever is queued, one
-/// transaction per batch (at most `batchLimit` events), until nothing is left; while the
+/// lets events gather for `linger` after a wake-up, then appends what is queued as one
+/// transaction (several of `batchLimit` events only while full batches wait); while the
 /// database is down or slow it keeps the events and retries, and the queue fills. On shutdown it
 /// runs after the server has drained and flushes every remaining event before it returns.
 public final class AuditBuffer: Service, Sendable {
@@ -19,9 +19,9 @@ public final class AuditBuffer: Service, Sendable {
   let repository: AuditLogRepository
   let logger: Logger
   let batchLimit = 2_000
-  /// How long the flusher lets events gather after one is queued. A flush is a transaction of
-  /// five round trips and a WAL flush whatever its size; at 1,000 calls/s without a pause most
-  /// batches held two or three events, and PostgreSQL spent about 250 µs of CPU per event.
+  /// How long the flusher lets events gather after a wake-up. A flush is a transaction of five
+  /// round trips and a WAL flush whatever its size; flushing at once, 1,000 calls/s made batches
+  /// of two or three events (a 20 s benchmark round: 4,906 append statements, 1,219 with this).
   let linger: Duration
 
   private struct State {
