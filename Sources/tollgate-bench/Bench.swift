@@ -316,10 +316,11 @@ struct AuditBench: AsyncParsableCommand {
         try await op.withClient { client in try await createBenchTenant(Self.callsTenant, through: client) }
         var with: [CallLoad] = []
         var without: [CallLoad] = []
-        for round in 1...rounds {
-          // Alternate, so drift over the run affects both alike.
-          let b = try await load(try setup.connection(port: barePort, setup.partner(Self.callsTenant)))
-          let f = try await load(try setup.connection(port: fullPort, setup.partner(Self.callsTenant)))
+        try await alternating(
+          rounds: rounds,
+          without: { try await load(try setup.connection(port: barePort, setup.partner(Self.callsTenant))) },
+          with: { try await load(try setup.connection(port: fullPort, setup.partner(Self.callsTenant))) }
+        ) { round, b, f in
           without.append(b)
           with.append(f)
           FileHandle.standardError.write(Data(String(
@@ -371,6 +372,27 @@ func createBenchTenant(
       quota(&$0.quota)
     }
   )
+}
+
+/// Measures `without` and `with` once per round, alternating, and swaps which goes first every
+/// round (without, with; with, without; ...): the phase that opens a run meets a quiet machine, and
+/// a phase that follows another meets its leftovers (audit flushes, autovacuum), so a fixed order
+/// favoured one side. `each` gets every round's pair in round order.
+func alternating<Load>(
+  rounds: Int,
+  without: () async throws -> Load,
+  with: () async throws -> Load,
+  each: (Int, Load, Load) -> Void
+) async throws {
+  for round in 1...rounds {
+    if round % 2 == 1 {
+      let b = try await without()
+      each(round, b, try await with())
+    } else {
+      let f = try await with()
+      each(round, try await without(), f)
+    }
+  }
 }
 
 /// Closed-loop unary load: `concurrency` callers each send GetTenant back to back for `seconds`,

@@ -128,12 +128,12 @@ struct QuotaBench: AsyncParsableCommand {
     return try await withRunningGateway(bare) { barePort in
       var with: [CallLoad] = []
       var without: [CallLoad] = []
-      for round in 1...rounds {
-        // Alternate, so drift over the run affects both alike.
-        let b = try await getTenantLoad(
-          try setup.connection(port: barePort, setup.partner(Self.costTenant)), seconds: seconds, concurrency: concurrency)
-        let f = try await getTenantLoad(
-          try setup.connection(port: fullPort, setup.partner(Self.costTenant)), seconds: seconds, concurrency: concurrency)
+      let load = { (port: Int) in
+        try await getTenantLoad(
+          try setup.connection(port: port, setup.partner(Self.costTenant)), seconds: seconds, concurrency: concurrency)
+      }
+      try await alternating(rounds: rounds, without: { try await load(barePort) }, with: { try await load(fullPort) }) {
+        round, b, f in
         without.append(b)
         with.append(f)
         FileHandle.standardError.write(Data(String(
