@@ -1,7 +1,7 @@
 public import Logging
 import PostgresNIO
 
-/// One schema change, applied once, in order, in its own transaction.
+/// One schema change, applied once, in order; the pending ones apply together in one transaction.
 public struct Migration: Sendable {
   public let version: Int
   public let name: String
