@@ -140,12 +140,12 @@ public struct AuditService: RegistrableRPCService {
     }
   }
 
-  /// Fetches the stored nodes `compute` reads, in one query, then runs it.
+  /// Fetches the subtree hashes `compute` reads, in one transaction, then runs it.
   func proof(
     _ log: AuditLogID,
     _ compute: ((NodeAddress) -> MerkleTree.Hash) -> [MerkleTree.Hash]
   ) async throws -> [MerkleTree.Hash] {
-    let nodes = try await repository.nodes(log, MerkleTree.nodesNeeded(compute), logger: logger)
+    let nodes = try await repository.subtreeHashes(log, MerkleTree.nodesNeeded(compute), logger: logger)
     return compute { nodes[$0]! }
   }
 

@@ -26,6 +26,9 @@ public struct GatewayConfig: Sendable {
   public var auditSigningKeyPath: String
   /// Read-only calls' audit events that may wait for their batch commit before calls are refused.
   public var auditBufferCapacity: Int
+  /// How long read-only calls' audit events gather before one batch commits them: longer means
+  /// fewer, larger append transactions, and a read's record committed that much later.
+  public var auditFlushLinger: Duration
   /// Most usage events one Ingest request (or stream message) may carry.
   public var ingestMaxBatch: Int
   /// How old a usage event's time may be and still be accepted.
@@ -70,6 +73,7 @@ public struct GatewayConfig: Sendable {
     databaseTimeout: Duration = .seconds(5),
     auditSigningKeyPath: String,
     auditBufferCapacity: Int = 10_000,
+    auditFlushLinger: Duration = .milliseconds(100),
     ingestMaxBatch: Int = 1_000,
     usageLateArrival: Duration = .seconds(7 * 86_400),
     workflowLeaseTimeout: Duration = .seconds(30),
@@ -99,6 +103,7 @@ public struct GatewayConfig: Sendable {
     self.databaseTimeout = databaseTimeout
     self.auditSigningKeyPath = auditSigningKeyPath
     self.auditBufferCapacity = auditBufferCapacity
+    self.auditFlushLinger = auditFlushLinger
     self.ingestMaxBatch = ingestMaxBatch
     self.usageLateArrival = usageLateArrival
     self.workflowLeaseTimeout = workflowLeaseTimeout
@@ -156,6 +161,11 @@ public struct ConfigSetting: Sendable, Hashable, CustomStringConvertible {
   public static let auditBufferCapacity = ConfigSetting(
     name: "audit-buffer-capacity",
     help: "read-only calls' audit events awaiting their batch commit before calls are refused UNAVAILABLE (default 10000)"
+  )
+
+  public static let auditFlushLingerMS = ConfigSetting(
+    name: "audit-flush-linger-ms",
+    help: "milliseconds read-only calls' audit events gather before one transaction commits them; at most 900, within the 1 s promise (default 100)"
   )
 
   public static let ingestMaxBatch = ConfigSetting(
@@ -235,7 +245,7 @@ public struct ConfigSetting: Sendable, Hashable, CustomStringConvertible {
 
   public static let all: [ConfigSetting] = [
     .listen, .tlsCert, .tlsKey, .clientCA, .trustDomain, .databaseURL, .metricsListen, .migrate, .maxMessageBytes,
-    .databaseMaxConnections, .databaseTimeoutMS, .auditSigningKey, .auditBufferCapacity, .ingestMaxBatch,
+    .databaseMaxConnections, .databaseTimeoutMS, .auditSigningKey, .auditBufferCapacity, .auditFlushLingerMS, .ingestMaxBatch,
     .usageLateArrivalHours, .workflowLeaseTimeoutMS, .workflowRetryBaseMS, .quotaSyncIntervalMS, .maxConnections,
     .maxConcurrentStreams, .maxConcurrentCalls, .keepaliveTimeMS, .keepaliveTimeoutMS, .idleTimeoutMS, .defaultDeadlineMS,
     .metricsMaxTenants, .drainTimeoutMS, .tlsWatchIntervalMS,
@@ -398,6 +408,7 @@ public struct ConfigResolver: Sendable {
       databaseTimeout: .milliseconds(try integer(.databaseTimeoutMS, default: 5000, range: 100...600_000)),
       auditSigningKeyPath: try readableFile(.auditSigningKey),
       auditBufferCapacity: try integer(.auditBufferCapacity, default: 10_000, range: 1...10_000_000),
+      auditFlushLinger: .milliseconds(try integer(.auditFlushLingerMS, default: 100, range: 0...900)),
       ingestMaxBatch: try integer(.ingestMaxBatch, default: 1_000, range: 1...100_000),
       usageLateArrival: .seconds(3_600 * (try integer(.usageLateArrivalHours, default: 168, range: 1...(24 * 366)))),
       workflowLeaseTimeout: .milliseconds(try integer(.workflowLeaseTimeoutMS, default: 30_000, range: 200...86_400_000)),

@@ -85,7 +85,12 @@ public final class Gateway: Sendable {
     let repository = TenantRepository(database: database)
     let auditRepository = AuditLogRepository(database: database)
     let signingKey = try Self.loadSigningKey(config.auditSigningKeyPath)
-    self.auditBuffer = AuditBuffer(capacity: config.auditBufferCapacity, repository: auditRepository, logger: logger)
+    self.auditBuffer = AuditBuffer(
+      capacity: config.auditBufferCapacity,
+      repository: auditRepository,
+      logger: logger,
+      linger: config.auditFlushLinger
+    )
     let ready = ReadinessGate()
     self.ready = ready
     self.checkpointer = Checkpointer(

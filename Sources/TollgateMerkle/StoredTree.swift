@@ -114,3 +114,61 @@ extension MerkleTree {
     return needed
   }
 }
+
+/// Which perfect subtrees a store keeps, and how any other one is hashed from those and leaves.
+///
+/// A store keeps the nodes of every level that is a positive multiple of `stride` (with the
+/// default 8: the root of every complete 256-leaf tile, of every 65,536-leaf tile, …), about one
+/// row per 255 leaves instead of two per leaf. A node of any other level is hashed from at most
+/// `2^(stride-1)` nodes of the kept level below it, or from leaves below the first kept level, so
+/// a proof of O(log n) hashes reads at most a few hundred leaves and kept nodes.
+public struct StoredLevels: Sendable, Hashable {
+  public let stride: Int
+
+  public static let standard = StoredLevels(stride: 8)
+
+  public init(stride: Int) {
+    precondition(stride >= 1 && stride < 64, "stride out of range")
+    self.stride = stride
+  }
+
+  /// True when a store keeps the nodes of `level` (level 0, the leaf hashes, never: the leaves are
+  /// there).
+  public func keeps(level: Int) -> Bool { level > 0 && level % stride == 0 }
+
+  /// What hashing `addresses` reads: kept nodes, and leaves by index.
+  public func inputs(for addresses: Set<NodeAddress>) -> (nodes: Set<NodeAddress>, leaves: Set<UInt64>) {
+    var nodes = Set<NodeAddress>()
+    var leaves = Set<UInt64>()
+    for address in addresses {
+      if keeps(level: address.level) {
+        nodes.insert(address)
+        continue
+      }
+      let base = address.level - address.level % stride
+      let shift = UInt64(address.level - base)
+      let first = address.index << shift
+      let below = (address.index + 1) << shift
+      if base == 0 {
+        leaves.formUnion(first..<below)
+      } else {
+        for index in first..<below { nodes.insert(NodeAddress(level: base, index: index)) }
+      }
+    }
+    return (nodes, leaves)
+  }
+
+  /// The hash of the perfect subtree at `address`, from the kept nodes and leaf hashes that
+  /// ``inputs(for:)`` listed for it.
+  public func hash(
+    _ address: NodeAddress,
+    node: (NodeAddress) -> MerkleTree.Hash,
+    leafHash: (UInt64) -> MerkleTree.Hash
+  ) -> MerkleTree.Hash {
+    if keeps(level: address.level) { return node(address) }
+    if address.level == 0 { return leafHash(address.index) }
+    let left = NodeAddress(level: address.level - 1, index: address.index << 1)
+    let right = NodeAddress(level: address.level - 1, index: (address.index << 1) | 1)
+    return MerkleTree.nodeHash(hash(left, node: node, leafHash: leafHash), hash(right, node: node, leafHash: leafHash))
+  }
+}

@@ -77,12 +77,16 @@ public struct StoredCheckpoint: Sendable, Hashable {
 /// The per-log Merkle trees of the audit trail: appends, records, stored nodes and checkpoints.
 ///
 /// An append locks its log's row in `audit_logs`, reads the size and compact range, writes the
-/// leaves and every perfect subtree they complete, and advances the row, all in the caller's
-/// transaction. Appends to one log are therefore serialised across every replica and commit in
-/// index order: a reader never sees index n+1 without n, and a rolled-back append gives its
-/// indices back. Each append notifies `tollgate_audit` with the log's key, delivered on commit.
+/// leaves (each with its leaf hash) and the kept subtrees they complete (``storedLevels``), and
+/// advances the row, all in the caller's transaction. Appends to one log are therefore
+/// serialised across every replica and commit in index order: a reader never sees index n+1
+/// without n, and a rolled-back append gives its indices back. Each append notifies `tollgate_audit` with the log's key, delivered on commit.
 public struct AuditLogRepository: Sendable {
   public static let channel = "tollgate_audit"
+  /// The tree levels whose nodes `audit_nodes` keeps; leaf hashes live in their leaf rows, and
+  /// every other node is hashed when a proof needs it (``subtreeHashes(_:_:logger:)``). Rows of
+  /// other levels written before migration 8 are never read, but for level 0 of older leaves.
+  public static let storedLevels = StoredLevels.standard
 
   let database: Database
 
@@ -146,16 +150,22 @@ public struct AuditLogRepository: Sendable {
     on connection: PostgresConnection,
     logger: Logger
   ) async throws -> Range<UInt64> {
+    let storedLevels = Self.storedLevels
     var range = range
     let first = range.size
     var levels: [Int16] = []
     var nodeIndices: [Int64] = []
     var hashes: [ByteBuffer] = []
-    levels.reserveCapacity(batch.count * 2)
-    nodeIndices.reserveCapacity(batch.count * 2)
-    hashes.reserveCapacity(batch.count * 2)
+    // About one kept node per 255 leaves; a batch completes at most a few.
+    levels.reserveCapacity(4)
+    nodeIndices.reserveCapacity(4)
+    hashes.reserveCapacity(4)
+    var leafHashes: [ByteBuffer] = []
+    leafHashes.reserveCapacity(batch.count)
     for entry in batch {
-      for (address, hash) in range.append(leafHash: MerkleTree.leafHash(entry.leaf.readableBytesView)) {
+      let leafHash = MerkleTree.leafHash(entry.leaf.readableBytesView)
+      leafHashes.append(ByteBuffer(bytes: leafHash))
+      for (address, hash) in range.append(leafHash: leafHash) where storedLevels.keeps(level: address.level) {
         levels.append(Int16(address.level))
         nodeIndices.append(Int64(address.index))
         hashes.append(ByteBuffer(bytes: hash))
@@ -168,9 +178,9 @@ public struct AuditLogRepository: Sendable {
     try await connection.prepared(
       """
       WITH leaves AS (
-        INSERT INTO audit_leaves (tenant_id, leaf_index, leaf, event_time, method, principal, outcome)
+        INSERT INTO audit_leaves (tenant_id, leaf_index, leaf, leaf_hash, event_time, method, principal, outcome)
         SELECT \(log.rawValue), * FROM unnest(
-          \(indices)::bigint[], \(batch.map(\.leaf))::bytea[], \(batch.map(\.time))::timestamptz[],
+          \(indices)::bigint[], \(batch.map(\.leaf))::bytea[], \(leafHashes)::bytea[], \(batch.map(\.time))::timestamptz[],
           \(batch.map(\.method))::text[], \(batch.map(\.principal))::text[], \(batch.map(\.outcome))::integer[])
       ), nodes AS (
         INSERT INTO audit_nodes (tenant_id, level, node_index, hash)
@@ -380,34 +390,64 @@ public struct AuditLogRepository: Sendable {
     }
   }
 
-  /// Stored perfect-subtree hashes; fails if any is missing (a damaged store).
-  public func nodes(
+  /// The hashes of the perfect subtrees at `addresses`, from the kept nodes and the leaves below
+  /// them, read in one transaction; fails if any of those is missing (a damaged store).
+  public func subtreeHashes(
     _ log: AuditLogID,
     _ addresses: Set<NodeAddress>,
     logger: Logger
   ) async throws(StoreError) -> [NodeAddress: MerkleTree.Hash] {
     guard !addresses.isEmpty else { return [:] }
-    let wanted = Array(addresses)
-    let found = try await reading(log, logger: logger) { connection in
-      let rows = try await connection.prepared(
-        """
-        SELECT n.level, n.node_index, n.hash FROM audit_nodes n
-        JOIN unnest(\(wanted.map { Int16($0.level) })::smallint[], \(wanted.map { Int64($0.index) })::bigint[])
-          AS w(level, node_index) ON n.level = w.level AND n.node_index = w.node_index
-        WHERE n.tenant_id = \(log.rawValue)
-        """,
-        logger: logger
-      )
-      var found: [NodeAddress: MerkleTree.Hash] = [:]
-      for try await (level, index, hash) in rows.decode((Int16, Int64, ByteBuffer).self) {
-        found[NodeAddress(level: Int(level), index: UInt64(index))] = Array(hash.readableBytesView)
+    let levels = Self.storedLevels
+    let (wantedNodes, wantedLeaves) = levels.inputs(for: addresses)
+    let (nodes, leafHashes) = try await reading(log, logger: logger) { connection in
+      var nodes: [NodeAddress: MerkleTree.Hash] = [:]
+      if !wantedNodes.isEmpty {
+        let wanted = Array(wantedNodes)
+        let rows = try await connection.prepared(
+          """
+          SELECT n.level, n.node_index, n.hash FROM audit_nodes n
+          JOIN unnest(\(wanted.map { Int16($0.level) })::smallint[], \(wanted.map { Int64($0.index) })::bigint[])
+            AS w(level, node_index) ON n.level = w.level AND n.node_index = w.node_index
+          WHERE n.tenant_id = \(log.rawValue)
+          """,
+          logger: logger
+        )
+        for try await (level, index, hash) in rows.decode((Int16, Int64, ByteBuffer).self) {
+          nodes[NodeAddress(level: Int(level), index: UInt64(index))] = Array(hash.readableBytesView)
+        }
       }
-      return found
+      var leafHashes: [UInt64: MerkleTree.Hash] = [:]
+      if !wantedLeaves.isEmpty {
+        // The hashes recorded at append time, never the leaf bytes rehashed: a leaf altered in
+        // place must not change the proofs, or a verifier could not locate it with them. Leaves
+        // from before migration 8 have theirs in audit_nodes' level 0.
+        let rows = try await connection.prepared(
+          """
+          SELECT l.leaf_index, coalesce(l.leaf_hash, n.hash) FROM audit_leaves l
+          LEFT JOIN audit_nodes n ON l.leaf_hash IS NULL
+            AND n.tenant_id = l.tenant_id AND n.level = 0 AND n.node_index = l.leaf_index
+          WHERE l.tenant_id = \(log.rawValue) AND l.leaf_index = ANY(\(wantedLeaves.map { Int64($0) })::bigint[])
+          """,
+          logger: logger
+        )
+        for try await (index, hash) in rows.decode((Int64, ByteBuffer?).self) {
+          if let hash, hash.readableBytes == 32 { leafHashes[UInt64(index)] = Array(hash.readableBytesView) }
+        }
+      }
+      return (nodes, leafHashes)
     }
-    guard found.count == addresses.count else {
-      throw .unexpected("audit log \(log.rawValue) is missing \(addresses.count - found.count) tree nodes")
+    guard nodes.count == wantedNodes.count, leafHashes.count == wantedLeaves.count else {
+      throw .unexpected(
+        "audit log \(log.rawValue) is missing \(wantedNodes.count - nodes.count) tree nodes and "
+          + "\(wantedLeaves.count - leafHashes.count) leaves"
+      )
     }
-    return found
+    var out: [NodeAddress: MerkleTree.Hash] = [:]
+    for address in addresses {
+      out[address] = levels.hash(address, node: { nodes[$0]! }, leafHash: { leafHashes[$0]! })
+    }
+    return out
   }
 
   static let checkpointColumns = "tree_size, root_hash, key_name, public_key, signed_note, create_time"

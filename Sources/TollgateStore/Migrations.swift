@@ -454,5 +454,18 @@ public enum Migrator {
         """,
       ]
     ),
+    Migration(
+      version: 8,
+      name: "audit leaf hashes kept in the leaf row; tree nodes only every eighth level",
+      statements: [
+        // The leaf hash recorded at append time, beside its leaf: proofs are built from it (and
+        // the kept tile roots), not from the leaf bytes as they are now, so a verifier can still
+        // locate a leaf altered in place by the gateway's proofs. It replaces the level-0 rows of
+        // audit_nodes, which were half of that table: one row per audited call instead of three.
+        // Leaves appended before this version keep NULL here; their level-0 node rows stay and
+        // are read instead. Adding a column without a default rewrites nothing.
+        "ALTER TABLE audit_leaves ADD COLUMN leaf_hash bytea CHECK (length(leaf_hash) = 32)",
+      ]
+    ),
   ]
 }

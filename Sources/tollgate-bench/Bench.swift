@@ -128,6 +128,14 @@ struct AuditBench: AsyncParsableCommand {
   @Flag(help: "Only part (a)") var streamOnly = false
   @Flag(help: "In (a), decode every event with SwiftProtobuf instead of reading index and leaf bytes") var decodeEvents = false
   @Flag(help: "Only part (b)") var callsOnly = false
+  @Option(help: "In (b), load only this arm ('with' or 'without' audit) for --rounds phases, to profile it; no ratio")
+  var onlyArm: String?
+
+  func validate() throws {
+    if let onlyArm, onlyArm != "with", onlyArm != "without" {
+      throw ValidationError("--only-arm takes 'with' or 'without'")
+    }
+  }
 
   func run() async throws {
     let setup = try BenchSetup(databaseURL: databaseURL)
@@ -314,6 +322,29 @@ struct AuditBench: AsyncParsableCommand {
       try await withRunningGateway(bare) { barePort in
         let op = try setup.connection(port: fullPort, setup.operator)
         try await op.withClient { client in try await createBenchTenant(Self.callsTenant, through: client) }
+        if let onlyArm {
+          // Profiling aid: one arm only, so a profiler sees nothing of the other.
+          let port = onlyArm == "with" ? fullPort : barePort
+          var loads: [CallLoad] = []
+          for round in 1...rounds {
+            FileHandle.standardError.write(Data("round \(round): \(onlyArm) audit starts\n".utf8))
+            let l = try await load(try setup.connection(port: port, setup.partner(Self.callsTenant)))
+            FileHandle.standardError.write(Data(
+              "round \(round): \(onlyArm) audit \(Int(l.callsPerSecond)) calls/s p50 \(l.p50) ms p99 \(l.p99) ms\n".utf8))
+            loads.append(l)
+          }
+          let rate = median(loads.map(\.callsPerSecond))
+          let p50 = median(loads.map(\.p50))
+          let p99 = median(loads.map(\.p99))
+          return CallsResult(
+            concurrency: concurrency, secondsPerPhase: seconds,
+            withAuditCallsPerSecond: onlyArm == "with" ? rate : 0, withAuditP50Ms: onlyArm == "with" ? p50 : 0,
+            withAuditP99Ms: onlyArm == "with" ? p99 : 0,
+            withoutAuditCallsPerSecond: onlyArm == "without" ? rate : 0, withoutAuditP50Ms: onlyArm == "without" ? p50 : 0,
+            withoutAuditP99Ms: onlyArm == "without" ? p99 : 0,
+            ratio: 0, p99AddedMs: 0
+          )
+        }
         var with: [CallLoad] = []
         var without: [CallLoad] = []
         try await alternating(

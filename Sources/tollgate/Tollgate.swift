@@ -49,6 +49,8 @@ struct SettingOptions: ParsableArguments {
   var auditSigningKey: String?
   @Option(name: .customLong("audit-buffer-capacity"), help: ArgumentHelp(ConfigSetting.auditBufferCapacity.help))
   var auditBufferCapacity: String?
+  @Option(name: .customLong("audit-flush-linger-ms"), help: ArgumentHelp(ConfigSetting.auditFlushLingerMS.help))
+  var auditFlushLingerMS: String?
   @Option(name: .customLong("ingest-max-batch"), help: ArgumentHelp(ConfigSetting.ingestMaxBatch.help))
   var ingestMaxBatch: String?
   @Option(name: .customLong("usage-late-arrival-hours"), help: ArgumentHelp(ConfigSetting.usageLateArrivalHours.help))
@@ -98,6 +100,7 @@ struct SettingOptions: ParsableArguments {
       ConfigSetting.databaseTimeoutMS.name: databaseTimeoutMS,
       ConfigSetting.auditSigningKey.name: auditSigningKey,
       ConfigSetting.auditBufferCapacity.name: auditBufferCapacity,
+      ConfigSetting.auditFlushLingerMS.name: auditFlushLingerMS,
       ConfigSetting.ingestMaxBatch.name: ingestMaxBatch,
       ConfigSetting.usageLateArrivalHours.name: usageLateArrivalHours,
       ConfigSetting.workflowLeaseTimeoutMS.name: workflowLeaseTimeoutMS,

@@ -15,6 +15,7 @@ import TollgateGateway
 import TollgateMerkle
 import TollgateModel
 import TollgateProtos
+import TollgateStore
 
 /// The audit trail end to end: what is recorded, when it is committed, and that a verifier holding
 /// only the public key detects every kind of tampering done directly in Postgres.
@@ -304,6 +305,79 @@ import TollgateProtos
         #expect(indices.first == second.treeSize)
         #expect(indices == Array(second.treeSize..<(second.treeSize + UInt64(indices.count))))
         #expect(indices.count >= 2)
+      }
+    }
+  }
+
+  /// Past 256 leaves a proof combines kept tile roots (level 8) with hashes computed from leaves;
+  /// every proof must still equal the one computed from all leaves, and no other level is stored.
+  @Test func proofsAcrossTilesMatchProofsFromAllLeaves() async throws {
+    try await TestGateway.run { gw in
+      try await Self.createTenant(gw, "tiles")
+      let tenant = try TenantID(validating: "tiles")
+      let repository = AuditLogRepository(database: gw.gateway.database)
+      // Batches of uneven sizes, so tile boundaries fall inside batches and between them.
+      var appended = 0
+      for size in [1, 37, 218, 300, 5, 139] {
+        let batch = (0..<size).map { i in
+          AuditEventBuilder.entry(
+            scope: nil, tenant: tenant, method: "/test/Append", resource: "leaves/\(appended + i)", code: 0, message: ""
+          )
+        }
+        try await repository.append(batch, logger: testLogger)
+        appended += size
+      }
+      #expect(appended == 700)
+      let unkept = try await TestDatabase.adminCount(
+        gw.database.admin, "SELECT count(*) FROM audit_nodes WHERE tenant_id = 'tiles' AND level % 8 <> 0", database: gw.database.name)
+      #expect(unkept == 0)
+
+      let op = try gw.pki.issueOperator()
+      let verifier = AuditLogVerifier(key: AuditVerifierKey(name: gw.pki.auditKey.name, publicKey: gw.pki.auditKey.publicKey))
+      try await gw.withClient(op) { client async throws in
+        let reader = AuditReader(client: client, metadata: actingOn("tiles"))
+        let checkpoint = try verifier.checkpoint(note: try await reader.checkpoint().signedNote)
+        #expect(checkpoint.treeSize >= 700)
+        let kept = try await TestDatabase.adminCount(
+          gw.database.admin, "SELECT count(*) FROM audit_nodes WHERE tenant_id = 'tiles' AND level = 8", database: gw.database.name)
+        #expect(kept == Int64(checkpoint.treeSize / 256))
+
+        let leaves = Mutex<[MerkleTree.Hash]>([])
+        try await reader.records(.init()) { record in
+          leaves.withLock { $0.append(MerkleTree.leafHash(Array(record.leaf))) }
+          return true
+        }
+        let all = leaves.withLock { $0 }[..<Int(checkpoint.treeSize)]
+        #expect(MerkleTree.root(all) == checkpoint.rootHash)
+        for index in [0, 200, 255, 256, 300, 511, 512, 513, 699] {
+          let proof = try await reader.client.getInclusionProof(.with {
+            $0.index = UInt64(index)
+            $0.treeSize = checkpoint.treeSize
+          }, metadata: actingOn("tiles"))
+          #expect(proof.hashes.map { Array($0) } == MerkleTree.inclusionProof(index: index, all), "inclusion \(index)")
+          try verifier.verifyInclusion(index: UInt64(index), leaf: Array(proof.leaf), proof: proof.hashes.map { Array($0) }, checkpoint: checkpoint)
+        }
+        for old in [1, 255, 256, 257, 511, 512, 600, 699] {
+          let proof = try await reader.consistencyProof(old: UInt64(old), new: checkpoint.treeSize)
+          #expect(proof == MerkleTree.consistencyProof(oldSize: old, all), "consistency \(old)")
+        }
+
+        // Leaves appended before migration 8 have no leaf_hash; their level-0 node rows serve.
+        try await gw.adminSQL(
+          """
+          INSERT INTO audit_nodes (tenant_id, level, node_index, hash)
+          SELECT tenant_id, 0, leaf_index, sha256('\\x00'::bytea || leaf) FROM audit_leaves
+          WHERE tenant_id = 'tiles' AND leaf_index < 300
+          """,
+          "UPDATE audit_leaves SET leaf_hash = NULL WHERE tenant_id = 'tiles' AND leaf_index < 300"
+        )
+        for index in [0, 255, 256, 299, 300] {
+          let proof = try await reader.client.getInclusionProof(.with {
+            $0.index = UInt64(index)
+            $0.treeSize = checkpoint.treeSize
+          }, metadata: actingOn("tiles"))
+          #expect(proof.hashes.map { Array($0) } == MerkleTree.inclusionProof(index: index, all), "legacy inclusion \(index)")
+        }
       }
     }
   }
