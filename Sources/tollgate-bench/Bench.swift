@@ -161,6 +161,10 @@ struct AuditBench: AsyncParsableCommand {
         calls.withoutAuditCallsPerSecond, calls.withoutAuditP50Ms, calls.withoutAuditP99Ms,
         calls.ratio, calls.p99AddedMs
       ))
+      table.append(String(
+        format: "  per round (median of %d pairs): ratio %.2f, p99 added %.2f ms",
+        calls.roundRatios.count, calls.pairedRatio, calls.pairedP99AddedMs
+      ))
     }
     print("tollgate-bench audit on \(ProcessInfo.processInfo.activeProcessorCount) cores (server, client and PostgreSQL share them)")
     for line in table { print("  " + line) }
@@ -194,6 +198,11 @@ struct AuditBench: AsyncParsableCommand {
     var withoutAuditP99Ms: Double
     var ratio: Double
     var p99AddedMs: Double
+    /// Per round, with audit against the without phase beside it; the medians of those.
+    var pairedRatio: Double = 0
+    var pairedP99AddedMs: Double = 0
+    var roundRatios: [Double] = []
+    var roundP99AddedMs: [Double] = []
   }
 
   // MARK: (a) streaming
@@ -363,6 +372,10 @@ struct AuditBench: AsyncParsableCommand {
         let withoutRate = median(without.map(\.callsPerSecond))
         let withP99 = median(with.map(\.p99))
         let withoutP99 = median(without.map(\.p99))
+        // The machine's speed drifts from one phase to the next by more than auditing costs, so
+        // each round's pair (run back to back) is also compared on its own.
+        let roundRatios = zip(with, without).map { $0.callsPerSecond / $1.callsPerSecond }
+        let roundAdded = zip(with, without).map { $0.p99 - $1.p99 }
         return CallsResult(
           concurrency: concurrency,
           secondsPerPhase: seconds,
@@ -373,7 +386,11 @@ struct AuditBench: AsyncParsableCommand {
           withoutAuditP50Ms: median(without.map(\.p50)),
           withoutAuditP99Ms: withoutP99,
           ratio: withRate / withoutRate,
-          p99AddedMs: withP99 - withoutP99
+          p99AddedMs: withP99 - withoutP99,
+          pairedRatio: median(roundRatios),
+          pairedP99AddedMs: median(roundAdded),
+          roundRatios: roundRatios,
+          roundP99AddedMs: roundAdded
         )
       }
     }
