@@ -269,8 +269,9 @@ import TollgateProtos
   }
 
   @Test func anExpiredLeaseIsOfferedAgainAndItsLateResultRefused() async throws {
-    // Long enough that the second attempt's lease, heartbeated at once, outlives a loaded machine.
-    try await TestGateway.run(configure: { $0.workflowLeaseTimeout = .seconds(1) }) { gw in
+    // Long enough that the second attempt's lease, heartbeated at once, outlives a loaded machine:
+    // 1 s expired it before its heartbeat in full-suite runs on a slow host.
+    try await TestGateway.run(configure: { $0.workflowLeaseTimeout = .seconds(3) }) { gw in
       try await Self.createTenants(gw, ["acme"])
       let workerCert = try gw.pki.issue(tenant: "acme", role: .worker)
       try await gw.withClient(try gw.pki.issue(tenant: "acme", role: .partner)) { client async throws in
