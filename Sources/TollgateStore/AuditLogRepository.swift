@@ -80,7 +80,8 @@ public struct StoredCheckpoint: Sendable, Hashable {
 /// leaves (each with its leaf hash) and the kept subtrees they complete (``storedLevels``), and
 /// advances the row, all in the caller's transaction. Appends to one log are therefore
 /// serialised across every replica and commit in index order: a reader never sees index n+1
-/// without n, and a rolled-back append gives its indices back. Each append notifies `tollgate_audit` with the log's key, delivered on commit.
+/// without n, and a rolled-back append gives its indices back. Each append notifies
+/// `tollgate_audit` with the log's key, delivered on commit.
 public struct AuditLogRepository: Sendable {
   public static let channel = "tollgate_audit"
   /// The tree levels whose nodes `audit_nodes` keeps; leaf hashes live in their leaf rows, and
