@@ -26,6 +26,9 @@ public enum TollgateError: Error, Sendable, Equatable {
   /// ran out, and, when known, RetryInfo and `grpc-retry-pushback-ms` saying when room returns.
   case resourceExhausted(String, subject: String, description: String, retryAfter: Duration?)
   case unavailable(String)
+  /// A change was sent to the database but its commit was never confirmed: DEADLINE_EXCEEDED,
+  /// which gRPC defines as "may have completed", so the client reads back before retrying.
+  case outcomeUnknown(String)
   /// Something went wrong that the client cannot fix. The message sent is generic; the cause is
   /// logged where it happened.
   case internalError
@@ -47,6 +50,7 @@ extension TollgateError: RPCErrorConvertible {
     case .failedPrecondition: return .failedPrecondition
     case .resourceExhausted: return .resourceExhausted
     case .unavailable: return .unavailable
+    case .outcomeUnknown: return .deadlineExceeded
     case .internalError: return .internalError
     }
   }
@@ -54,7 +58,7 @@ extension TollgateError: RPCErrorConvertible {
   public var rpcErrorMessage: String {
     switch self {
     case .invalidArgument(let m, _), .unauthenticated(let m), .permissionDenied(let m), .notFound(let m),
-      .alreadyExists(let m), .failedPrecondition(let m), .unavailable(let m), .resourceExhausted(let m, _, _, _):
+      .alreadyExists(let m), .failedPrecondition(let m), .unavailable(let m), .outcomeUnknown(let m), .resourceExhausted(let m, _, _, _):
       return m
     case .internalError:
       return "internal error; the gateway logged the details"

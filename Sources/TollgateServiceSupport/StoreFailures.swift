@@ -24,6 +24,10 @@ public func handlingStoreFailures<T: Sendable>(
     case .unavailable(let m):
       logger.warning("database unavailable", metadata: ["method": "\(method)", "error": "\(m)"])
       throw TollgateError.unavailable("the database is unavailable; retry later")
+    case .outcomeUnknown(let m):
+      logger.warning("database commit unconfirmed", metadata: ["method": "\(method)", "error": "\(m)"])
+      throw TollgateError.outcomeUnknown(
+        "the database did not confirm the change in time; it may have been applied, so read it back before retrying")
     case .quotaExhausted(let m):
       throw TollgateError.resourceExhausted(m, subject: "", description: m, retryAfter: nil)
     case .unexpected(let m):

@@ -150,14 +150,16 @@ public final class Database: Service, Sendable {
     let start = ContinuousClock.now
     let wait = PoolWait(telemetry: telemetry)
     defer { wait.end() }
+    let phase = TransactionPhase()
     do {
-      let result = try await bounded {
+      let result = try await bounded(phase: phase) {
         try await self.client.withConnection { connection in
           wait.end()
           telemetry.adjust("tollgate_db_connections_in_use", by: 1)
           defer { telemetry.adjust("tollgate_db_connections_in_use", by: -1) }
           // A request that timed out while waiting for a connection must not run afterwards.
           try Task.checkCancellation()
+          guard phase.begin() else { throw CancellationError() }
           do {
             return try await TransactionMarks.$current.withValue(marks) {
               try await connection.withTransaction(logger: logger) { connection in
@@ -165,6 +167,9 @@ public final class Database: Service, Sendable {
                 if let entry = pending?.claim() {
                   try await AuditLogRepository.recordWithPlatformRights([entry], on: connection, logger: logger)
                 }
+                // The caller was already told this transaction failed: it must roll back, or a
+                // client retrying an "unavailable" write would apply it twice.
+                guard phase.commit() else { throw CancellationError() }
                 return result
               }
             }
@@ -191,7 +196,15 @@ public final class Database: Service, Sendable {
   /// lease waiting on a database that is down may): the operation is cancelled and left to wind
   /// down on its own instead of being awaited. Transactions check for cancellation before they
   /// start, so a request that timed out while waiting for a connection never runs later.
-  func bounded<Result: Sendable>(_ operation: @Sendable @escaping () async throws -> Result) async throws -> Result {
+  ///
+  /// A transaction passes its `phase`, so that `.unavailable` always means "not applied": a
+  /// transaction the deadline (or the caller's cancellation) overtakes before its COMMIT rolls
+  /// back. One overtaken while its COMMIT is on the wire is waited for, up to the timeout once
+  /// more; if the database still has not answered, the caller gets `.outcomeUnknown`.
+  func bounded<Result: Sendable>(
+    phase: TransactionPhase? = nil,
+    _ operation: @Sendable @escaping () async throws -> Result
+  ) async throws -> Result {
     let timeout = operationTimeout
     let race = DeadlineRace<Result>()
     return try await withTaskCancellationHandler {
@@ -202,11 +215,51 @@ public final class Database: Service, Sendable {
         })
         race.track(Task {
           try? await Task.sleep(for: timeout)
-          race.finish(.failure(StoreError.unavailable("database did not answer within \(timeout)")))
+          if phase?.abandon() ?? true {
+            race.finish(.failure(StoreError.unavailable("database did not answer within \(timeout)")))
+            return
+          }
+          try? await Task.sleep(for: timeout)
+          race.finish(
+            .failure(StoreError.outcomeUnknown("database did not answer a COMMIT within \(timeout) (after \(timeout) of work)"))
+          )
         })
       }
     } onCancel: {
-      race.finish(.failure(CancellationError()))
+      if phase?.abandon() ?? true { race.finish(.failure(CancellationError())) }
+    }
+  }
+}
+
+/// How far one transaction has got, decided once between the transaction and its deadline: either
+/// it reaches COMMIT first, and its outcome is the database's answer, or the deadline abandons it
+/// first, and it rolls back.
+final class TransactionPhase: Sendable {
+  private static let waiting: UInt8 = 0
+  private static let running: UInt8 = 1
+  private static let committing: UInt8 = 2
+  private static let abandoned: UInt8 = 3
+  private let value = Atomic<UInt8>(TransactionPhase.waiting)
+
+  /// The transaction got a connection; false if it was abandoned while it waited.
+  func begin() -> Bool {
+    value.compareExchange(expected: Self.waiting, desired: Self.running, ordering: .acquiringAndReleasing).exchanged
+  }
+
+  /// The transaction is about to COMMIT; false if it was abandoned and must roll back.
+  func commit() -> Bool {
+    value.compareExchange(expected: Self.running, desired: Self.committing, ordering: .acquiringAndReleasing).exchanged
+  }
+
+  /// The deadline passed or the caller went away; false if COMMIT is already on its way.
+  func abandon() -> Bool {
+    while true {
+      let current = value.load(ordering: .acquiring)
+      if current == Self.committing { return false }
+      if current == Self.abandoned { return true }
+      if value.compareExchange(expected: current, desired: Self.abandoned, ordering: .acquiringAndReleasing).exchanged {
+        return true
+      }
     }
   }
 }

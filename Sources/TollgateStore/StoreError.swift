@@ -11,13 +11,21 @@ public enum StoreError: Error, Sendable {
   case quotaExhausted(String)
   /// The record is not in a state that allows the change (e.g. approving a run that is not pending).
   case failedPrecondition(String)
+  /// The database did not answer a COMMIT in time: the change may or may not have been applied.
+  case outcomeUnknown(String)
   case unexpected(String)
 
   /// Classifies any error thrown by postgres-nio (unwrapping transaction errors first).
   static func classify(_ error: any Error) -> StoreError {
     if let error = error as? StoreError { return error }
     if let tx = error as? PostgresTransactionError {
-      if let inner = tx.closureError ?? tx.beginError ?? tx.commitError { return classify(inner) }
+      if let commit = tx.commitError, tx.closureError == nil {
+        // A connection lost during COMMIT says nothing about whether the COMMIT took effect.
+        let inner = classify(commit)
+        if case .unavailable(let m) = inner { return .outcomeUnknown("COMMIT unanswered: \(m)") }
+        return inner
+      }
+      if let inner = tx.closureError ?? tx.beginError { return classify(inner) }
       return .unexpected(String(reflecting: tx))
     }
     if let psql = error as? PSQLError {

@@ -13,13 +13,28 @@ import TollgateStore
     _ body: (Database, TenantRepository) async throws -> T
   ) async throws -> T {
     try await TestDatabase.withDatabase { db in
-      let database = Database(url: db.app, maximumConnections: connections, logger: testLogger)
-      return try await withThrowingTaskGroup(of: Void.self) { group in
-        group.addTask { try await database.run() }
-        defer { group.cancelAll() }
-        try await Migrator.migrate(database, logger: testLogger)
-        return try await body(database, TenantRepository(database: database))
+      try await withStore(on: db, connections: connections, body)
+    }
+  }
+
+  /// A migrated store on `db`, running until `body` returns.
+  func withStore<T: Sendable>(
+    on db: TestDatabase,
+    connections: Int = 4,
+    operationTimeout: Duration? = nil,
+    _ body: (Database, TenantRepository) async throws -> T
+  ) async throws -> T {
+    let database =
+      if let operationTimeout {
+        Database(url: db.app, maximumConnections: connections, operationTimeout: operationTimeout, logger: testLogger)
+      } else {
+        Database(url: db.app, maximumConnections: connections, logger: testLogger)
       }
+    return try await withThrowingTaskGroup(of: Void.self) { group in
+      group.addTask { try await database.run() }
+      defer { group.cancelAll() }
+      try await Migrator.migrate(database, logger: testLogger)
+      return try await body(database, TenantRepository(database: database))
     }
   }
 
@@ -175,6 +190,56 @@ import TollgateStore
         }
       }
       #expect(applied.sorted() == Migrator.all.map(\.version))
+    }
+  }
+
+  /// A client told UNAVAILABLE may retry a write: a transaction its deadline overtook rolls back,
+  /// even when it could go on to commit afterwards. (It used to commit, and a retried CreateTenant
+  /// then found its tenant already there.)
+  @Test func aWriteOvertakenByItsDeadlineRollsBackInsteadOfCommittingLater() async throws {
+    try await TestDatabase.withDatabase { db in
+      try await withStore(on: db) { _, _ in }  // migrations, with the default timeout
+      try await withStore(on: db, connections: 1, operationTimeout: .seconds(1)) { database, _ in
+        // Open the one connection first, so the deadline finds the transaction running, not waiting.
+        var warm = false
+        for _ in 0..<5 where !warm {
+          warm = (try? await database.withPlatform(logger: testLogger) { try await $0.query("SELECT 1", logger: testLogger) }) != nil
+        }
+        try #require(warm)
+
+        let holder = try await TestDatabase.connect(db.admin, database: db.name)
+        defer { Task { try? await holder.close() } }
+        try await holder.query("SELECT pg_advisory_lock(4242)", logger: testLogger)
+        do {
+          try await database.withPlatform(mutation: true, logger: testLogger) { connection in
+            try await connection.query(
+              "INSERT INTO tenants (tenant_id, display_name, state, quota) VALUES ('acme', 'Acme', 'active', '{}')",
+              logger: testLogger
+            )
+            // Blocks until the holder lets go, well past the deadline.
+            try await connection.query("SELECT pg_advisory_xact_lock(4242)", logger: testLogger)
+          }
+          Issue.record("the write finished although the lock it waits for was held past its deadline")
+        } catch StoreError.unavailable {}
+
+        // Let the overtaken transaction take the lock and end; the holder gets the lock back only
+        // once that transaction has released it by committing or rolling back.
+        try await holder.query("SELECT pg_advisory_unlock(4242)", logger: testLogger)
+        try await holder.query("SELECT pg_advisory_lock(4242)", logger: testLogger)
+        var count = -1
+        for try await n in try await holder.query("SELECT count(*)::int FROM tenants", logger: testLogger).decode(Int.self) {
+          count = n
+        }
+        #expect(count == 0, "a write whose caller was told it failed was committed")
+
+        // The connection it ran on serves the next write.
+        try await database.withPlatform(mutation: true, logger: testLogger) { connection in
+          try await connection.query(
+            "INSERT INTO tenants (tenant_id, display_name, state, quota) VALUES ('acme', 'Acme', 'active', '{}')",
+            logger: testLogger
+          )
+        }
+      }
     }
   }
 }

@@ -180,7 +180,19 @@ import TollgateProtos
           }
           return try await call()
         }
-        _ = try await whileUp { try await tenants.createTenant(.with { $0.tenantID = "acme" }) }
+        // A create whose commit went unconfirmed (DEADLINE_EXCEEDED) may have been applied: the
+        // retry then finds the tenant, as a client reading back would.
+        var unconfirmed = false
+        for attempt in 0..<5 {
+          do {
+            _ = try await tenants.createTenant(.with { $0.tenantID = "acme" })
+            break
+          } catch let error as RPCError where error.code == .alreadyExists && unconfirmed {
+            break
+          } catch let error as RPCError where attempt < 4 && [.unavailable, .deadlineExceeded].contains(error.code) {
+            unconfirmed = unconfirmed || error.code == .deadlineExceeded
+          }
+        }
 
         // Take the database away: refuse new connections and cut the open ones.
         try await TestDatabase.adminSQL(
