@@ -36,7 +36,7 @@ public final class AuditBuffer: Service, Sendable {
   private let wake: AsyncStream<Void>
   private let wakeContinuation: AsyncStream<Void>.Continuation
 
-  public init(capacity: Int, repository: AuditLogRepository, logger: Logger, linger: Duration = .milliseconds(100)) {
+  public init(capacity: Int, repository: AuditLogRepository, logger: Logger, linger: Duration) {
     self.capacity = capacity
     self.linger = linger
     self.repository = repository
