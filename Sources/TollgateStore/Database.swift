@@ -157,8 +157,8 @@ public final class Database: Service, Sendable {
           wait.end()
           telemetry.adjust("tollgate_db_connections_in_use", by: 1)
           defer { telemetry.adjust("tollgate_db_connections_in_use", by: -1) }
-          // A request that timed out while waiting for a connection must not run afterwards.
-          try Task.checkCancellation()
+          // A request that timed out (or was given up) while waiting for a connection must not
+          // run afterwards.
           guard phase.begin() else { throw CancellationError() }
           do {
             return try await TransactionMarks.$current.withValue(marks) {
@@ -194,12 +194,11 @@ public final class Database: Service, Sendable {
   ///
   /// The caller gets its answer at the deadline even if `operation` ignores cancellation (a pool
   /// lease waiting on a database that is down may): the operation is cancelled and left to wind
-  /// down on its own instead of being awaited. Transactions check for cancellation before they
-  /// start, so a request that timed out while waiting for a connection never runs later.
+  /// down on its own instead of being awaited.
   ///
-  /// A transaction passes its `phase`, so that `.unavailable` always means "not applied": a
-  /// transaction the deadline (or the caller's cancellation) overtakes before its COMMIT rolls
-  /// back. One overtaken while its COMMIT is on the wire is waited for, up to the timeout once
+  /// A transaction passes its `phase`, so that `.unavailable` always means "not applied": one the
+  /// deadline (or the caller's cancellation) overtakes while it waits for a connection never
+  /// starts, and one overtaken before its COMMIT rolls back. One overtaken while its COMMIT is on the wire is waited for, up to the timeout once
   /// more; if the database still has not answered, the caller gets `.outcomeUnknown`.
   func bounded<Result: Sendable>(
     phase: TransactionPhase? = nil,
