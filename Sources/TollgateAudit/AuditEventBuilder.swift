@@ -63,6 +63,7 @@ public enum AuditEventBuilder {
     var options = BinaryEncodingOptions()
     options.useDeterministicOrdering = true
     guard let bytes: [UInt8] = try? message.serializedBytes(options: options) else { return [] }
-    return Array(SHA256.hash(data: bytes))
+    // Copied at once; the digest's iterator hands its 32 bytes over one by one.
+    return SHA256.hash(data: bytes).withUnsafeBytes { Array($0) }
   }
 }

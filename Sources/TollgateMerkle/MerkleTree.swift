@@ -13,8 +13,11 @@ public enum MerkleTree {
   public static func leafHash(_ leaf: some Sequence<UInt8>) -> Hash {
     var hasher = SHA256()
     hasher.update(data: [0x00])
-    hasher.update(data: Array(leaf))
-    return Array(hasher.finalize())
+    // In place where the bytes are contiguous (a stored leaf's ByteBuffer view is): every audited
+    // call's leaf is hashed once when appended, and a verifier hashes every leaf of an export.
+    let hashedInPlace = leaf.withContiguousStorageIfAvailable { hasher.update(bufferPointer: UnsafeRawBufferPointer($0)) }
+    if hashedInPlace == nil { hasher.update(data: Array(leaf)) }
+    return bytes(of: hasher.finalize())
   }
 
   /// `SHA-256(0x01 || left || right)`.
@@ -23,7 +26,12 @@ public enum MerkleTree {
     hasher.update(data: [0x01])
     hasher.update(data: left)
     hasher.update(data: right)
-    return Array(hasher.finalize())
+    return bytes(of: hasher.finalize())
+  }
+
+  /// A digest's 32 bytes, copied at once rather than element by element through its iterator.
+  static func bytes(of digest: SHA256.Digest) -> Hash {
+    digest.withUnsafeBytes { Array($0) }
   }
 
   /// The root of the tree over `leafHashes` (the hash of the empty string for no leaves).

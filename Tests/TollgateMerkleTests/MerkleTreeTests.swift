@@ -33,6 +33,14 @@ import TollgateMerkle
     #expect(Self.hex(MerkleTree.root([])) == "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855")
   }
 
+  /// Leaves held contiguously are hashed in place; any other sequence of bytes must hash the same.
+  @Test func leafHashDoesNotDependOnHowTheBytesAreHeld() {
+    for leaf in Self.leaves {
+      #expect(MerkleTree.leafHash(leaf.lazy.map { $0 }) == MerkleTree.leafHash(leaf))
+      #expect(MerkleTree.leafHash(leaf[...]) == MerkleTree.leafHash(leaf))
+    }
+  }
+
   static func hashes(_ n: Int) -> [MerkleTree.Hash] {
     (0..<n).map { MerkleTree.leafHash(Array("leaf-\($0)".utf8)) }
   }
