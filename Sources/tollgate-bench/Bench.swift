@@ -40,7 +40,7 @@ let benchLogger: Logger = {
 struct BenchSetup {
   let directory: URL
   let ca: CertificateAuthority
-  let config: GatewayConfig
+  var config: GatewayConfig
 
   init(databaseURL: String) throws {
     directory = FileManager.default.temporaryDirectory.appendingPathComponent("tollgate-bench-\(UUID().uuidString)")
@@ -121,7 +121,10 @@ struct AuditBench: AsyncParsableCommand {
   @Option(help: "psql command line prefix for the COPY baseline, e.g. 'psql -h 127.0.0.1 -p 5432 -U tollgate_admin -d tollgate'")
   var psql: String
   @Option(help: "Stored records to stream") var records: Int = 1_000_000
-  @Option(help: "Seconds per load phase of (b)") var seconds: Double = 10
+  @Option(help: "Seconds per load phase of (b) with --only-arm") var seconds: Double = 10
+  @Option(help: "Pairs of alternating slices in (b), one slice with audit and one without") var slices: Int = 40
+  @Option(help: "Seconds per slice of (b)") var sliceSeconds: Double = 1
+  @Option(help: "The gateway's --audit-flush-linger-ms for this run (default: the gateway's own)") var auditFlushLingerMs: Int?
   @Option(help: "Concurrent calls in (b)") var concurrency: Int = 64
   @Option(help: "Alternating rounds of each measurement") var rounds: Int = 3
   @Option(help: "JSON results file") var out: String = "bench-results/audit.json"
@@ -135,11 +138,13 @@ struct AuditBench: AsyncParsableCommand {
     if let onlyArm, onlyArm != "with", onlyArm != "without" {
       throw ValidationError("--only-arm takes 'with' or 'without'")
     }
+    guard slices >= 1, sliceSeconds > 0 else { throw ValidationError("--slices must be at least 1 and --slice-seconds above 0") }
   }
 
   func run() async throws {
-    let setup = try BenchSetup(databaseURL: databaseURL)
+    var setup = try BenchSetup(databaseURL: databaseURL)
     defer { try? FileManager.default.removeItem(at: setup.directory) }
+    if let auditFlushLingerMs { setup.config.auditFlushLinger = .milliseconds(auditFlushLingerMs) }
     let full = try Gateway(config: setup.config, logger: benchLogger)
     var results = Results(cores: ProcessInfo.processInfo.activeProcessorCount, date: ISO8601DateFormatter().string(from: Date()))
     var table: [String] = []
@@ -174,6 +179,11 @@ struct AuditBench: AsyncParsableCommand {
         table.append(String(
           format: "  per round (median of %d pairs): ratio %.2f, p99 added %.2f ms",
           calls.roundRatios.count, calls.pairedRatio, calls.pairedP99AddedMs
+        ))
+        table.append(String(
+          format: "  machine time per call: with audit %.0f µs, without %.0f µs; auditing adds %.1f µs (median of pairs %.1f µs)",
+          calls.withAuditMachineMicrosPerCall, calls.withoutAuditMachineMicrosPerCall, calls.auditMachineMicrosPerCall,
+          median(calls.roundAuditMachineMicrosPerCall)
         ))
       }
     }
@@ -214,6 +224,12 @@ struct AuditBench: AsyncParsableCommand {
     var pairedP99AddedMs: Double = 0
     var roundRatios: [Double] = []
     var roundP99AddedMs: [Double] = []
+    /// Busy machine time per call (gateway, client and PostgreSQL together) of each arm's pooled
+    /// slices, what auditing adds (their difference), and that difference pair by pair.
+    var withAuditMachineMicrosPerCall: Double = 0
+    var withoutAuditMachineMicrosPerCall: Double = 0
+    var auditMachineMicrosPerCall: Double = 0
+    var roundAuditMachineMicrosPerCall: [Double] = []
     /// Set by `--only-arm`: only that arm was loaded, and the ratio fields mean nothing.
     var onlyArm: String? = nil
   }
@@ -352,7 +368,7 @@ struct AuditBench: AsyncParsableCommand {
             FileHandle.standardError.write(Data("round \(round): \(onlyArm) audit starts\n".utf8))
             let l = try await load(try setup.connection(port: port, setup.partner(Self.callsTenant)))
             FileHandle.standardError.write(Data(
-              "round \(round): \(onlyArm) audit \(Int(l.callsPerSecond)) calls/s p50 \(l.p50) ms p99 \(l.p99) ms\n".utf8))
+              "round \(round): \(onlyArm) audit \(Int(l.callsPerSecond)) calls/s p50 \(l.p50) ms p99 \(l.p99) ms \(Int(l.machineMicrosPerCall)) µs/call\n".utf8))
             loads.append(l)
           }
           let rate = median(loads.map(\.callsPerSecond))
@@ -367,43 +383,50 @@ struct AuditBench: AsyncParsableCommand {
             ratio: 0, p99AddedMs: 0, onlyArm: onlyArm
           )
         }
-        var with: [CallLoad] = []
-        var without: [CallLoad] = []
-        try await alternating(
-          rounds: rounds,
-          without: { try await load(try setup.connection(port: barePort, setup.partner(Self.callsTenant))) },
-          with: { try await load(try setup.connection(port: fullPort, setup.partner(Self.callsTenant))) }
-        ) { round, b, f in
-          without.append(b)
-          with.append(f)
-          FileHandle.standardError.write(Data(String(
-            format: "round %d: without audit %.0f calls/s p99 %.2f ms; with audit %.0f calls/s p99 %.2f ms\n",
-            round, b.callsPerSecond, b.p99, f.callsPerSecond, f.p99
-          ).utf8))
-        }
-        let withRate = median(with.map(\.callsPerSecond))
-        let withoutRate = median(without.map(\.callsPerSecond))
-        let withP99 = median(with.map(\.p99))
-        let withoutP99 = median(without.map(\.p99))
-        // The machine's speed drifts from one phase to the next by more than auditing costs, so
-        // each round's pair (run back to back) is also compared on its own.
+        // Short slices, alternating ABBA over one connection per arm kept open throughout: the
+        // host's speed drifts by tens of percent within a minute, by more than auditing costs, so
+        // both arms must sample the same moments. Phases of several seconds each did not.
+        let (without, with) = try await interleavedGetTenantLoad(
+          without: try setup.connection(port: barePort, setup.partner(Self.callsTenant)),
+          with: try setup.connection(port: fullPort, setup.partner(Self.callsTenant)),
+          pairs: slices,
+          sliceSeconds: sliceSeconds,
+          concurrency: concurrency,
+          settle: { [buffer = full.auditBuffer] in
+            // Polled: the buffer has no commit signal, and 5 ms is well under its 100 ms linger.
+            let giveUp = ContinuousClock.now + .seconds(10)
+            while buffer.outstanding > 0 && ContinuousClock.now < giveUp { try await Task.sleep(for: .milliseconds(5)) }
+          }
+        )
+        let withAll = CallSlice(pooling: with)
+        let withoutAll = CallSlice(pooling: without)
+        let withRate = withAll.callsPerSecond
+        let withoutRate = withoutAll.callsPerSecond
+        let withP99 = withAll.percentile(0.99)
+        let withoutP99 = withoutAll.percentile(0.99)
+        // Each pair of neighbouring slices compared on its own too.
         let roundRatios = zip(with, without).map { $0.callsPerSecond / $1.callsPerSecond }
-        let roundAdded = zip(with, without).map { $0.p99 - $1.p99 }
+        let roundAdded = zip(with, without).map { $0.percentile(0.99) - $1.percentile(0.99) }
+        let roundCost = zip(with, without).map { $0.machineMicrosPerCall - $1.machineMicrosPerCall }
         return CallsResult(
           concurrency: concurrency,
-          secondsPerPhase: seconds,
+          secondsPerPhase: sliceSeconds,
           withAuditCallsPerSecond: withRate,
-          withAuditP50Ms: median(with.map(\.p50)),
+          withAuditP50Ms: withAll.percentile(0.5),
           withAuditP99Ms: withP99,
           withoutAuditCallsPerSecond: withoutRate,
-          withoutAuditP50Ms: median(without.map(\.p50)),
+          withoutAuditP50Ms: withoutAll.percentile(0.5),
           withoutAuditP99Ms: withoutP99,
           ratio: withRate / withoutRate,
           p99AddedMs: withP99 - withoutP99,
           pairedRatio: median(roundRatios),
           pairedP99AddedMs: median(roundAdded),
           roundRatios: roundRatios,
-          roundP99AddedMs: roundAdded
+          roundP99AddedMs: roundAdded,
+          withAuditMachineMicrosPerCall: withAll.machineMicrosPerCall,
+          withoutAuditMachineMicrosPerCall: withoutAll.machineMicrosPerCall,
+          auditMachineMicrosPerCall: withAll.machineMicrosPerCall - withoutAll.machineMicrosPerCall,
+          roundAuditMachineMicrosPerCall: roundCost
         )
       }
     }
@@ -462,35 +485,141 @@ struct CallLoad {
   var callsPerSecond: Double
   var p50: Double
   var p99: Double
+  /// Busy CPU time of the whole machine (gateway, client and PostgreSQL) per call, in µs.
+  var machineMicrosPerCall: Double = 0
+}
+
+/// One slice of closed-loop load: every call's latency (ms, sorted), its length and the machine's
+/// busy time during it.
+struct CallSlice {
+  var latencies: [Double]
+  var seconds: Double
+  var busySeconds: Double
+
+  init(latencies: [Double], seconds: Double, busySeconds: Double) {
+    self.latencies = latencies
+    self.seconds = seconds
+    self.busySeconds = busySeconds
+  }
+
+  /// All of `slices` as one: their calls over their summed time.
+  init(pooling slices: [CallSlice]) {
+    self.init(
+      latencies: slices.flatMap(\.latencies).sorted(),
+      seconds: slices.map(\.seconds).reduce(0, +),
+      busySeconds: slices.map(\.busySeconds).reduce(0, +)
+    )
+  }
+
+  var callsPerSecond: Double { Double(latencies.count) / seconds }
+  var machineMicrosPerCall: Double { busySeconds * 1_000_000 / Double(max(latencies.count, 1)) }
+  func percentile(_ p: Double) -> Double { latencies.isEmpty ? 0 : tollgate_bench.percentile(latencies, p) }
+}
+
+/// Closed-loop GetTenant load on two gateways in alternating slices of `sliceSeconds`: `pairs`
+/// pairs in ABBA order (without, with, with, without, …), so a drift of the machine's speed
+/// weighs on both arms alike. Each arm keeps one connection open throughout; between slices the
+/// callers stop, so no slice has calls of the other arm in flight. After each slice of the
+/// audited arm, `settle` waits until that slice's queued events are committed, so its flush work
+/// is counted in its own busy time and does not run into the next slice. Returns the slices of
+/// each arm, pair by pair.
+func interleavedGetTenantLoad(
+  without: GatewayConnection,
+  with: GatewayConnection,
+  pairs: Int,
+  sliceSeconds: Double,
+  concurrency: Int,
+  settle: @escaping () async throws -> Void
+) async throws -> (without: [CallSlice], with: [CallSlice]) {
+  try await without.withClient { bareClient in
+    try await with.withClient { fullClient in
+      let bare = Tollgate_V1_TenantService.Client(wrapping: bareClient)
+      let full = Tollgate_V1_TenantService.Client(wrapping: fullClient)
+      // Warm both connections and pools.
+      for _ in 0..<200 {
+        _ = try await bare.getTenant(.init())
+        _ = try await full.getTenant(.init())
+      }
+      var withSlices: [CallSlice] = []
+      var withoutSlices: [CallSlice] = []
+      for pair in 0..<pairs {
+        let order = pair % 2 == 0 ? [false, true] : [true, false]
+        for audited in order {
+          let slice = try await getTenantSlice(
+            audited ? full : bare, seconds: sliceSeconds, concurrency: concurrency, settle: audited ? settle : {})
+          if audited { withSlices.append(slice) } else { withoutSlices.append(slice) }
+        }
+        let (b, f) = (withoutSlices[pair], withSlices[pair])
+        FileHandle.standardError.write(Data(String(
+          format: "pair %d: without audit %.0f calls/s p99 %.2f ms %.0f µs/call; with audit %.0f calls/s p99 %.2f ms %.0f µs/call\n",
+          pair + 1, b.callsPerSecond, b.percentile(0.99), b.machineMicrosPerCall,
+          f.callsPerSecond, f.percentile(0.99), f.machineMicrosPerCall
+        ).utf8))
+      }
+      return (withoutSlices, withSlices)
+    }
+  }
+}
+
+/// `concurrency` callers sending GetTenant back to back for `seconds`; the busy time is read
+/// once `settle` returns after them.
+func getTenantSlice(
+  _ tenants: Tollgate_V1_TenantService.Client<HTTP2ClientTransport.Posix>,
+  seconds: Double,
+  concurrency: Int,
+  settle: () async throws -> Void
+) async throws -> CallSlice {
+  let busyBefore = MachineCPU.busySeconds()
+  let start = ContinuousClock.now
+  let deadline = start + .milliseconds(Int(seconds * 1000))
+  let latencies = try await withThrowingTaskGroup(of: [Double].self) { group in
+    for _ in 0..<concurrency {
+      group.addTask {
+        var mine: [Double] = []
+        mine.reserveCapacity(Int(seconds * 2_000))
+        while ContinuousClock.now < deadline {
+          let t0 = ContinuousClock.now
+          _ = try await tenants.getTenant(.init())
+          mine.append(elapsedSeconds(ContinuousClock.now - t0) * 1000)
+        }
+        return mine
+      }
+    }
+    var all: [Double] = []
+    for try await part in group { all += part }
+    return all.sorted()
+  }
+  let elapsed = elapsedSeconds(ContinuousClock.now - start)
+  try await settle()
+  return CallSlice(latencies: latencies, seconds: elapsed, busySeconds: MachineCPU.busySeconds() - busyBefore)
+}
+
+/// The machine's busy CPU time from `/proc/stat` (user, nice, system, irq and softirq of every
+/// core), in seconds; 0 where it cannot be read. What a phase costs in CPU is steadier than its
+/// latencies on a shared host, whose speed drifts from phase to phase.
+enum MachineCPU {
+  static func busySeconds() -> Double {
+    guard let text = try? String(contentsOfFile: "/proc/stat", encoding: .utf8),
+      let line = text.split(separator: "\n").first(where: { $0.hasPrefix("cpu ") })
+    else { return 0 }
+    let ticks = line.split(separator: " ").dropFirst().compactMap { Double($0) }
+    guard ticks.count >= 7 else { return 0 }
+    // user nice system idle iowait irq softirq …; guest time is counted in user already.
+    return (ticks[0] + ticks[1] + ticks[2] + ticks[5] + ticks[6]) / Double(sysconf(Int32(_SC_CLK_TCK)))
+  }
 }
 
 func getTenantLoad(_ connection: GatewayConnection, seconds: Double, concurrency: Int) async throws -> CallLoad {
-  let duration = Duration.milliseconds(Int(seconds * 1000))
-  return try await connection.withClient { client in
+  try await connection.withClient { client in
     let tenants = Tollgate_V1_TenantService.Client(wrapping: client)
-    let call: @Sendable () async throws -> Void = { _ = try await tenants.getTenant(.init()) }
     // Warm the connection and the pool.
-    for _ in 0..<200 { try await call() }
-    let start = ContinuousClock.now
-    let deadline = start + duration
-    let latencies = try await withThrowingTaskGroup(of: [Double].self) { group in
-      for _ in 0..<concurrency {
-        group.addTask {
-          var mine: [Double] = []
-          mine.reserveCapacity(100_000)
-          while ContinuousClock.now < deadline {
-            let t0 = ContinuousClock.now
-            try await call()
-            mine.append(elapsedSeconds(ContinuousClock.now - t0) * 1000)
-          }
-          return mine
-        }
-      }
-      var all: [Double] = []
-      for try await part in group { all += part }
-      return all.sorted()
-    }
-    let elapsed = elapsedSeconds(ContinuousClock.now - start)
-    return CallLoad(callsPerSecond: Double(latencies.count) / elapsed, p50: percentile(latencies, 0.5), p99: percentile(latencies, 0.99))
+    for _ in 0..<200 { _ = try await tenants.getTenant(.init()) }
+    let slice = try await getTenantSlice(tenants, seconds: seconds, concurrency: concurrency, settle: {})
+    return CallLoad(
+      callsPerSecond: slice.callsPerSecond,
+      p50: slice.percentile(0.5),
+      p99: slice.percentile(0.99),
+      machineMicrosPerCall: slice.machineMicrosPerCall
+    )
   }
 }
