@@ -122,7 +122,7 @@ struct AuditBench: AsyncParsableCommand {
   var psql: String
   @Option(help: "Stored records to stream") var records: Int = 1_000_000
   @Option(help: "Seconds per load phase of (b) with --only-arm") var seconds: Double = 10
-  @Option(help: "Pairs of alternating slices in (b), one slice with audit and one without") var slices: Int = 40
+  @Option(help: "Pairs of alternating slices in (b), one slice with audit and one without") var slices: Int = 60
   @Option(help: "Seconds per slice of (b)") var sliceSeconds: Double = 1
   @Option(help: "The gateway's --audit-flush-linger-ms for this run (default: the gateway's own)") var auditFlushLingerMs: Int?
   @Option(help: "Concurrent calls in (b)") var concurrency: Int = 64
@@ -393,7 +393,7 @@ struct AuditBench: AsyncParsableCommand {
           sliceSeconds: sliceSeconds,
           concurrency: concurrency,
           settle: { [buffer = full.auditBuffer] in
-            // Polled: the buffer has no commit signal, and 5 ms is well under its 100 ms linger.
+            // Polled: the buffer has no commit signal, and 5 ms is well under its flush linger.
             let giveUp = ContinuousClock.now + .seconds(10)
             while buffer.outstanding > 0 && ContinuousClock.now < giveUp { try await Task.sleep(for: .milliseconds(5)) }
           }
