@@ -31,6 +31,8 @@ public final class AuditBuffer: Service, Sendable {
     var queued: [AuditEntry] = []
     /// Time of the oldest event of the batch being appended, if one is.
     var appendingSince: Date?
+    /// Callers of ``allCommitted()``, resumed when `outstanding` reaches zero.
+    var committedWaiters: [CheckedContinuation<Void, Never>] = []
   }
   private let state = Mutex(State())
   private let wake: AsyncStream<Void>
@@ -59,6 +61,30 @@ public final class AuditBuffer: Service, Sendable {
   /// Events queued or being appended and not yet committed.
   public var outstanding: Int { state.withLock { $0.outstanding } }
 
+  /// Returns once no event is waiting for its commit (at once if none is), or once the buffer has
+  /// stopped. Calls that keep arriving can keep it waiting, and cancelling the waiting task does
+  /// not end the wait: it is for callers that have stopped calling, such as a test that must know
+  /// the reads it made are in the log, or a benchmark that charges a phase with its flushes.
+  public func allCommitted() async {
+    await withCheckedContinuation { continuation in
+      let idle = state.withLock { state -> Bool in
+        guard state.outstanding > 0 else { return true }
+        state.committedWaiters.append(continuation)
+        return false
+      }
+      if idle { continuation.resume() }
+    }
+  }
+
+  /// Takes the waiters of ``allCommitted()`` once nothing is outstanding, or all of them if `all`.
+  private func takeCommittedWaiters(all: Bool = false) -> [CheckedContinuation<Void, Never>] {
+    state.withLock { state in
+      guard all || state.outstanding == 0 else { return [] }
+      defer { state.committedWaiters = [] }
+      return state.committedWaiters
+    }
+  }
+
   /// How long the oldest event not yet committed has waited (zero when none waits): the audit
   /// append lag operators watch.
   public func lag(now: Date = Date()) -> TimeInterval {
@@ -85,6 +111,7 @@ public final class AuditBuffer: Service, Sendable {
     if lost > 0 {
       logger.critical("audit events could not be committed before exit", metadata: ["events": "\(lost)"])
     }
+    for waiter in takeCommittedWaiters(all: true) { waiter.resume() }
   }
 
   /// Appends queued events batch by batch, retrying failures with backoff: until shutdown begins
@@ -108,6 +135,7 @@ public final class AuditBuffer: Service, Sendable {
           $0.outstanding -= batch.count
           $0.appendingSince = nil
         }
+        for waiter in takeCommittedWaiters() { waiter.resume() }
         backoff.succeeded()
         if !untilEmpty && state.withLock({ $0.queued.count < batchLimit }) { return }
       } catch {

@@ -392,11 +392,7 @@ struct AuditBench: AsyncParsableCommand {
           pairs: slices,
           sliceSeconds: sliceSeconds,
           concurrency: concurrency,
-          settle: { [buffer = full.auditBuffer] in
-            // Polled: the buffer has no commit signal, and 5 ms is well under its flush linger.
-            let giveUp = ContinuousClock.now + .seconds(10)
-            while buffer.outstanding > 0 && ContinuousClock.now < giveUp { try await Task.sleep(for: .milliseconds(5)) }
-          }
+          settle: { [buffer = full.auditBuffer] in await buffer.allCommitted() }
         )
         let withAll = CallSlice(pooling: with)
         let withoutAll = CallSlice(pooling: without)

@@ -581,9 +581,11 @@ import TollgateStore
       #expect(gw.gateway.auditBuffer.outstanding == 2)
       try await blocker.query("COMMIT", logger: testLogger)
       try await blocker.close()
+      // The flusher may still be finishing its append, or backing off from one that timed out
+      // behind the lock; until it commits, the buffer is still full and would refuse the reader.
+      await gw.gateway.auditBuffer.allCommitted()
 
-      // Once the events commit, reads run again (the follower's own event may still be queued,
-      // which leaves room for one); follow until they are there.
+      // Reads run again; follow until the events of the two reads that ran are in the log.
       let op = try gw.pki.issueOperator()
       try await gw.withClient(op) { client async throws in
         try await AuditReader(client: client, metadata: actingOn("acme")).records(.with {
