@@ -76,15 +76,6 @@ public final class AuditBuffer: Service, Sendable {
     }
   }
 
-  /// Takes the waiters of ``allCommitted()`` once nothing is outstanding, or all of them if `all`.
-  private func takeCommittedWaiters(all: Bool = false) -> [CheckedContinuation<Void, Never>] {
-    state.withLock { state in
-      guard all || state.outstanding == 0 else { return [] }
-      defer { state.committedWaiters = [] }
-      return state.committedWaiters
-    }
-  }
-
   /// How long the oldest event not yet committed has waited (zero when none waits): the audit
   /// append lag operators watch.
   public func lag(now: Date = Date()) -> TimeInterval {
@@ -111,7 +102,11 @@ public final class AuditBuffer: Service, Sendable {
     if lost > 0 {
       logger.critical("audit events could not be committed before exit", metadata: ["events": "\(lost)"])
     }
-    for waiter in takeCommittedWaiters(all: true) { waiter.resume() }
+    let waiters = state.withLock { state in
+      defer { state.committedWaiters = [] }
+      return state.committedWaiters
+    }
+    for waiter in waiters { waiter.resume() }
   }
 
   /// Appends queued events batch by batch, retrying failures with backoff: until shutdown begins
@@ -131,11 +126,14 @@ public final class AuditBuffer: Service, Sendable {
       if batch.isEmpty { return }
       do {
         try await repository.append(batch, logger: logger)
-        state.withLock {
-          $0.outstanding -= batch.count
-          $0.appendingSince = nil
+        let waiters = state.withLock { state -> [CheckedContinuation<Void, Never>] in
+          state.outstanding -= batch.count
+          state.appendingSince = nil
+          guard state.outstanding == 0 else { return [] }
+          defer { state.committedWaiters = [] }
+          return state.committedWaiters
         }
-        for waiter in takeCommittedWaiters() { waiter.resume() }
+        for waiter in waiters { waiter.resume() }
         backoff.succeeded()
         if !untilEmpty && state.withLock({ $0.queued.count < batchLimit }) { return }
       } catch {

@@ -492,12 +492,12 @@ struct CallSlice {
   var seconds: Double
   var busySeconds: Double
 
-  init(latencies: [Double], seconds: Double, busySeconds: Double) {
-    self.latencies = latencies
-    self.seconds = seconds
-    self.busySeconds = busySeconds
-  }
+  var callsPerSecond: Double { Double(latencies.count) / seconds }
+  var machineMicrosPerCall: Double { busySeconds * 1_000_000 / Double(max(latencies.count, 1)) }
+  func percentile(_ p: Double) -> Double { latencies.isEmpty ? 0 : tollgate_bench.percentile(latencies, p) }
+}
 
+extension CallSlice {
   /// All of `slices` as one: their calls over their summed time.
   init(pooling slices: [CallSlice]) {
     self.init(
@@ -506,10 +506,6 @@ struct CallSlice {
       busySeconds: slices.map(\.busySeconds).reduce(0, +)
     )
   }
-
-  var callsPerSecond: Double { Double(latencies.count) / seconds }
-  var machineMicrosPerCall: Double { busySeconds * 1_000_000 / Double(max(latencies.count, 1)) }
-  func percentile(_ p: Double) -> Double { latencies.isEmpty ? 0 : tollgate_bench.percentile(latencies, p) }
 }
 
 /// Closed-loop GetTenant load on two gateways in alternating slices of `sliceSeconds`: `pairs`
