@@ -26,7 +26,7 @@ struct TollgateBench: AsyncParsableCommand {
   static let configuration = CommandConfiguration(
     commandName: "tollgate-bench",
     abstract: "Tollgate benchmarks (run through tools/bench, which starts PostgreSQL).",
-    subcommands: [AuditBench.self, IngestBench.self, QueryBench.self, WorkflowBench.self, QuotaBench.self]
+    subcommands: [AuditBench.self, AuditCostBench.self, IngestBench.self, QueryBench.self, WorkflowBench.self, QuotaBench.self]
   )
 }
 
@@ -185,6 +185,11 @@ struct AuditBench: AsyncParsableCommand {
           calls.withAuditMachineMicrosPerCall, calls.withoutAuditMachineMicrosPerCall, calls.auditMachineMicrosPerCall,
           median(calls.roundAuditMachineMicrosPerCall)
         ))
+        table.append(String(
+          format: "  of which in this process (gateways and client): with audit %.0f µs, without %.0f µs; context switches per call %.2f / %.2f",
+          calls.withAuditProcessMicrosPerCall, calls.withoutAuditProcessMicrosPerCall,
+          calls.withAuditContextSwitchesPerCall, calls.withoutAuditContextSwitchesPerCall
+        ))
       }
     }
     print("tollgate-bench audit on \(ProcessInfo.processInfo.activeProcessorCount) cores (server, client and PostgreSQL share them)")
@@ -230,6 +235,11 @@ struct AuditBench: AsyncParsableCommand {
     var withoutAuditMachineMicrosPerCall: Double = 0
     var auditMachineMicrosPerCall: Double = 0
     var roundAuditMachineMicrosPerCall: [Double] = []
+    /// The part of the machine time spent in this process (both gateways and the client).
+    var withAuditProcessMicrosPerCall: Double = 0
+    var withoutAuditProcessMicrosPerCall: Double = 0
+    var withAuditContextSwitchesPerCall: Double = 0
+    var withoutAuditContextSwitchesPerCall: Double = 0
     /// Set by `--only-arm`: only that arm was loaded, and the ratio fields mean nothing.
     var onlyArm: String? = nil
   }
@@ -422,7 +432,11 @@ struct AuditBench: AsyncParsableCommand {
           withAuditMachineMicrosPerCall: withAll.machineMicrosPerCall,
           withoutAuditMachineMicrosPerCall: withoutAll.machineMicrosPerCall,
           auditMachineMicrosPerCall: withAll.machineMicrosPerCall - withoutAll.machineMicrosPerCall,
-          roundAuditMachineMicrosPerCall: roundCost
+          roundAuditMachineMicrosPerCall: roundCost,
+          withAuditProcessMicrosPerCall: withAll.processMicrosPerCall,
+          withoutAuditProcessMicrosPerCall: withoutAll.processMicrosPerCall,
+          withAuditContextSwitchesPerCall: withAll.contextSwitchesPerCall,
+          withoutAuditContextSwitchesPerCall: withoutAll.contextSwitchesPerCall
         )
       }
     }
@@ -491,9 +505,15 @@ struct CallSlice {
   var latencies: [Double]
   var seconds: Double
   var busySeconds: Double
+  /// CPU time of this process (gateways and client) during the slice; the rest of the busy time
+  /// is PostgreSQL's and the kernel's work for others.
+  var processSeconds: Double = 0
+  var contextSwitches: Double = 0
 
   var callsPerSecond: Double { Double(latencies.count) / seconds }
   var machineMicrosPerCall: Double { busySeconds * 1_000_000 / Double(max(latencies.count, 1)) }
+  var processMicrosPerCall: Double { processSeconds * 1_000_000 / Double(max(latencies.count, 1)) }
+  var contextSwitchesPerCall: Double { contextSwitches / Double(max(latencies.count, 1)) }
   func percentile(_ p: Double) -> Double { latencies.isEmpty ? 0 : tollgate_bench.percentile(latencies, p) }
 }
 
@@ -503,7 +523,9 @@ extension CallSlice {
     self.init(
       latencies: slices.flatMap(\.latencies).sorted(),
       seconds: slices.map(\.seconds).reduce(0, +),
-      busySeconds: slices.map(\.busySeconds).reduce(0, +)
+      busySeconds: slices.map(\.busySeconds).reduce(0, +),
+      processSeconds: slices.map(\.processSeconds).reduce(0, +),
+      contextSwitches: slices.map(\.contextSwitches).reduce(0, +)
     )
   }
 }
@@ -547,6 +569,12 @@ func interleavedGetTenantLoad(
           pair + 1, b.callsPerSecond, b.percentile(0.99), b.machineMicrosPerCall,
           f.callsPerSecond, f.percentile(0.99), f.machineMicrosPerCall
         ).utf8))
+        FileHandle.standardError.write(Data(String(
+          format: "        process µs/call %.0f / %.0f, others %.0f / %.0f, switches/call %.2f / %.2f\n",
+          b.processMicrosPerCall, f.processMicrosPerCall,
+          b.machineMicrosPerCall - b.processMicrosPerCall, f.machineMicrosPerCall - f.processMicrosPerCall,
+          b.contextSwitchesPerCall, f.contextSwitchesPerCall
+        ).utf8))
       }
       return (withoutSlices, withSlices)
     }
@@ -562,6 +590,8 @@ func getTenantSlice(
   settle: () async throws -> Void
 ) async throws -> CallSlice {
   let busyBefore = MachineCPU.busySeconds()
+  let processBefore = MachineCPU.processSeconds()
+  let switchesBefore = MachineCPU.contextSwitches()
   let start = ContinuousClock.now
   let deadline = start + .milliseconds(Int(seconds * 1000))
   let latencies = try await withThrowingTaskGroup(of: [Double].self) { group in
@@ -583,7 +613,11 @@ func getTenantSlice(
   }
   let elapsed = elapsedSeconds(ContinuousClock.now - start)
   try await settle()
-  return CallSlice(latencies: latencies, seconds: elapsed, busySeconds: MachineCPU.busySeconds() - busyBefore)
+  return CallSlice(
+    latencies: latencies, seconds: elapsed, busySeconds: MachineCPU.busySeconds() - busyBefore,
+    processSeconds: MachineCPU.processSeconds() - processBefore,
+    contextSwitches: MachineCPU.contextSwitches() - switchesBefore
+  )
 }
 
 /// The machine's busy CPU time from `/proc/stat` (user, nice, system, irq and softirq of every
@@ -598,6 +632,22 @@ enum MachineCPU {
     guard ticks.count >= 7 else { return 0 }
     // user nice system idle iowait irq softirq …; guest time is counted in user already.
     return (ticks[0] + ticks[1] + ticks[2] + ticks[5] + ticks[6]) / Double(sysconf(Int32(_SC_CLK_TCK)))
+  }
+
+  /// Context switches of the whole machine since boot (`ctxt` in `/proc/stat`).
+  static func contextSwitches() -> Double {
+    guard let text = try? String(contentsOfFile: "/proc/stat", encoding: .utf8),
+      let line = text.split(separator: "\n").first(where: { $0.hasPrefix("ctxt ") })
+    else { return 0 }
+    return Double(line.split(separator: " ").last ?? "") ?? 0
+  }
+
+  /// User and system CPU time of this process, every thread, in seconds.
+  static func processSeconds() -> Double {
+    var usage = rusage()
+    getrusage(RUSAGE_SELF.rawValue, &usage)
+    return Double(usage.ru_utime.tv_sec) + Double(usage.ru_utime.tv_usec) / 1e6
+      + Double(usage.ru_stime.tv_sec) + Double(usage.ru_stime.tv_usec) / 1e6
   }
 }
 
