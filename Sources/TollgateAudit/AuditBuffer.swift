@@ -8,8 +8,9 @@ public import TollgateStore
 ///
 /// A read-only call may start only while fewer than `capacity` events are waiting to be committed
 /// (``admitsCalls``); otherwise it is refused instead of running unaudited. A call queues its
-/// event when it ends (``submit(_:)``), always, so the queue can exceed `capacity` by the calls
-/// already running, never more. Long streams therefore hold no place while they run. The flusher
+/// event when it ends (``submit(time:_:)``), always, so the queue can exceed `capacity` by the
+/// calls already running, never more; the flusher puts each event together and serializes it
+/// with the rest of its batch. Long streams therefore hold no place while they run. The flusher
 /// lets events gather for `linger` after a wake-up, then appends what is queued as one
 /// transaction (several of `batchLimit` events only while full batches wait); while the
 /// database is down or slow it keeps the events and retries, and the queue fills. On shutdown it
@@ -25,10 +26,18 @@ public final class AuditBuffer: Service, Sendable {
   /// events (a 20 s benchmark round: 4,906 append statements, 1,219 with a 20 ms linger).
   let linger: Duration
 
+  /// A queued event: built when its batch is flushed (``submit(time:_:)``), or already built.
+  struct Queued: Sendable {
+    let time: Date
+    let build: @Sendable () -> AuditEntry
+
+    static func built(_ entry: AuditEntry) -> Queued { Queued(time: entry.time) { entry } }
+  }
+
   private struct State {
     /// Events queued or being appended, not yet committed.
     var outstanding = 0
-    var queued: [AuditEntry] = []
+    var queued: [Queued] = []
     /// Time of the oldest event of the batch being appended, if one is.
     var appendingSince: Date?
     /// Callers of ``allCommitted()``, resumed when `outstanding` reaches zero.
@@ -51,8 +60,18 @@ public final class AuditBuffer: Service, Sendable {
 
   /// Queues the event of a finished call.
   public func submit(_ entry: AuditEntry) {
+    enqueue(.built(entry))
+  }
+
+  /// Queues an event of `time` that `build` puts together when its batch is flushed. `build`
+  /// runs once, off the caller's task, and must capture everything it needs.
+  public func submit(time: Date, _ build: @escaping @Sendable () -> AuditEntry) {
+    enqueue(Queued(time: time, build: build))
+  }
+
+  func enqueue(_ event: Queued) {
     state.withLock { state in
-      state.queued.append(entry)
+      state.queued.append(event)
       state.outstanding += 1
     }
     wakeContinuation.yield()
@@ -117,13 +136,14 @@ public final class AuditBuffer: Service, Sendable {
   func flushQueued(giveUpAfter patience: Duration?, untilEmpty: Bool) async {
     var backoff = RetryBackoff()
     while true {
-      let batch = state.withLock { state -> [AuditEntry] in
+      let queued = state.withLock { state -> [Queued] in
         let batch = Array(state.queued.prefix(batchLimit))
         state.queued.removeFirst(batch.count)
         state.appendingSince = batch.first?.time
         return batch
       }
-      if batch.isEmpty { return }
+      if queued.isEmpty { return }
+      let batch = queued.map { $0.build() }
       do {
         try await repository.append(batch, logger: logger)
         let waiters = state.withLock { state -> [CheckedContinuation<Void, Never>] in
@@ -139,7 +159,7 @@ public final class AuditBuffer: Service, Sendable {
       } catch {
         // Put the batch back in front, in order, and wait before retrying.
         state.withLock {
-          $0.queued.insert(contentsOf: batch, at: 0)
+          $0.queued.insert(contentsOf: batch.map(Queued.built), at: 0)
           $0.appendingSince = nil
         }
         logger.warning(
