@@ -13,8 +13,9 @@ import TollgateStore
 /// What the audit interceptor costs one call, measured in process: the interceptor around a
 /// handler that answers at once, called back to back by a few tasks, beside an interceptor that
 /// only passes the call on, in alternating rounds. No network, TLS or HTTP/2, so the difference
-/// is not lost in their noise; the events go through the gateway's own buffer into PostgreSQL, and
-/// each audited round waits for them to commit, so the machine time counts their append too.
+/// is not lost in their noise. The audited calls' events wait in a buffer until the round ends;
+/// then the buffer appends them to PostgreSQL, and that flush is measured on its own, machine time
+/// (PostgreSQL's) included.
 struct AuditCostBench: AsyncParsableCommand {
   static let configuration = CommandConfiguration(
     commandName: "audit-cost",
@@ -45,17 +46,13 @@ struct AuditCostBench: AsyncParsableCommand {
     var machine: Int
     var callsPerRound: Int
     var concurrency: Int
-    var passThroughProcessMicrosPerCall: [Double] = []
-    var auditProcessMicrosPerCall: [Double] = []
-    var passThroughMachineMicrosPerCall: [Double] = []
-    var auditMachineMicrosPerCall: [Double] = []
+    var passThrough: [Cost] = []
+    var auditCalls: [Cost] = []
+    var auditFlush: [Cost] = []
   }
 
   func run() async throws {
-    var setup = try BenchSetup(databaseURL: databaseURL)
-    setup.config.databaseMaxConnections = 4
-    // Calls here outrun any flush; the buffer's admission limit is not what is measured.
-    setup.config.auditBufferCapacity = 10_000_000
+    let setup = try BenchSetup(databaseURL: databaseURL)
     let gateway = try Gateway(config: setup.config, logger: benchLogger)
     let tenant = try TenantID(validating: "bench-cost")
     let scope = CallScope(
@@ -67,51 +64,41 @@ struct AuditCostBench: AsyncParsableCommand {
       tenant: tenant,
       impersonated: false
     )
-    let audit = AuditInterceptor(
-      policy: .standard,
-      buffer: gateway.auditBuffer,
-      repository: AuditLogRepository(database: gateway.database),
-      logger: benchLogger
-    )
+    let repository = AuditLogRepository(database: gateway.database)
     var result = Result(machine: ProcessInfo.processInfo.activeProcessorCount, callsPerRound: calls, concurrency: concurrency)
     try await withRunningGateway(gateway) { _ in
       // Warm-up of both arms, not counted.
       _ = try await round(PassThrough(), scope: scope, calls: calls / 5)
-      _ = try await round(audit, scope: scope, calls: calls / 5)
-      await gateway.auditBuffer.allCommitted()
+      _ = try await auditedRound(repository, scope: scope, calls: calls / 5)
       for index in 0..<rounds {
         // ABBA, so a drift of the host's speed within the run falls on both arms alike.
         let auditFirst = index % 2 == 1
         for isAudit in auditFirst ? [true, false] : [false, true] {
-          let busy = MachineCPU.busySeconds()
-          let process = MachineCPU.processSeconds()
           if isAudit {
-            try await round(audit, scope: scope, calls: calls)
-            await gateway.auditBuffer.allCommitted()
+            let (calls, flush) = try await auditedRound(repository, scope: scope, calls: calls)
+            result.auditCalls.append(calls)
+            result.auditFlush.append(flush)
           } else {
-            try await round(PassThrough(), scope: scope, calls: calls)
-          }
-          let processMicros = (MachineCPU.processSeconds() - process) * 1e6 / Double(calls)
-          let machineMicros = (MachineCPU.busySeconds() - busy) * 1e6 / Double(calls)
-          if isAudit {
-            result.auditProcessMicrosPerCall.append(processMicros)
-            result.auditMachineMicrosPerCall.append(machineMicros)
-          } else {
-            result.passThroughProcessMicrosPerCall.append(processMicros)
-            result.passThroughMachineMicrosPerCall.append(machineMicros)
+            let cost = try await Cost.of(calls: calls) { try await round(PassThrough(), scope: scope, calls: calls) }
+            result.passThrough.append(cost)
           }
         }
       }
     }
-    let process = median(result.auditProcessMicrosPerCall) - median(result.passThroughProcessMicrosPerCall)
-    let machine = median(result.auditMachineMicrosPerCall) - median(result.passThroughMachineMicrosPerCall)
+    let passThrough = Cost.median(result.passThrough)
+    let audited = Cost.median(result.auditCalls)
+    let flush = Cost.median(result.auditFlush)
     print(
       String(
-        format: "audit interceptor, in process (%d cores, %d callers, %d rounds of %d calls): pass-through %.2f / %.2f µs, audited %.2f / %.2f µs per call (process / machine); auditing adds %.2f µs process, %.2f µs machine",
+        format: """
+          audit interceptor in process (%d cores, %d callers, %d rounds of %d calls), µs per call, process / machine:
+            pass-through call %.2f / %.2f; audited call %.2f / %.2f; its event's flush %.2f / %.2f
+            auditing adds %.2f / %.2f (on the call's path %.2f / %.2f)
+          """,
         result.machine, concurrency, rounds, calls,
-        median(result.passThroughProcessMicrosPerCall), median(result.passThroughMachineMicrosPerCall),
-        median(result.auditProcessMicrosPerCall), median(result.auditMachineMicrosPerCall),
-        process, machine
+        passThrough.process, passThrough.machine, audited.process, audited.machine, flush.process, flush.machine,
+        audited.process + flush.process - passThrough.process, audited.machine + flush.machine - passThrough.machine,
+        audited.process - passThrough.process, audited.machine - passThrough.machine
       )
     )
     let encoder = JSONEncoder()
@@ -119,6 +106,41 @@ struct AuditCostBench: AsyncParsableCommand {
     try FileManager.default.createDirectory(
       at: URL(fileURLWithPath: out).deletingLastPathComponent(), withIntermediateDirectories: true)
     try encoder.encode(result).write(to: URL(fileURLWithPath: out))
+  }
+
+  /// CPU time per call: of this process, and of the whole machine (PostgreSQL's included).
+  struct Cost: Codable {
+    var process: Double
+    var machine: Double
+
+    static func of(calls: Int, _ body: () async throws -> Void) async throws -> Cost {
+      let busy = MachineCPU.busySeconds()
+      let process = MachineCPU.processSeconds()
+      try await body()
+      return Cost(
+        process: (MachineCPU.processSeconds() - process) * 1e6 / Double(calls),
+        machine: (MachineCPU.busySeconds() - busy) * 1e6 / Double(calls)
+      )
+    }
+
+    static func median(_ costs: [Cost]) -> Cost {
+      Cost(process: tollgate_bench.median(costs.map(\.process)), machine: tollgate_bench.median(costs.map(\.machine)))
+    }
+  }
+
+  /// A round of audited calls whose events wait in a buffer that is not flushing, then that
+  /// buffer's flush on its own: what a call costs on its path, and what its event costs later.
+  func auditedRound(_ repository: AuditLogRepository, scope: CallScope, calls: Int) async throws -> (calls: Cost, flush: Cost) {
+    let buffer = AuditBuffer(capacity: .max, repository: repository, logger: benchLogger, linger: .zero)
+    let audit = AuditInterceptor(policy: .standard, buffer: buffer, repository: repository, logger: benchLogger)
+    let callCost = try await Cost.of(calls: calls) { try await round(audit, scope: scope, calls: calls) }
+    let flushCost = try await Cost.of(calls: calls) {
+      let flusher = Task { try await buffer.run() }
+      await buffer.allCommitted()
+      flusher.cancel()
+      try await flusher.value
+    }
+    return (callCost, flushCost)
   }
 
   /// `calls` GetTenant calls through `interceptor` and a handler that answers at once, by
