@@ -9,9 +9,9 @@ public import TollgateStore
 /// A read-only call may start only while fewer than `capacity` events are waiting to be committed
 /// (``admitsCalls``); otherwise it is refused instead of running unaudited. A call queues its
 /// event when it ends (``submit(time:_:)``), always, so the queue can exceed `capacity` by the
-/// calls already running, never more; the flusher puts each event together and serializes it
-/// with the rest of its batch. Long streams therefore hold no place while they run. The flusher
-/// lets events gather for `linger` after a wake-up, then appends what is queued as one
+/// calls already running, never more. Long streams therefore hold no place while they run. The
+/// flusher puts the events together and serializes them, a batch at a time, off the calls' path.
+/// It lets events gather for `linger` after a wake-up, then appends what is queued as one
 /// transaction (several of `batchLimit` events only while full batches wait); while the
 /// database is down or slow it keeps the events and retries, and the queue fills. On shutdown it
 /// runs after the server has drained and flushes every remaining event before it returns.

@@ -43,7 +43,7 @@ struct AuditCostBench: AsyncParsableCommand {
   }
 
   struct Result: Codable {
-    var machine: Int
+    var cores: Int
     var callsPerRound: Int
     var concurrency: Int
     var passThrough: [Cost] = []
@@ -65,7 +65,7 @@ struct AuditCostBench: AsyncParsableCommand {
       impersonated: false
     )
     let repository = AuditLogRepository(database: gateway.database)
-    var result = Result(machine: ProcessInfo.processInfo.activeProcessorCount, callsPerRound: calls, concurrency: concurrency)
+    var result = Result(cores: ProcessInfo.processInfo.activeProcessorCount, callsPerRound: calls, concurrency: concurrency)
     try await withRunningGateway(gateway) { _ in
       // Warm-up of both arms, not counted.
       _ = try await round(PassThrough(), scope: scope, calls: calls / 5)
@@ -85,9 +85,9 @@ struct AuditCostBench: AsyncParsableCommand {
         }
       }
     }
-    let passThrough = Cost.median(result.passThrough)
-    let audited = Cost.median(result.auditCalls)
-    let flush = Cost.median(result.auditFlush)
+    let passThrough = Cost.mean(result.passThrough)
+    let audited = Cost.mean(result.auditCalls)
+    let flush = Cost.mean(result.auditFlush)
     print(
       String(
         format: """
@@ -95,7 +95,7 @@ struct AuditCostBench: AsyncParsableCommand {
             pass-through call %.2f / %.2f; audited call %.2f / %.2f; its event's flush %.2f / %.2f
             auditing adds %.2f / %.2f (on the call's path %.2f / %.2f)
           """,
-        result.machine, concurrency, rounds, calls,
+        result.cores, concurrency, rounds, calls,
         passThrough.process, passThrough.machine, audited.process, audited.machine, flush.process, flush.machine,
         audited.process + flush.process - passThrough.process, audited.machine + flush.machine - passThrough.machine,
         audited.process - passThrough.process, audited.machine - passThrough.machine
@@ -123,8 +123,11 @@ struct AuditCostBench: AsyncParsableCommand {
       )
     }
 
-    static func median(_ costs: [Cost]) -> Cost {
-      Cost(process: tollgate_bench.median(costs.map(\.process)), machine: tollgate_bench.median(costs.map(\.machine)))
+    /// The mean over rounds of equal size: the machine's busy time comes in ticks of 10 ms, which
+    /// a median of short rounds would round away.
+    static func mean(_ costs: [Cost]) -> Cost {
+      let count = Double(max(costs.count, 1))
+      return Cost(process: costs.map(\.process).reduce(0, +) / count, machine: costs.map(\.machine).reduce(0, +) / count)
     }
   }
 
