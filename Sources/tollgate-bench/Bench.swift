@@ -133,6 +133,13 @@ struct AuditBench: AsyncParsableCommand {
   @Flag(help: "Only part (b)") var callsOnly = false
   @Option(help: "In (b), load only this arm ('with' or 'without' audit) for --rounds phases, to profile it; no ratio")
   var onlyArm: String?
+  @Option(
+    help: ArgumentHelp(
+      "In (b), make the baseline ('without') arm the audited gateway with this flush linger, instead of the unaudited gateway",
+      discussion: "Compares two lingers in one run; the host's drift between runs is larger than their difference."
+    )
+  )
+  var baselineLingerMs: Int?
 
   func validate() throws {
     if let onlyArm, onlyArm != "with", onlyArm != "without" {
@@ -193,6 +200,9 @@ struct AuditBench: AsyncParsableCommand {
       }
     }
     print("tollgate-bench audit on \(ProcessInfo.processInfo.activeProcessorCount) cores (server, client and PostgreSQL share them)")
+    if let baselineLingerMs, !streamOnly {
+      print("  (b)'s 'without audit' arm is the audited gateway with a \(baselineLingerMs) ms flush linger")
+    }
     for line in table { print("  " + line) }
     try writeResults(results, to: out)
   }
@@ -365,7 +375,9 @@ struct AuditBench: AsyncParsableCommand {
   }
 
   func callsBench(_ setup: BenchSetup, _ full: Gateway) async throws -> CallsResult {
-    let bare = try Gateway(config: setup.config, logger: benchLogger, withoutAudit: true)
+    var bareConfig = setup.config
+    if let baselineLingerMs { bareConfig.auditFlushLinger = .milliseconds(baselineLingerMs) }
+    let bare = try Gateway(config: bareConfig, logger: benchLogger, withoutAudit: baselineLingerMs == nil)
     return try await withRunningGateway(full) { fullPort in
       try await withRunningGateway(bare) { barePort in
         let op = try setup.connection(port: fullPort, setup.operator)
@@ -402,7 +414,9 @@ struct AuditBench: AsyncParsableCommand {
           pairs: slices,
           sliceSeconds: sliceSeconds,
           concurrency: concurrency,
-          settle: { [buffer = full.auditBuffer] in await buffer.allCommitted() }
+          settle: { [buffer = full.auditBuffer] in await buffer.allCommitted() },
+          // Idle unless the baseline audits too (--baseline-linger-ms).
+          bareSettle: { [buffer = bare.auditBuffer] in await buffer.allCommitted() }
         )
         let withAll = CallSlice(pooling: with)
         let withoutAll = CallSlice(pooling: without)
@@ -535,7 +549,8 @@ extension CallSlice {
 /// weighs on both arms alike. Each arm keeps one connection open throughout; between slices the
 /// callers stop, so no slice has calls of the other arm in flight. After each slice of the
 /// audited arm, `settle` waits until that slice's queued events are committed, so its flush work
-/// is counted in its own busy time and does not run into the next slice. Returns the slices of
+/// is counted in its own busy time and does not run into the next slice; `bareSettle` does the
+/// same after the baseline arm's slices, for a baseline that audits too. Returns the slices of
 /// each arm, pair by pair.
 func interleavedGetTenantLoad(
   without: GatewayConnection,
@@ -543,7 +558,8 @@ func interleavedGetTenantLoad(
   pairs: Int,
   sliceSeconds: Double,
   concurrency: Int,
-  settle: @escaping () async throws -> Void
+  settle: @escaping () async throws -> Void,
+  bareSettle: @escaping () async throws -> Void = {}
 ) async throws -> (without: [CallSlice], with: [CallSlice]) {
   try await without.withClient { bareClient in
     try await with.withClient { fullClient in
@@ -560,7 +576,7 @@ func interleavedGetTenantLoad(
         let order = pair % 2 == 0 ? [false, true] : [true, false]
         for audited in order {
           let slice = try await getTenantSlice(
-            audited ? full : bare, seconds: sliceSeconds, concurrency: concurrency, settle: audited ? settle : {})
+            audited ? full : bare, seconds: sliceSeconds, concurrency: concurrency, settle: audited ? settle : bareSettle)
           if audited { withSlices.append(slice) } else { withoutSlices.append(slice) }
         }
         let (b, f) = (withoutSlices[pair], withSlices[pair])
