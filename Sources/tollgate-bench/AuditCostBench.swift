@@ -27,6 +27,13 @@ struct AuditCostBench: AsyncParsableCommand {
   @Option(help: "Concurrent callers") var concurrency: Int = 4
   @Option(help: "JSON results file") var out: String = "bench-results/audit-cost.json"
 
+  func validate() throws {
+    // Each caller makes calls / concurrency of them; per-call figures divide by `calls`.
+    guard concurrency >= 1, calls >= concurrency, calls % concurrency == 0 else {
+      throw ValidationError("--calls must be a positive multiple of --concurrency")
+    }
+  }
+
   struct PassThrough: ServerInterceptor {
     func intercept<Input: Sendable, Output: Sendable>(
       request: StreamingServerRequest<Input>,
@@ -53,6 +60,7 @@ struct AuditCostBench: AsyncParsableCommand {
 
   func run() async throws {
     let setup = try BenchSetup(databaseURL: databaseURL)
+    defer { try? FileManager.default.removeItem(at: setup.directory) }
     let gateway = try Gateway(config: setup.config, logger: benchLogger)
     let tenant = try TenantID(validating: "bench-cost")
     let scope = CallScope(
@@ -68,7 +76,7 @@ struct AuditCostBench: AsyncParsableCommand {
     var result = Result(cores: ProcessInfo.processInfo.activeProcessorCount, callsPerRound: calls, concurrency: concurrency)
     try await withRunningGateway(gateway) { _ in
       // Warm-up of both arms, not counted.
-      _ = try await round(PassThrough(), scope: scope, calls: calls / 5)
+      try await round(PassThrough(), scope: scope, calls: calls / 5)
       _ = try await auditedRound(repository, scope: scope, calls: calls / 5)
       for index in 0..<rounds {
         // ABBA, so a drift of the host's speed within the run falls on both arms alike.
@@ -101,11 +109,7 @@ struct AuditCostBench: AsyncParsableCommand {
         audited.process - passThrough.process, audited.machine - passThrough.machine
       )
     )
-    let encoder = JSONEncoder()
-    encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
-    try FileManager.default.createDirectory(
-      at: URL(fileURLWithPath: out).deletingLastPathComponent(), withIntermediateDirectories: true)
-    try encoder.encode(result).write(to: URL(fileURLWithPath: out))
+    try writeResults(result, to: out)
   }
 
   /// CPU time per call: of this process, and of the whole machine (PostgreSQL's included).
@@ -114,13 +118,10 @@ struct AuditCostBench: AsyncParsableCommand {
     var machine: Double
 
     static func of(calls: Int, _ body: () async throws -> Void) async throws -> Cost {
-      let busy = MachineCPU.busySeconds()
-      let process = MachineCPU.processSeconds()
+      let before = CPUTime.now()
       try await body()
-      return Cost(
-        process: (MachineCPU.processSeconds() - process) * 1e6 / Double(calls),
-        machine: (MachineCPU.busySeconds() - busy) * 1e6 / Double(calls)
-      )
+      let used = CPUTime.now() - before
+      return Cost(process: used.processSeconds * 1e6 / Double(calls), machine: used.machineSeconds * 1e6 / Double(calls))
     }
 
     /// The mean over rounds of equal size: the machine's busy time comes in ticks of 10 ms, which
@@ -148,8 +149,7 @@ struct AuditCostBench: AsyncParsableCommand {
 
   /// `calls` GetTenant calls through `interceptor` and a handler that answers at once, by
   /// `concurrency` tasks, each call in the caller's scope as the identity interceptor sets it.
-  @discardableResult
-  func round(_ interceptor: some ServerInterceptor, scope: CallScope, calls: Int) async throws -> Int {
+  func round(_ interceptor: some ServerInterceptor, scope: CallScope, calls: Int) async throws {
     let descriptor = Tollgate_V1_TenantService.Method.GetTenant.descriptor
     let perTask = calls / concurrency
     try await withThrowingTaskGroup(of: Void.self) { group in
@@ -181,6 +181,5 @@ struct AuditCostBench: AsyncParsableCommand {
       }
       try await group.waitForAll()
     }
-    return perTask * concurrency
   }
 }

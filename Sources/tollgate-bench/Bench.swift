@@ -513,22 +513,22 @@ struct CallLoad {
   var machineMicrosPerCall: Double = 0
 }
 
-/// One slice of closed-loop load: every call's latency (ms, sorted), its length and the machine's
-/// busy time during it.
+/// One slice of closed-loop load: every call's latency (ms, sorted), its length and the CPU time
+/// spent during it.
 struct CallSlice {
   var latencies: [Double]
   var seconds: Double
-  var busySeconds: Double
-  /// CPU time of this process (gateways and client) during the slice; the rest of the busy time
-  /// is PostgreSQL's and the kernel's work for others.
-  var processSeconds: Double = 0
-  var contextSwitches: Double = 0
+  var cpu: CPUTime
 
   var callsPerSecond: Double { Double(latencies.count) / seconds }
-  var machineMicrosPerCall: Double { busySeconds * 1_000_000 / Double(max(latencies.count, 1)) }
-  var processMicrosPerCall: Double { processSeconds * 1_000_000 / Double(max(latencies.count, 1)) }
-  var contextSwitchesPerCall: Double { contextSwitches / Double(max(latencies.count, 1)) }
+  var machineMicrosPerCall: Double { perCall(cpu.machineSeconds * 1_000_000) }
+  /// The part of the machine time that is this process's (gateways and client); the rest is
+  /// PostgreSQL's and the kernel's work for others.
+  var processMicrosPerCall: Double { perCall(cpu.processSeconds * 1_000_000) }
+  var contextSwitchesPerCall: Double { perCall(cpu.contextSwitches) }
   func percentile(_ p: Double) -> Double { latencies.isEmpty ? 0 : tollgate_bench.percentile(latencies, p) }
+
+  func perCall(_ total: Double) -> Double { total / Double(max(latencies.count, 1)) }
 }
 
 extension CallSlice {
@@ -537,9 +537,7 @@ extension CallSlice {
     self.init(
       latencies: slices.flatMap(\.latencies).sorted(),
       seconds: slices.map(\.seconds).reduce(0, +),
-      busySeconds: slices.map(\.busySeconds).reduce(0, +),
-      processSeconds: slices.map(\.processSeconds).reduce(0, +),
-      contextSwitches: slices.map(\.contextSwitches).reduce(0, +)
+      cpu: slices.map(\.cpu).reduce(CPUTime(), +)
     )
   }
 }
@@ -605,9 +603,7 @@ func getTenantSlice(
   concurrency: Int,
   settle: () async throws -> Void
 ) async throws -> CallSlice {
-  let busyBefore = MachineCPU.busySeconds()
-  let processBefore = MachineCPU.processSeconds()
-  let switchesBefore = MachineCPU.contextSwitches()
+  let before = CPUTime.now()
   let start = ContinuousClock.now
   let deadline = start + .milliseconds(Int(seconds * 1000))
   let latencies = try await withThrowingTaskGroup(of: [Double].self) { group in
@@ -629,41 +625,56 @@ func getTenantSlice(
   }
   let elapsed = elapsedSeconds(ContinuousClock.now - start)
   try await settle()
-  return CallSlice(
-    latencies: latencies, seconds: elapsed, busySeconds: MachineCPU.busySeconds() - busyBefore,
-    processSeconds: MachineCPU.processSeconds() - processBefore,
-    contextSwitches: MachineCPU.contextSwitches() - switchesBefore
-  )
+  return CallSlice(latencies: latencies, seconds: elapsed, cpu: CPUTime.now() - before)
 }
 
-/// The machine's busy CPU time from `/proc/stat` (user, nice, system, irq and softirq of every
-/// core), in seconds; 0 where it cannot be read. What a phase costs in CPU is steadier than its
-/// latencies on a shared host, whose speed drifts from phase to phase.
-enum MachineCPU {
-  static func busySeconds() -> Double {
-    guard let text = try? String(contentsOfFile: "/proc/stat", encoding: .utf8),
-      let line = text.split(separator: "\n").first(where: { $0.hasPrefix("cpu ") })
-    else { return 0 }
-    let ticks = line.split(separator: " ").dropFirst().compactMap { Double($0) }
-    guard ticks.count >= 7 else { return 0 }
-    // user nice system idle iowait irq softirq …; guest time is counted in user already.
-    return (ticks[0] + ticks[1] + ticks[2] + ticks[5] + ticks[6]) / Double(sysconf(Int32(_SC_CLK_TCK)))
-  }
+/// CPU counters: the machine's busy time from `/proc/stat` (user, nice, system, irq and softirq of
+/// every core), this process's user and system time, and the machine's context switches. Read at
+/// two moments, their difference is what a phase cost; what a phase costs in CPU is steadier than
+/// its latencies on a shared host, whose speed drifts from phase to phase.
+struct CPUTime {
+  var machineSeconds: Double = 0
+  var processSeconds: Double = 0
+  var contextSwitches: Double = 0
 
-  /// Context switches of the whole machine since boot (`ctxt` in `/proc/stat`).
-  static func contextSwitches() -> Double {
-    guard let text = try? String(contentsOfFile: "/proc/stat", encoding: .utf8),
-      let line = text.split(separator: "\n").first(where: { $0.hasPrefix("ctxt ") })
-    else { return 0 }
-    return Double(line.split(separator: " ").last ?? "") ?? 0
-  }
-
-  /// User and system CPU time of this process, every thread, in seconds.
-  static func processSeconds() -> Double {
+  /// The counters now; the machine's are 0 where `/proc/stat` cannot be read.
+  static func now() -> CPUTime {
     var usage = rusage()
     getrusage(RUSAGE_SELF.rawValue, &usage)
-    return Double(usage.ru_utime.tv_sec) + Double(usage.ru_utime.tv_usec) / 1e6
-      + Double(usage.ru_stime.tv_sec) + Double(usage.ru_stime.tv_usec) / 1e6
+    var reading = CPUTime(
+      processSeconds: Double(usage.ru_utime.tv_sec) + Double(usage.ru_utime.tv_usec) / 1e6
+        + Double(usage.ru_stime.tv_sec) + Double(usage.ru_stime.tv_usec) / 1e6
+    )
+    guard let text = try? String(contentsOfFile: "/proc/stat", encoding: .utf8) else { return reading }
+    for line in text.split(separator: "\n") {
+      let fields = line.split(separator: " ")
+      if fields.first == "cpu" {
+        let ticks = fields.dropFirst().compactMap { Double($0) }
+        // user nice system idle iowait irq softirq …; guest time is counted in user already.
+        if ticks.count >= 7 {
+          reading.machineSeconds = (ticks[0] + ticks[1] + ticks[2] + ticks[5] + ticks[6]) / Double(sysconf(Int32(_SC_CLK_TCK)))
+        }
+      } else if fields.first == "ctxt", fields.count == 2 {
+        reading.contextSwitches = Double(fields[1]) ?? 0
+      }
+    }
+    return reading
+  }
+
+  static func + (a: CPUTime, b: CPUTime) -> CPUTime {
+    CPUTime(
+      machineSeconds: a.machineSeconds + b.machineSeconds,
+      processSeconds: a.processSeconds + b.processSeconds,
+      contextSwitches: a.contextSwitches + b.contextSwitches
+    )
+  }
+
+  static func - (a: CPUTime, b: CPUTime) -> CPUTime {
+    CPUTime(
+      machineSeconds: a.machineSeconds - b.machineSeconds,
+      processSeconds: a.processSeconds - b.processSeconds,
+      contextSwitches: a.contextSwitches - b.contextSwitches
+    )
   }
 }
 
