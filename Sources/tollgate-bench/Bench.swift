@@ -126,7 +126,7 @@ struct AuditBench: AsyncParsableCommand {
   @Option(help: "Seconds per slice of (b)") var sliceSeconds: Double = 1
   @Option(help: "The gateway's --audit-flush-linger-ms for this run (default: the gateway's own)") var auditFlushLingerMs: Int?
   @Option(help: "Concurrent calls in (b)") var concurrency: Int = 64
-  @Option(help: "Alternating rounds of each measurement") var rounds: Int = 3
+  @Option(help: "Rounds of (a), each a COPY then a stream; phases of (b) with --only-arm") var rounds: Int = 3
   @Option(help: "JSON results file") var out: String = "bench-results/audit.json"
   @Flag(help: "Only part (a)") var streamOnly = false
   @Flag(help: "In (a), decode every event with SwiftProtobuf instead of reading index and leaf bytes") var decodeEvents = false
