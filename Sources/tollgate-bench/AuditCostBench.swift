@@ -2,6 +2,7 @@ import ArgumentParser
 import Foundation
 import GRPCCore
 import Logging
+import PostgresNIO
 import TollgateAudit
 import TollgateCertificates
 import TollgateCore
@@ -56,6 +57,10 @@ struct AuditCostBench: AsyncParsableCommand {
     var passThrough: [Cost] = []
     var auditCalls: [Cost] = []
     var auditFlush: [Cost] = []
+    /// For scale, per operation: one statement on a pooled connection, and a platform
+    /// transaction around one statement (what a flush pays besides its own statements).
+    var statement: Cost?
+    var transaction: Cost?
   }
 
   func run() async throws {
@@ -92,6 +97,7 @@ struct AuditCostBench: AsyncParsableCommand {
           }
         }
       }
+      (result.statement, result.transaction) = try await databaseFixedCosts(gateway.database)
     }
     let passThrough = Cost.mean(result.passThrough)
     let audited = Cost.mean(result.auditCalls)
@@ -109,6 +115,17 @@ struct AuditCostBench: AsyncParsableCommand {
         audited.process - passThrough.process, audited.machine - passThrough.machine
       )
     )
+    if let statement = result.statement, let transaction = result.transaction {
+      print(
+        String(
+          format: """
+              for scale, per operation, µs process / machine and context switches: a statement on a pooled \
+            connection %.1f / %.1f, %.1f; a platform transaction of one statement %.1f / %.1f, %.1f
+            """,
+          statement.process, statement.machine, statement.switches, transaction.process, transaction.machine, transaction.switches
+        )
+      )
+    }
     try writeResults(result, to: out)
   }
 
@@ -116,12 +133,18 @@ struct AuditCostBench: AsyncParsableCommand {
   struct Cost: Codable {
     var process: Double
     var machine: Double
+    /// The machine's context switches.
+    var switches: Double = 0
 
     static func of(calls: Int, _ body: () async throws -> Void) async throws -> Cost {
       let before = CPUTime.now()
       try await body()
       let used = CPUTime.now() - before
-      return Cost(process: used.processSeconds * 1e6 / Double(calls), machine: used.machineSeconds * 1e6 / Double(calls))
+      return Cost(
+        process: used.processSeconds * 1e6 / Double(calls),
+        machine: used.machineSeconds * 1e6 / Double(calls),
+        switches: used.contextSwitches / Double(calls)
+      )
     }
 
     /// The mean over rounds of equal size: the machine's busy time comes in ticks of 10 ms, which
@@ -130,6 +153,30 @@ struct AuditCostBench: AsyncParsableCommand {
       let count = Double(max(costs.count, 1))
       return Cost(process: costs.map(\.process).reduce(0, +) / count, machine: costs.map(\.machine).reduce(0, +) / count)
     }
+  }
+
+  /// What the database costs per operation whatever the operation does, one at a time: a
+  /// statement that does nothing (`SELECT 1`) on a leased pooled connection, and the same inside
+  /// a platform transaction (BEGIN, the role, the statement, COMMIT), as every flush runs.
+  func databaseFixedCosts(_ database: Database) async throws -> (statement: Cost, transaction: Cost) {
+    let operations = 2_000
+    func statement() async throws {
+      try await database.client.withConnection { connection in
+        _ = try await connection.prepared("SELECT 1", logger: benchLogger)
+      }
+    }
+    func transaction() async throws {
+      try await database.withPlatform(logger: benchLogger) { connection in
+        _ = try await connection.prepared("SELECT 1", logger: benchLogger)
+      }
+    }
+    for _ in 0..<200 {
+      try await statement()
+      try await transaction()
+    }
+    let statementCost = try await Cost.of(calls: operations) { for _ in 0..<operations { try await statement() } }
+    let transactionCost = try await Cost.of(calls: operations) { for _ in 0..<operations { try await transaction() } }
+    return (statementCost, transactionCost)
   }
 
   /// A round of audited calls whose events wait in a buffer that is not flushing, then that
