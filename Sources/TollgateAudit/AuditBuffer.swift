@@ -29,9 +29,9 @@ public final class AuditBuffer: Service, Sendable {
   /// A queued event: built when its batch is flushed (``submit(time:_:)``), or already built.
   struct Queued: Sendable {
     let time: Date
-    let build: @Sendable () -> AuditEntry
+    let build: @Sendable (inout AuditLeafEncoder) -> AuditEntry
 
-    static func built(_ entry: AuditEntry) -> Queued { Queued(time: entry.time) { entry } }
+    static func built(_ entry: AuditEntry) -> Queued { Queued(time: entry.time) { _ in entry } }
   }
 
   private struct State {
@@ -63,9 +63,10 @@ public final class AuditBuffer: Service, Sendable {
     enqueue(.built(entry))
   }
 
-  /// Queues an event of `time` that `build` puts together when its batch is flushed. `build`
-  /// runs once, off the caller's task, and must capture everything it needs.
-  public func submit(time: Date, _ build: @escaping @Sendable () -> AuditEntry) {
+  /// Queues an event of `time` that `build` puts together when its batch is flushed, with the
+  /// batch's encoder. `build` runs once, off the caller's task, and must capture everything it
+  /// needs.
+  func submit(time: Date, _ build: @escaping @Sendable (inout AuditLeafEncoder) -> AuditEntry) {
     enqueue(Queued(time: time, build: build))
   }
 
@@ -143,7 +144,8 @@ public final class AuditBuffer: Service, Sendable {
         return batch
       }
       if queued.isEmpty { return }
-      let batch = queued.map { $0.build() }
+      var encoder = AuditLeafEncoder()
+      let batch = queued.map { $0.build(&encoder) }
       do {
         try await repository.append(batch, logger: logger)
         let waiters = state.withLock { state -> [CheckedContinuation<Void, Never>] in

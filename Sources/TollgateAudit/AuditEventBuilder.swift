@@ -7,8 +7,8 @@ public import TollgateModel
 import TollgateProtos
 public import TollgateStore
 
-/// Builds audit-log leaves: the one place an ``Tollgate_V1_AuditEvent`` is put together and
-/// serialized, for calls (``AuditedCall``) and for what happens inside a long-lived call (a
+/// Builds audit-log leaves: the one place an ``Tollgate_V1_AuditEvent`` is put together (and
+/// written, by ``AuditLeafEncoder``), for calls (``AuditedCall``) and for what happens inside a long-lived call (a
 /// worker's lease, completion or failure) or without one (a lease expiring).
 public enum AuditEventBuilder {
   /// An event. `scope` nil is the gateway acting on its own (no principal); `log` is then the
@@ -25,34 +25,38 @@ public enum AuditEventBuilder {
     time: Date = Date(),
     latency: Duration = .zero
   ) -> AuditEntry {
-    var event = Tollgate_V1_AuditEvent()
-    event.time = Google_Protobuf_Timestamp(date: time)
-    if let scope {
-      event.principal = .with {
-        $0.spiffeID = scope.principal.spiffeID.description
-        $0.role = Tollgate_V1_Role(scope.principal.role)
-        $0.tenantID = scope.principal.tenant?.rawValue ?? ""
-        $0.name = scope.principal.spiffeID.name
-        $0.certificateSha256 = scope.principal.certificateSHA256
-      }
-      event.impersonated = scope.impersonated
-    }
-    event.tenantID = tenant?.rawValue ?? ""
-    event.method = method
-    event.resource = resource
-    event.outcomeCode = code
-    event.outcomeMessage = message
-    event.latency = Google_Protobuf_Duration(rounding: latency, rule: .towardZero)
-    event.requestSha256 = Data(requestSHA256)
-    event.traceID = traceID
-    // Serialized once; these bytes are the leaf, stored and served as they are.
-    let bytes: [UInt8] = (try? event.serializedBytes()) ?? []
+    var encoder = AuditLeafEncoder()
+    return entry(
+      scope: scope, tenant: tenant, method: method, resource: resource, code: code, message: message,
+      requestSHA256: requestSHA256, traceID: traceID, time: time, latency: latency, using: &encoder
+    )
+  }
+
+  /// An event, written by `encoder`, which keeps what it can reuse for the next events of a batch.
+  static func entry(
+    scope: CallScope?,
+    tenant: TenantID?,
+    method: String,
+    resource: String,
+    code: Int32,
+    message: String,
+    requestSHA256: [UInt8] = [],
+    traceID: String = "",
+    time: Date = Date(),
+    latency: Duration = .zero,
+    using encoder: inout AuditLeafEncoder
+  ) -> AuditEntry {
+    // Written once; these bytes are the leaf, stored and served as they are.
+    let (leaf, spiffeID) = encoder.leaf(
+      time: time, scope: scope, tenant: tenant?.rawValue ?? "", method: method, resource: resource, code: code,
+      message: message, latency: latency, requestSHA256: requestSHA256, traceID: traceID
+    )
     return AuditEntry(
       log: AuditLogID(tenant: tenant),
-      leaf: ByteBuffer(bytes: bytes),
+      leaf: leaf,
       time: time,
       method: method,
-      principal: event.principal.spiffeID,
+      principal: spiffeID,
       outcome: code
     )
   }

@@ -181,7 +181,7 @@ final class AuditedCall: Sendable {
   }
 
   /// The call's event, with `latency` measured when the call ended.
-  func entry(code: Int32, message: String, latency: Duration) -> AuditEntry {
+  func entry(code: Int32, message: String, latency: Duration, using encoder: inout AuditLeafEncoder) -> AuditEntry {
     let request = state.withLock { $0.request }
     return AuditEventBuilder.entry(
       scope: scope,
@@ -193,12 +193,14 @@ final class AuditedCall: Sendable {
       requestSHA256: request.map(AuditEventBuilder.requestDigest) ?? [],
       traceID: traceID,
       time: time,
-      latency: latency
+      latency: latency,
+      using: &encoder
     )
   }
 
   func entry(code: Int32, message: String) -> AuditEntry {
-    entry(code: code, message: message, latency: ContinuousClock.now - start)
+    var encoder = AuditLeafEncoder()
+    return entry(code: code, message: message, latency: ContinuousClock.now - start, using: &encoder)
   }
 
   /// Records the call's outcome (`error` nil = OK) unless already recorded. A mutating call's
@@ -218,7 +220,7 @@ final class AuditedCall: Sendable {
       // call's path: done one call at a time amid the serving work, the same steps cost the
       // machine about 18 µs more per call (docs/benchmarks.md, "Events built by the flusher").
       let latency = ContinuousClock.now - start
-      buffer.submit(time: time) { self.entry(code: code, message: message, latency: latency) }
+      buffer.submit(time: time) { self.entry(code: code, message: message, latency: latency, using: &$0) }
       return
     }
     let entry = entry(code: code, message: message)
