@@ -109,7 +109,8 @@ public final class AuditBuffer: Service, Sendable {
     await withGracefulShutdownHandler {
       for await _ in wake {
         if linger > .zero && state.withLock({ $0.queued.count < batchLimit }) {
-          try? await Task.sleep(for: linger)
+          // Cut short by shutdown, which then waits for nothing but the flushes themselves.
+          try? await cancelWhenGracefulShutdown { try await Task.sleep(for: self.linger) }
         }
         await flushQueued(giveUpAfter: nil, untilEmpty: false)
       }

@@ -4,6 +4,7 @@ import Foundation
 import GRPCCore
 import GRPCNIOTransportHTTP2
 import GRPCProtobuf
+import ServiceLifecycle
 import Synchronization
 import SwiftProtobuf
 import Testing
@@ -594,6 +595,25 @@ import TollgateStore
         }, options: .noTimeout) { _ in false }
       }
       #expect(await getTenant() == nil)
+    }
+  }
+
+  /// Shutdown must not wait out the flush linger: the final flush takes what has gathered. An
+  /// hour's linger makes a flusher that waited it out fail the suite's time limit instead.
+  @Test func shutdownCutsTheFlushLingerShortAndCommitsWhatGathered() async throws {
+    try await TestGateway.run { gw in
+      let repository = AuditLogRepository(database: gw.gateway.database)
+      let buffer = AuditBuffer(capacity: 100, repository: repository, logger: testLogger, linger: .seconds(3600))
+      let group = ServiceGroup(configuration: .init(services: [buffer], gracefulShutdownSignals: [], logger: testLogger))
+      try await withThrowingTaskGroup(of: Void.self) { tasks in
+        tasks.addTask { try await group.run() }
+        buffer.submit(
+          AuditEventBuilder.entry(scope: nil, tenant: nil, method: "/test/Linger", resource: "", code: 0, message: ""))
+        await group.triggerGracefulShutdown()
+        try await tasks.waitForAll()
+      }
+      #expect(buffer.outstanding == 0)
+      #expect(try await gw.count("SELECT count(*) FROM audit_leaves WHERE tenant_id = '_platform' AND method = '/test/Linger'") == 1)
     }
   }
 
