@@ -44,6 +44,9 @@ public final class AuditBuffer: Service, Sendable {
     var committedWaiters: [CheckedContinuation<Void, Never>] = []
   }
   private let state = Mutex(State())
+  /// The batch being appended, until it is known to have committed: a retry after an unanswered
+  /// COMMIT must not record the batch twice.
+  private let attempt = AuditAppendAttempt()
   private let wake: AsyncStream<Void>
   private let wakeContinuation: AsyncStream<Void>.Continuation
 
@@ -148,7 +151,8 @@ public final class AuditBuffer: Service, Sendable {
       var encoder = AuditLeafEncoder()
       let batch = queued.map { $0.build(&encoder) }
       do {
-        try await repository.append(batch, logger: logger)
+        try await repository.append(batch, attempt: attempt, logger: logger)
+        attempt.settled()
         let waiters = state.withLock { state -> [CheckedContinuation<Void, Never>] in
           state.outstanding -= batch.count
           state.appendingSince = nil

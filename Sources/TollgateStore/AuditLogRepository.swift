@@ -2,6 +2,7 @@ public import Foundation
 public import Logging
 public import NIOCore
 import PostgresNIO
+import Synchronization
 public import TollgateMerkle
 public import TollgateModel
 
@@ -43,6 +44,35 @@ public struct AuditFilter: Sendable {
 
   /// True when the filter lets every record through.
   public var isEmpty: Bool { from == nil && until == nil && methods.isEmpty && principal == nil && outcomes.isEmpty }
+}
+
+/// What an appender's transaction tried to append to each log, kept until the appender knows it
+/// committed (``settled()``).
+///
+/// A transaction whose COMMIT went unanswered (the database slower than the operation timeout, or
+/// the connection lost) may have committed all the same. An appender that then appends the same
+/// events again, as the audit flusher retries its batch, would record them twice. Given the
+/// attempt, the retry looks at the index where the unanswered try began and leaves out the events
+/// found there.
+public final class AuditAppendAttempt: Sendable {
+  struct Tried: Sendable {
+    /// Where the try began: the log's size when its transaction locked the head.
+    let first: UInt64
+    let count: Int
+    let firstLeafHash: MerkleTree.Hash
+  }
+  private let tried = Mutex<[AuditLogID: Tried]>([:])
+
+  public init() {}
+
+  /// The appends recorded are known to have committed or failed: nothing is left to look for.
+  public func settled() { tried.withLock { $0 = [:] } }
+
+  func record(_ log: AuditLogID, first: UInt64, count: Int, firstLeafHash: MerkleTree.Hash) {
+    tried.withLock { $0[log] = Tried(first: first, count: count, firstLeafHash: firstLeafHash) }
+  }
+
+  func previous(_ log: AuditLogID) -> Tried? { tried.withLock { $0[log] } }
 }
 
 /// A signed checkpoint as stored.
@@ -96,10 +126,13 @@ public struct AuditLogRepository: Sendable {
   }
 
   /// Appends `entries` in the transaction of `connection`; returns each log's new index range.
-  /// Logs are locked in key order, so two appenders of overlapping logs cannot deadlock.
+  /// Logs are locked in key order, so two appenders of overlapping logs cannot deadlock. With an
+  /// `attempt`, events an earlier, unanswered try already committed are left out, and what this
+  /// try appends is recorded in it.
   @discardableResult
   static func append(
     _ entries: [AuditEntry],
+    attempt: AuditAppendAttempt? = nil,
     on connection: PostgresConnection,
     logger: Logger
   ) async throws -> [AuditLogID: Range<UInt64>] {
@@ -108,9 +141,50 @@ public struct AuditLogRepository: Sendable {
     var appended: [AuditLogID: Range<UInt64>] = [:]
     for log in byLog.keys.sorted() {
       let range = try await lockHead(log, on: connection, logger: logger)
-      appended[log] = try await append(byLog[log]!, to: log, at: range, on: connection, logger: logger)
+      var batch = byLog[log]!
+      if let attempt {
+        batch = try await uncommitted(batch, of: log, head: range.size, attempt: attempt, on: connection, logger: logger)
+        guard !batch.isEmpty else { continue }
+      }
+      appended[log] = try await append(batch, to: log, at: range, on: connection, logger: logger)
     }
     return appended
+  }
+
+  /// `batch` less the events at its front that `attempt`'s previous try committed to `log`
+  /// (its first event's leaf hash is stored where that try began), recording this try in
+  /// `attempt`. The retried batch holds the earlier try's events first, in order; any other
+  /// appender's events at that index hash differently, and then nothing is left out.
+  static func uncommitted(
+    _ batch: [AuditEntry],
+    of log: AuditLogID,
+    head size: UInt64,
+    attempt: AuditAppendAttempt,
+    on connection: PostgresConnection,
+    logger: Logger
+  ) async throws -> [AuditEntry] {
+    var batch = batch
+    if let tried = attempt.previous(log), tried.count <= batch.count, size >= tried.first + UInt64(tried.count),
+      MerkleTree.leafHash(batch[0].leaf.readableBytesView) == tried.firstLeafHash
+    {
+      let rows = try await connection.prepared(
+        "SELECT leaf_hash FROM audit_leaves WHERE tenant_id = \(log.rawValue) AND leaf_index = \(Int64(tried.first))",
+        logger: logger
+      )
+      var stored: ByteBuffer?
+      for try await hash in rows.decode(ByteBuffer?.self) { stored = hash }
+      if let stored, Array(stored.readableBytesView) == tried.firstLeafHash {
+        logger.warning(
+          "audit events whose commit went unanswered were committed; not appending them again",
+          metadata: ["log": "\(log.rawValue)", "events": "\(tried.count)", "first_index": "\(tried.first)"]
+        )
+        batch.removeFirst(tried.count)
+      }
+    }
+    if let first = batch.first {
+      attempt.record(log, first: size, count: batch.count, firstLeafHash: MerkleTree.leafHash(first.leaf.readableBytesView))
+    }
+    return batch
   }
 
   /// Takes `log`'s head row lock until the transaction ends (creating the log on first use) and
@@ -305,12 +379,19 @@ public struct AuditLogRepository: Sendable {
     }
   }
 
-  /// Appends `entries` (of any logs) in a transaction of their own, committed on return.
+  /// Appends `entries` (of any logs) in a transaction of their own, committed on return. An
+  /// appender that retries failed appends passes the same `attempt` to each retry, and settles it
+  /// once one has committed, so that events of a try that committed unanswered are not recorded
+  /// twice.
   @discardableResult
-  public func append(_ entries: [AuditEntry], logger: Logger) async throws(StoreError) -> [AuditLogID: Range<UInt64>] {
+  public func append(
+    _ entries: [AuditEntry],
+    attempt: AuditAppendAttempt? = nil,
+    logger: Logger
+  ) async throws(StoreError) -> [AuditLogID: Range<UInt64>] {
     guard !entries.isEmpty else { return [:] }
     return try await database.withPlatform(logger: logger) { connection in
-      try await Self.append(entries, on: connection, logger: logger)
+      try await Self.append(entries, attempt: attempt, on: connection, logger: logger)
     }
   }
 

@@ -16,7 +16,7 @@ import TollgateGateway
 import TollgateMerkle
 import TollgateModel
 import TollgateProtos
-import TollgateStore
+@testable import TollgateStore
 
 /// The audit trail end to end: what is recorded, when it is committed, and that a verifier holding
 /// only the public key detects every kind of tampering done directly in Postgres.
@@ -595,6 +595,37 @@ import TollgateStore
         }, options: .noTimeout) { _ in false }
       }
       #expect(await getTenant() == nil)
+    }
+  }
+
+  /// A flush whose COMMIT went unanswered but took effect is retried with the same events first;
+  /// they must not be recorded twice. A try that did not commit, while another appender took the
+  /// index it had tried, must keep all its events.
+  @Test func retryAfterAnUnansweredCommitRecordsItsEventsOnce() async throws {
+    try await TestGateway.run { gw in
+      let repository = AuditLogRepository(database: gw.gateway.database)
+      let events = (0..<9).map {
+        AuditEventBuilder.entry(scope: nil, tenant: nil, method: "/test/Retry\($0)", resource: "", code: 0, message: "")
+      }
+      let start = try await gw.count("SELECT count(*) FROM audit_leaves WHERE tenant_id = '_platform'")
+
+      // The first try commits, but the flusher saw an error: it keeps the attempt unsettled and
+      // retries the same events, now followed by two that queued since.
+      let answerLost = AuditAppendAttempt()
+      try await repository.append(Array(events[0..<3]), attempt: answerLost, logger: testLogger)
+      try await repository.append(Array(events[0..<5]), attempt: answerLost, logger: testLogger)
+
+      // A try of events 5 and 6 that rolled back, after which another appender wrote events 7
+      // and 8 from the index that try had begun at: as many as the try had.
+      let rolledBack = AuditAppendAttempt()
+      rolledBack.record(
+        .platform, first: UInt64(start + 5), count: 2, firstLeafHash: MerkleTree.leafHash(events[5].leaf.readableBytesView))
+      try await repository.append(Array(events[7..<9]), logger: testLogger)
+      try await repository.append(Array(events[5..<7]), attempt: rolledBack, logger: testLogger)
+
+      let methods = try await gw.strings(
+        "SELECT method FROM audit_leaves WHERE tenant_id = '_platform' AND leaf_index >= \(start) ORDER BY leaf_index")
+      #expect(methods == [0, 1, 2, 3, 4, 7, 8, 5, 6].map { "/test/Retry\($0)" })
     }
   }
 
