@@ -29,7 +29,7 @@ public final class AuditBuffer: Service, Sendable {
   /// A queued event: built when its batch is flushed (``submit(time:_:)``), or already built.
   struct Queued: Sendable {
     let time: Date
-    let build: @Sendable (inout AuditLeafEncoder) -> AuditEntry
+    let build: @Sendable (AuditLeafEncoder) -> AuditEntry
 
     static func built(_ entry: AuditEntry) -> Queued { Queued(time: entry.time) { _ in entry } }
   }
@@ -69,7 +69,7 @@ public final class AuditBuffer: Service, Sendable {
   /// Queues an event of `time` that `build` puts together when its batch is flushed, with the
   /// batch's encoder. `build` runs once, off the caller's task, and must capture everything it
   /// needs.
-  func submit(time: Date, _ build: @escaping @Sendable (inout AuditLeafEncoder) -> AuditEntry) {
+  func submit(time: Date, _ build: @escaping @Sendable (AuditLeafEncoder) -> AuditEntry) {
     enqueue(Queued(time: time, build: build))
   }
 
@@ -148,8 +148,8 @@ public final class AuditBuffer: Service, Sendable {
         return batch
       }
       if queued.isEmpty { return }
-      var encoder = AuditLeafEncoder()
-      let batch = queued.map { $0.build(&encoder) }
+      let encoder = AuditLeafEncoder()
+      let batch = queued.map { $0.build(encoder) }
       do {
         try await repository.append(batch, attempt: attempt, logger: logger)
         attempt.settled()

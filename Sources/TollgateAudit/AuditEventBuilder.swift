@@ -12,7 +12,7 @@ public import TollgateStore
 /// worker's lease, completion or failure) or without one (a lease expiring).
 public enum AuditEventBuilder {
   /// An event. `scope` nil is the gateway acting on its own (no principal); `log` is then the
-  /// tenant's log.
+  /// tenant's log. A flush passes one `encoder` for its whole batch, which reuses what it can.
   public static func entry(
     scope: CallScope?,
     tenant: TenantID?,
@@ -23,28 +23,8 @@ public enum AuditEventBuilder {
     requestSHA256: [UInt8] = [],
     traceID: String = "",
     time: Date = Date(),
-    latency: Duration = .zero
-  ) -> AuditEntry {
-    var encoder = AuditLeafEncoder()
-    return entry(
-      scope: scope, tenant: tenant, method: method, resource: resource, code: code, message: message,
-      requestSHA256: requestSHA256, traceID: traceID, time: time, latency: latency, using: &encoder
-    )
-  }
-
-  /// An event, written by `encoder`, which keeps what it can reuse for the next events of a batch.
-  static func entry(
-    scope: CallScope?,
-    tenant: TenantID?,
-    method: String,
-    resource: String,
-    code: Int32,
-    message: String,
-    requestSHA256: [UInt8] = [],
-    traceID: String = "",
-    time: Date = Date(),
     latency: Duration = .zero,
-    using encoder: inout AuditLeafEncoder
+    encoder: AuditLeafEncoder = AuditLeafEncoder()
   ) -> AuditEntry {
     // Written once; these bytes are the leaf, stored and served as they are.
     let (leaf, spiffeID) = encoder.leaf(

@@ -181,7 +181,7 @@ final class AuditedCall: Sendable {
   }
 
   /// The call's event, with `latency` measured when the call ended.
-  func entry(code: Int32, message: String, latency: Duration, using encoder: inout AuditLeafEncoder) -> AuditEntry {
+  func entry(code: Int32, message: String, latency: Duration, encoder: AuditLeafEncoder) -> AuditEntry {
     let request = state.withLock { $0.request }
     return AuditEventBuilder.entry(
       scope: scope,
@@ -194,13 +194,12 @@ final class AuditedCall: Sendable {
       traceID: traceID,
       time: time,
       latency: latency,
-      using: &encoder
+      encoder: encoder
     )
   }
 
   func entry(code: Int32, message: String) -> AuditEntry {
-    var encoder = AuditLeafEncoder()
-    return entry(code: code, message: message, latency: ContinuousClock.now - start, using: &encoder)
+    entry(code: code, message: message, latency: ContinuousClock.now - start, encoder: AuditLeafEncoder())
   }
 
   /// Records the call's outcome (`error` nil = OK) unless already recorded. A mutating call's
@@ -220,7 +219,7 @@ final class AuditedCall: Sendable {
       // call's path: done one call at a time amid the serving work, the same steps cost the
       // machine about 18 µs more per call (docs/benchmarks.md, "Events built by the flusher").
       let latency = ContinuousClock.now - start
-      buffer.submit(time: time) { self.entry(code: code, message: message, latency: latency, using: &$0) }
+      buffer.submit(time: time) { self.entry(code: code, message: message, latency: latency, encoder: $0) }
       return
     }
     let entry = entry(code: code, message: message)

@@ -86,7 +86,7 @@ import TollgateStore
 
   @Test func handWrittenLeavesAreSwiftProtobufsBytes() throws {
     // One encoder for all, as in a flush: its principal cache must not mix principals up.
-    var encoder = AuditLeafEncoder()
+    let encoder = AuditLeafEncoder()
     for i in 0..<420 {
       let scope = Self.scopes[i % Self.scopes.count]
       let tenant = i % 4 == 1 ? nil : scope?.tenant ?? Self.acme
@@ -100,7 +100,7 @@ import TollgateStore
       let digest = Self.digests[i % Self.digests.count]
       let entry = AuditEventBuilder.entry(
         scope: scope, tenant: tenant, method: method, resource: resource, code: code, message: message,
-        requestSHA256: digest, traceID: traceID, time: time, latency: latency, using: &encoder
+        requestSHA256: digest, traceID: traceID, time: time, latency: latency, encoder: encoder
       )
       let expected = try Self.reference(
         time: time, scope: scope, tenant: tenant, method: method, resource: resource, code: code, message: message,
