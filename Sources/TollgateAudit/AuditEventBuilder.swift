@@ -8,8 +8,8 @@ import TollgateProtos
 public import TollgateStore
 
 /// Builds audit-log leaves: the one place an ``Tollgate_V1_AuditEvent`` is put together (and
-/// written, by ``AuditLeafEncoder``), for calls (``AuditedCall``) and for what happens inside a long-lived call (a
-/// worker's lease, completion or failure) or without one (a lease expiring).
+/// written, by ``AuditLeafEncoder``), for calls (``AuditedCall``) and for what happens inside a
+/// long-lived call (a worker's lease, completion or failure) or without one (a lease expiring).
 public enum AuditEventBuilder {
   /// An event. `scope` nil is the gateway acting on its own (no principal); `log` is then the
   /// tenant's log. A flush passes one `encoder` for its whole batch, which reuses what it can.
