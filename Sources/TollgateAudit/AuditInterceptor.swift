@@ -246,14 +246,10 @@ final class AuditedCall: Sendable {
       return !state.finished
     }
     guard unfinished, pending?.isCommitted != true else { return }
-    let entry = entry(code: Int32(RPCError.Code.cancelled.rawValue), message: "the client went away")
-    if mutating {
-      let repository = repository
-      let logger = logger
-      Task { try? await repository.append([entry], logger: logger) }
-    } else {
-      buffer.submit(entry)
-    }
+    // Through the buffer, mutating or not: nobody waits for this record, and the buffer retries
+    // it until it commits and flushes it at shutdown, where a task of its own dropped it unlogged
+    // on the first failure.
+    buffer.submit(entry(code: Int32(RPCError.Code.cancelled.rawValue), message: "the client went away"))
   }
 }
 

@@ -8,7 +8,7 @@ import ServiceLifecycle
 import Synchronization
 import SwiftProtobuf
 import Testing
-import TollgateAudit
+@testable import TollgateAudit
 import TollgateCertificates
 import TollgateClient
 import TollgateCore
@@ -626,6 +626,42 @@ import TollgateProtos
       let methods = try await gw.strings(
         "SELECT method FROM audit_leaves WHERE tenant_id = '_platform' AND leaf_index >= \(start) ORDER BY leaf_index")
       #expect(methods == [0, 1, 2, 3, 4, 7, 8, 5, 6].map { "/test/Retry\($0)" })
+    }
+  }
+
+  /// A call whose response never ran (the client went away) is recorded as CANCELLED when its
+  /// record is released; a mutating one's record too goes through the buffer, which retries it
+  /// until it commits instead of dropping it on a first failure.
+  @Test func aMutatingCallWhoseClientWentAwayIsRecordedThroughTheBuffer() async throws {
+    try await TestGateway.run { gw in
+      let repository = AuditLogRepository(database: gw.gateway.database)
+      let buffer = AuditBuffer(capacity: 10, repository: repository, logger: testLogger, linger: .zero)
+      let alice = Principal(
+        spiffeID: SPIFFEID(operatorNamed: "alice", trustDomain: gw.pki.ca.trustDomain),
+        certificateSHA256: String(repeating: "ab", count: 32),
+        serialHex: "1"
+      )
+      _ = AuditedCall(
+        scope: CallScope(principal: alice, tenant: nil, impersonated: false),
+        method: MethodDescriptor(fullyQualifiedService: "test.Gone", method: "Mutate"),
+        traceID: "",
+        mutating: true,
+        buffer: buffer,
+        repository: repository,
+        logger: testLogger
+      )
+      #expect(buffer.outstanding == 1)
+      let group = ServiceGroup(configuration: .init(services: [buffer], gracefulShutdownSignals: [], logger: testLogger))
+      try await withThrowingTaskGroup(of: Void.self) { tasks in
+        tasks.addTask { try await group.run() }
+        await buffer.allCommitted()
+        await group.triggerGracefulShutdown()
+        try await tasks.waitForAll()
+      }
+      #expect(
+        try await gw.count(
+          "SELECT count(*) FROM audit_leaves WHERE tenant_id = '_platform' AND method = '/test.Gone/Mutate' AND outcome = 1"
+        ) == 1)
     }
   }
 
