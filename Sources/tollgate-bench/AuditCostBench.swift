@@ -151,7 +151,11 @@ struct AuditCostBench: AsyncParsableCommand {
     /// a median of short rounds would round away.
     static func mean(_ costs: [Cost]) -> Cost {
       let count = Double(max(costs.count, 1))
-      return Cost(process: costs.map(\.process).reduce(0, +) / count, machine: costs.map(\.machine).reduce(0, +) / count)
+      return Cost(
+        process: costs.map(\.process).reduce(0, +) / count,
+        machine: costs.map(\.machine).reduce(0, +) / count,
+        switches: costs.map(\.switches).reduce(0, +) / count
+      )
     }
   }
 
