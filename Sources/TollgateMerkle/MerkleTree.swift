@@ -85,22 +85,37 @@ public enum MerkleTree {
 
   /// Checks an inclusion proof (RFC 9162 §2.1.3.2).
   public static func verifyInclusion(index: UInt64, treeSize: UInt64, leafHash: Hash, proof: [Hash], root: Hash) -> Bool {
+    var r = leafHash
+    let walked = walkInclusionProof(index: index, treeSize: treeSize, proof: proof) { p, isLeft in
+      r = isLeft ? nodeHash(p, r) : nodeHash(r, p)
+    }
+    return walked && r == root
+  }
+
+  /// Passes each hash of an inclusion proof to `visit` with the side it joins the path on, leaf
+  /// upward; false if the proof is not shaped for leaf `index` of a tree of `treeSize` leaves.
+  /// The left ones are the perfect subtrees left of the leaf, one per set bit of `index`.
+  static func walkInclusionProof(
+    index: UInt64,
+    treeSize: UInt64,
+    proof: [Hash],
+    visit: (_ hash: Hash, _ isLeft: Bool) -> Void
+  ) -> Bool {
     guard index < treeSize else { return false }
     var fn = index
     var sn = treeSize - 1
-    var r = leafHash
     for p in proof {
       if sn == 0 { return false }
       if fn & 1 == 1 || fn == sn {
-        r = nodeHash(p, r)
+        visit(p, true)
         if fn & 1 == 0 { shiftUntilOddOrZero(&fn, &sn) }
       } else {
-        r = nodeHash(r, p)
+        visit(p, false)
       }
       fn >>= 1
       sn >>= 1
     }
-    return sn == 0 && r == root
+    return sn == 0
   }
 
   /// Checks a consistency proof between two tree heads (RFC 9162 §2.1.4.2).

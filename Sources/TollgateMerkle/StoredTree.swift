@@ -29,20 +29,46 @@ public struct CompactRange: Sendable, Hashable {
     self.hashes = hashes
   }
 
+  /// The compact range of the first `index` leaves, read off an inclusion proof of leaf `index` in
+  /// a tree of `treeSize` leaves; nil if the proof is not shaped like one. The proof's left
+  /// siblings (RFC 9162 §2.1.3.2) are the perfect subtrees left of the leaf, one per set bit of
+  /// `index`, lowest first. Nothing here checks them: leaves appended to a range of wrong hashes
+  /// cannot re-hash to the signed root.
+  public init?(leftOf index: UInt64, treeSize: UInt64, inclusionProof proof: [MerkleTree.Hash]) {
+    var left: [MerkleTree.Hash] = []
+    let walked = MerkleTree.walkInclusionProof(index: index, treeSize: treeSize, proof: proof) { p, isLeft in
+      if isLeft { left.append(p) }
+    }
+    guard walked else { return nil }
+    self.init(size: index, hashes: left.reversed())
+  }
+
   /// Appends one leaf hash and returns every perfect subtree it completes, the leaf itself first.
   public mutating func append(leafHash: MerkleTree.Hash) -> [(NodeAddress, MerkleTree.Hash)] {
+    var completed: [(NodeAddress, MerkleTree.Hash)] = []
+    push(leafHash) { completed.append(($0, $1)) }
+    return completed
+  }
+
+  /// Appends leaf hashes, for a verifier that needs only the resulting ``root``.
+  public mutating func append(leafHashes: some Sequence<MerkleTree.Hash>) {
+    for leafHash in leafHashes { push(leafHash) { _, _ in } }
+  }
+
+  /// Appends a leaf hash, passing `completed` every perfect subtree it completes, the leaf first.
+  @inline(__always)
+  private mutating func push(_ leafHash: MerkleTree.Hash, completed: (NodeAddress, MerkleTree.Hash) -> Void) {
     var node = leafHash
     var address = NodeAddress(level: 0, index: size)
-    var completed = [(address, node)]
+    completed(address, node)
     // Each trailing one bit of the new leaf's index merges it with a left neighbour.
     while address.index & 1 == 1 {
       node = MerkleTree.nodeHash(hashes.removeLast(), node)
       address = NodeAddress(level: address.level + 1, index: address.index >> 1)
-      completed.append((address, node))
+      completed(address, node)
     }
     hashes.append(node)
     size += 1
-    return completed
   }
 
   /// The RFC 6962 root of the tree of `size` leaves.

@@ -28,6 +28,28 @@ import TollgateMerkle
     #expect(CompactRange(size: 3, hashes: [range.hashes[0]]) == nil)
   }
 
+  @Test func leftEdgeReadOffAnInclusionProofIsTheCompactRangeBeforeTheLeaf() {
+    let all = Self.leaves(70)
+    for size in 1...all.count {
+      var before = CompactRange()
+      for index in 0..<size {
+        let proof = MerkleTree.inclusionProof(index: index, all[..<size])
+        let edge = CompactRange(leftOf: UInt64(index), treeSize: UInt64(size), inclusionProof: proof)
+        #expect(edge == before, "leaf \(index) of \(size)")
+        // The edge and the rest of the leaves re-hash to the tree's root.
+        var tree = before
+        tree.append(leafHashes: all[index..<size])
+        #expect(tree.root == MerkleTree.root(all[..<size]))
+        // A proof missing a hash has the wrong shape.
+        if !proof.isEmpty {
+          #expect(CompactRange(leftOf: UInt64(index), treeSize: UInt64(size), inclusionProof: Array(proof.dropLast())) == nil)
+        }
+        _ = before.append(leafHash: all[index])
+      }
+      #expect(CompactRange(leftOf: UInt64(size), treeSize: UInt64(size), inclusionProof: []) == nil)
+    }
+  }
+
   @Test func storedNodeProofsMatchLeafProofsExhaustively() {
     let all = Self.leaves(40)
     let (nodes, _) = Self.storedNodes(all)
