@@ -110,7 +110,8 @@ public struct AuditService: RegistrableRPCService {
     }
     let hashes = try await proof(log) { node in MerkleTree.inclusionProof(index: request.index, treeSize: size, node: node) }
     guard let leaf = try await repository.leaf(log, index: request.index, logger: logger) else {
-      throw StoreError.unexpected("leaf \(request.index) of \(log) is missing below the checkpoint size")
+      throw StoreError.damaged(
+        "record \(request.index) is missing from the audit log below its checkpoint's size; verify the log to locate the damage")
     }
     return .with {
       $0.index = request.index

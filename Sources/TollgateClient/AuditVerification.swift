@@ -79,10 +79,53 @@ public struct AuditLogVerifier: Sendable {
     consistencyProof: ((UInt64, UInt64) async throws -> [MerkleTree.Hash])?
   ) async throws(AuditVerificationFailure) -> Checkpoint {
     let checkpoint = try checkpoint(note: checkpointNote)
+    try await verify(records, from: 0, edge: { CompactRange() }, against: checkpoint, consistencyProof: consistencyProof)
+    return checkpoint
+  }
+
+  /// Checks records `start` to the checkpoint's size (in order; later ones are ignored) without
+  /// the records before them. `edgeProof(start, size)` is the gateway's inclusion proof of record
+  /// `start` in the checkpoint's tree (asked for once the records are known to be all there); its
+  /// left siblings hash the `start` records before the range, and the range is re-hashed onto them
+  /// and compared with the signed root. The edge is not trusted: wrong edge hashes cannot re-hash
+  /// to that root. A mismatch is located like ``verifyLog(records:checkpointNote:consistencyProof:)``'s,
+  /// once a consistency proof has shown whether the edge or the records are at fault. A range
+  /// starting at or past the checkpoint's size is empty: only the signature is checked.
+  public func verifyRange(
+    from start: UInt64,
+    records: [(index: UInt64, leaf: [UInt8])],
+    checkpointNote: String,
+    edgeProof: @escaping (UInt64, UInt64) async throws -> [MerkleTree.Hash],
+    consistencyProof: ((UInt64, UInt64) async throws -> [MerkleTree.Hash])?
+  ) async throws(AuditVerificationFailure) -> Checkpoint {
+    let checkpoint = try checkpoint(note: checkpointNote)
+    let size = checkpoint.treeSize
+    guard start < size else { return checkpoint }
+    let edge = { () async throws(AuditVerificationFailure) -> CompactRange in
+      let proof: [MerkleTree.Hash]
+      do { proof = try await edgeProof(start, size) } catch { throw .proof("fetching the inclusion proof of record \(start): \(error)") }
+      guard let edge = CompactRange(leftOf: start, treeSize: size, inclusionProof: proof) else {
+        throw .proof("the inclusion proof of record \(start) is not shaped for a tree of \(size) records")
+      }
+      return edge
+    }
+    try await verify(records, from: start, edge: edge, against: checkpoint, consistencyProof: consistencyProof)
+    return checkpoint
+  }
+
+  /// Checks that `records` are `start` up to the checkpoint's size, then re-hashes them onto
+  /// `edge()` (the first `start` records, hashed) and compares the tree with the checkpoint's.
+  func verify(
+    _ records: [(index: UInt64, leaf: [UInt8])],
+    from start: UInt64,
+    edge fetchEdge: () async throws(AuditVerificationFailure) -> CompactRange,
+    against checkpoint: Checkpoint,
+    consistencyProof: ((UInt64, UInt64) async throws -> [MerkleTree.Hash])?
+  ) async throws(AuditVerificationFailure) {
     let size = checkpoint.treeSize
     var hashes: [MerkleTree.Hash] = []
-    hashes.reserveCapacity(Int(size))
-    var expected: UInt64 = 0
+    hashes.reserveCapacity(Int(size - min(start, size)))
+    var expected = start
     for record in records where record.index < size {
       if record.index < expected { throw .outOfOrder(index: record.index) }
       if record.index > expected { throw .missing(index: expected) }
@@ -90,22 +133,34 @@ public struct AuditLogVerifier: Sendable {
       expected += 1
     }
     guard expected == size else { throw .short(records: expected, checkpointSize: size) }
-    if MerkleTree.root(hashes) == checkpoint.rootHash { return checkpoint }
-    guard let consistencyProof else { throw .rootMismatch(records: size) }
-    // The whole prefix (m = size) is bad; find the smallest bad m in [1, size].
-    var low: UInt64 = 1
+    let edge = try await fetchEdge()
+    // The root of the first `m` records: the edge and the range's first `m - edge.size` hashes.
+    func root(of m: UInt64) -> MerkleTree.Hash {
+      let range = hashes[..<Int(m - edge.size)]
+      if edge.size == 0 { return MerkleTree.root(range) }
+      var tree = edge
+      tree.append(leafHashes: range)
+      return tree.root
+    }
+    if root(of: size) == checkpoint.rootHash { return }
+    guard let consistencyProof else { throw .rootMismatch(records: size - edge.size) }
+    func fetch(_ m: UInt64) async throws(AuditVerificationFailure) -> [MerkleTree.Hash] {
+      do { return try await consistencyProof(m, size) } catch { throw .proof("fetching \(m) -> \(size): \(error)") }
+    }
+    if edge.size > 0 {
+      let proof = try await fetch(edge.size)
+      guard MerkleTree.verifyConsistency(oldSize: edge.size, newSize: size, oldRoot: edge.root, newRoot: checkpoint.rootHash, proof: proof)
+      else {
+        throw .proof("the inclusion proof of record \(edge.size) does not lead to the signed root")
+      }
+    }
+    // The whole range (m = size) is bad; find the smallest bad m in [edge.size + 1, size].
+    var low = edge.size + 1
     var high = size
     while low < high {
       let m = low + (high - low) / 2
-      let proof: [MerkleTree.Hash]
-      do { proof = try await consistencyProof(m, size) } catch { throw .proof("fetching \(m) -> \(size): \(error)") }
-      let intact = MerkleTree.verifyConsistency(
-        oldSize: m,
-        newSize: size,
-        oldRoot: MerkleTree.root(hashes[..<Int(m)]),
-        newRoot: checkpoint.rootHash,
-        proof: proof
-      )
+      let proof = try await fetch(m)
+      let intact = MerkleTree.verifyConsistency(oldSize: m, newSize: size, oldRoot: root(of: m), newRoot: checkpoint.rootHash, proof: proof)
       if intact { low = m + 1 } else { high = m }
     }
     throw .altered(index: low - 1)
@@ -163,6 +218,15 @@ public struct AuditReader<Transport: ClientTransport>: Sendable {
     }
     let response = try await client.getConsistencyProof(request, metadata: metadata)
     return response.proof.hashes.map { Array($0) }
+  }
+
+  /// The hashes of the gateway's inclusion proof, for ``AuditLogVerifier/verifyRange(from:records:checkpointNote:edgeProof:consistencyProof:)``.
+  public func inclusionProof(index: UInt64, treeSize: UInt64) async throws -> [MerkleTree.Hash] {
+    let request = Tollgate_V1_GetInclusionProofRequest.with {
+      $0.index = index
+      $0.treeSize = treeSize
+    }
+    return try await client.getInclusionProof(request, metadata: metadata).hashes.map { Array($0) }
   }
 
   public func checkpoint() async throws -> Tollgate_V1_Checkpoint {

@@ -29,6 +29,8 @@ public enum TollgateError: Error, Sendable, Equatable {
   /// A change was sent to the database but its commit was never confirmed: DEADLINE_EXCEEDED,
   /// which gRPC defines as "may have completed", so the client reads back before retrying.
   case outcomeUnknown(String)
+  /// Stored data the call needs is missing or corrupt: DATA_LOSS, which a retry cannot fix.
+  case dataLoss(String)
   /// Something went wrong that the client cannot fix. The message sent is generic; the cause is
   /// logged where it happened.
   case internalError
@@ -51,6 +53,7 @@ extension TollgateError: RPCErrorConvertible {
     case .resourceExhausted: return .resourceExhausted
     case .unavailable: return .unavailable
     case .outcomeUnknown: return .deadlineExceeded
+    case .dataLoss: return .dataLoss
     case .internalError: return .internalError
     }
   }
@@ -58,7 +61,7 @@ extension TollgateError: RPCErrorConvertible {
   public var rpcErrorMessage: String {
     switch self {
     case .invalidArgument(let m, _), .unauthenticated(let m), .permissionDenied(let m), .notFound(let m),
-      .alreadyExists(let m), .failedPrecondition(let m), .unavailable(let m), .outcomeUnknown(let m), .resourceExhausted(let m, _, _, _):
+      .alreadyExists(let m), .failedPrecondition(let m), .unavailable(let m), .outcomeUnknown(let m), .dataLoss(let m), .resourceExhausted(let m, _, _, _):
       return m
     case .internalError:
       return "internal error; the gateway logged the details"

@@ -30,6 +30,9 @@ public func handlingStoreFailures<T: Sendable>(
         "the database did not confirm the change in time; it may have been applied, so read it back before retrying")
     case .quotaExhausted(let m):
       throw TollgateError.resourceExhausted(m, subject: "", description: m, retryAfter: nil)
+    case .damaged(let m):
+      logger.error("stored data missing or corrupt", metadata: ["method": "\(method)", "error": "\(m)"])
+      throw TollgateError.dataLoss(m)
     case .unexpected(let m):
       logger.error("store failure", metadata: ["method": "\(method)", "error": "\(m)"])
       throw TollgateError.internalError

@@ -520,9 +520,9 @@ public struct AuditLogRepository: Sendable {
       return (nodes, leafHashes)
     }
     guard nodes.count == wantedNodes.count, leafHashes.count == wantedLeaves.count else {
-      throw .unexpected(
-        "audit log \(log.rawValue) is missing \(wantedNodes.count - nodes.count) tree nodes and "
-          + "\(wantedLeaves.count - leafHashes.count) leaves"
+      throw .damaged(
+        "the audit log is missing \(wantedNodes.count - nodes.count) stored tree nodes and "
+          + "\(wantedLeaves.count - leafHashes.count) records that this proof needs; verify the log to locate the damage"
       )
     }
     var out: [NodeAddress: MerkleTree.Hash] = [:]

@@ -13,6 +13,9 @@ public enum StoreError: Error, Sendable {
   case failedPrecondition(String)
   /// The database did not answer a COMMIT in time: the change may or may not have been applied.
   case outcomeUnknown(String)
+  /// Rows a read needs are missing or malformed: the store was damaged or altered outside the
+  /// gateway (an audit log's leaves, say). The message names what is missing, not how it is stored.
+  case damaged(String)
   case unexpected(String)
 
   /// Classifies any error thrown by postgres-nio (unwrapping transaction errors first).

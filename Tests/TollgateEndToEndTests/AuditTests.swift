@@ -245,6 +245,81 @@ import TollgateProtos
     }
   }
 
+  /// Verifies the records from `start` on as `tollctl audit verify --start` does: one inclusion
+  /// proof for the edge, consistency proofs only to locate a fault. `edge` may alter that proof.
+  static func verifyRange(
+    _ gw: TestGateway,
+    tenant: String,
+    from start: UInt64,
+    edge: @escaping @Sendable ([MerkleTree.Hash]) -> [MerkleTree.Hash] = { $0 }
+  ) async throws -> Checkpoint {
+    let op = try gw.pki.issueOperator()
+    let verifier = AuditLogVerifier(key: AuditVerifierKey(name: gw.pki.auditKey.name, publicKey: gw.pki.auditKey.publicKey))
+    return try await gw.withClient(op) { client async throws in
+      let reader = AuditReader(client: client, metadata: actingOn(tenant))
+      let note = try await reader.checkpoint().signedNote
+      let records = try await Self.records(gw, as: op, metadata: actingOn(tenant)) { $0.startIndex = start }
+      return try await verifier.verifyRange(
+        from: start,
+        records: records.map { ($0.index, Array($0.leaf)) },
+        checkpointNote: note,
+        edgeProof: { index, size in edge(try await reader.inclusionProof(index: index, treeSize: size)) }
+      ) { old, new in
+        try await reader.consistencyProof(old: old, new: new)
+      }
+    }
+  }
+
+  @Test func rangeVerifiesFromOneInclusionProofAndNamesTheFirstBadIndex() async throws {
+    try await TestGateway.run { gw in
+      try await Self.createTenant(gw, "acme")
+      try await Self.mutate(gw, "acme", count: 20)
+      let whole = try await Self.verify(gw, tenant: "acme")
+      for start: UInt64 in [1, 6, 8, 13] {
+        let checkpoint = try await Self.verifyRange(gw, tenant: "acme", from: start)
+        #expect(checkpoint.treeSize >= whole.treeSize)
+      }
+
+      let digestByte = "position('\\x4a20'::bytea IN leaf) + 10"
+      func bump(_ index: Int, by delta: Int) async throws {
+        try await gw.adminSQL(
+          """
+          UPDATE audit_leaves SET leaf = set_byte(leaf, \(digestByte), (get_byte(leaf, \(digestByte)) + \(delta)) % 256)
+          WHERE tenant_id = 'acme' AND leaf_index = \(index)
+          """
+        )
+      }
+      // A record inside the range is named; one before it is not the range's concern.
+      try await bump(11, by: 1)
+      await #expect(throws: AuditVerificationFailure.altered(index: 11)) { _ = try await Self.verifyRange(gw, tenant: "acme", from: 6) }
+      await #expect(throws: AuditVerificationFailure.altered(index: 11)) { _ = try await Self.verifyRange(gw, tenant: "acme", from: 11) }
+      _ = try await Self.verifyRange(gw, tenant: "acme", from: 12)
+      try await bump(11, by: 255)
+      _ = try await Self.verifyRange(gw, tenant: "acme", from: 6)
+
+      // An edge that does not hash the records before the range is the gateway's fault, not theirs.
+      do {
+        _ = try await Self.verifyRange(gw, tenant: "acme", from: 13) { proof in
+          var proof = proof
+          proof[0][0] ^= 1
+          return proof
+        }
+        Issue.record("a range verified on a wrong edge")
+      } catch AuditVerificationFailure.proof(_) {}
+
+      // A row deleted from the range leaves a gap.
+      try await gw.adminSQL("DELETE FROM audit_leaves WHERE tenant_id = 'acme' AND leaf_index = 9")
+      await #expect(throws: AuditVerificationFailure.missing(index: 9)) { _ = try await Self.verifyRange(gw, tenant: "acme", from: 6) }
+      // A proof that needs the deleted record's hash cannot be made: DATA_LOSS, not an internal error.
+      let lost = await statusCode {
+        try await gw.withClient(try gw.pki.issueOperator()) { client async throws in
+          _ = try await AuditReader(client: client, metadata: actingOn("acme")).inclusionProof(index: 6, treeSize: 20)
+        }
+      }
+      #expect(lost == .dataLoss)
+    }
+  }
+
   @Test func proofsVerifyAgainstSignedCheckpoints() async throws {
     try await TestGateway.run { gw in
       try await Self.createTenant(gw, "acme")

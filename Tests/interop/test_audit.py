@@ -11,6 +11,8 @@ import grpc
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from conftest import admin_query
+
 TIMEOUT = 10
 TENANT = "audit-interop"
 
@@ -213,6 +215,25 @@ def test_tollctl_export_verify_and_tamper(audit_log, gateway, pki, work_dir):
 
     live = run_tollctl("audit", "verify", "--key", key, *identity)
     assert live.returncode == 0, live.stderr
+
+    # A range from index 7: re-hashed onto one inclusion proof's left edge. One byte of record 9
+    # changed in PostgreSQL is named, and the range after it still verifies.
+    ranged = run_tollctl("audit", "verify", "--start", "7", "--key", key, *identity)
+    assert ranged.returncode == 0, ranged.stderr
+    assert "verified" in ranged.stdout
+    # Inside the request digest (field 9: tag 0x4a, length 0x20), so the event still decodes.
+    at = "position('\\x4a20'::bytea IN leaf) + 10"
+    flip = (f"UPDATE audit_leaves SET leaf = set_byte(leaf, {at}, get_byte(leaf, {at}) # 1) "
+            f"WHERE tenant_id = '{TENANT}' AND leaf_index = 9")
+    admin_query(flip)
+    try:
+        bad_range = run_tollctl("audit", "verify", "--start", "7", "--key", key, *identity)
+        assert bad_range.returncode == 1, bad_range.stdout + bad_range.stderr
+        assert "first bad index 9" in bad_range.stderr
+        after = run_tollctl("audit", "verify", "--start", "10", "--key", key, *identity)
+        assert after.returncode == 0, after.stderr
+    finally:
+        admin_query(flip)
 
     # One byte of record 4's leaf changed in the file: verify names index 4, located with the
     # gateway's consistency proofs.
