@@ -4,7 +4,7 @@ public import Logging
 import Synchronization
 import SwiftProtobuf
 public import TollgateCore
-import TollgateModel
+public import TollgateModel
 import TollgateProtos
 public import TollgateStore
 
@@ -24,12 +24,21 @@ public struct AuditInterceptor: ServerInterceptor {
   let policy: AuthorizationPolicy
   let buffer: AuditBuffer
   let repository: AuditLogRepository
+  let tenantExists: @Sendable (TenantID) -> Bool
   let logger: Logger
 
-  public init(policy: AuthorizationPolicy, buffer: AuditBuffer, repository: AuditLogRepository, logger: Logger) {
+  /// `tenantExists` says whether a tenant is registered; see ``AuditedCall/logTenant(code:request:)``.
+  public init(
+    policy: AuthorizationPolicy,
+    buffer: AuditBuffer,
+    repository: AuditLogRepository,
+    tenantExists: @escaping @Sendable (TenantID) -> Bool,
+    logger: Logger
+  ) {
     self.policy = policy
     self.buffer = buffer
     self.repository = repository
+    self.tenantExists = tenantExists
     self.logger = logger
   }
 
@@ -57,6 +66,7 @@ public struct AuditInterceptor: ServerInterceptor {
       mutating: mutating,
       buffer: buffer,
       repository: repository,
+      tenantExists: tenantExists,
       logger: logger
     )
     var request = request
@@ -134,6 +144,7 @@ final class AuditedCall: Sendable {
   let mutating: Bool
   let buffer: AuditBuffer
   let repository: AuditLogRepository
+  let tenantExists: @Sendable (TenantID) -> Bool
   let logger: Logger
   let time = Date()
   let start = ContinuousClock.now
@@ -154,6 +165,7 @@ final class AuditedCall: Sendable {
     mutating: Bool,
     buffer: AuditBuffer,
     repository: AuditLogRepository,
+    tenantExists: @escaping @Sendable (TenantID) -> Bool,
     logger: Logger
   ) {
     self.scope = scope
@@ -162,6 +174,7 @@ final class AuditedCall: Sendable {
     self.mutating = mutating
     self.buffer = buffer
     self.repository = repository
+    self.tenantExists = tenantExists
     self.logger = logger
   }
 
@@ -183,11 +196,12 @@ final class AuditedCall: Sendable {
   /// The call's event, with `latency` measured when the call ended.
   func entry(code: Int32, message: String, latency: Duration, encoder: AuditLeafEncoder) -> AuditEntry {
     let request = state.withLock { $0.request }
+    let named = request as? any AuditResourceNaming
     return AuditEventBuilder.entry(
       scope: scope,
-      tenant: scope.tenant,
+      tenant: scope.tenant ?? logTenant(code: code, request: named),
       method: "/" + method.fullyQualifiedMethod,
-      resource: (request as? any AuditResourceNaming)?.auditResource ?? "",
+      resource: named?.auditResource ?? "",
       code: code,
       message: message,
       requestSHA256: request.map(AuditEventBuilder.requestDigest) ?? [],
@@ -196,6 +210,15 @@ final class AuditedCall: Sendable {
       latency: latency,
       encoder: encoder
     )
+  }
+
+  /// The tenant a call without one of its own (an operator's, without `tollgate-tenant`) acted
+  /// on: the tenant its request names, if that tenant is registered or the call succeeded (and so
+  /// found it, or created it). Its event goes to that tenant's log, where the tenant's auditors
+  /// see it; a call on no tenant, or on one that does not exist, goes to the platform log.
+  func logTenant(code: Int32, request: (any AuditResourceNaming)?) -> TenantID? {
+    guard let text = request?.auditTenant, !text.isEmpty, let tenant = try? TenantID(validating: text) else { return nil }
+    return code == 0 || tenantExists(tenant) ? tenant : nil
   }
 
   func entry(code: Int32, message: String) -> AuditEntry {

@@ -3,22 +3,35 @@ public import TollgateProtos
 /// A request that names the resource it acts on, for the audit record's `resource`.
 public protocol AuditResourceNaming {
   var auditResource: String { get }
+  /// The tenant the request acts on, if it names one (empty if not). An operator's call that
+  /// names no tenant in `tollgate-tenant` is recorded in this tenant's log, not the platform log,
+  /// so that the tenant's auditors see what was done to it.
+  var auditTenant: String { get }
+}
+
+extension AuditResourceNaming {
+  public var auditTenant: String { "" }
 }
 
 extension Tollgate_V1_CreateTenantRequest: AuditResourceNaming {
   public var auditResource: String { "tenants/\(tenantID)" }
+  public var auditTenant: String { tenantID }
 }
 extension Tollgate_V1_GetTenantRequest: AuditResourceNaming {
   public var auditResource: String { tenantID.isEmpty ? "" : "tenants/\(tenantID)" }
+  public var auditTenant: String { tenantID }
 }
 extension Tollgate_V1_UpdateQuotaRequest: AuditResourceNaming {
   public var auditResource: String { tenantID.isEmpty ? "" : "tenants/\(tenantID)" }
+  public var auditTenant: String { tenantID }
 }
 extension Tollgate_V1_SuspendTenantRequest: AuditResourceNaming {
   public var auditResource: String { "tenants/\(tenantID)" }
+  public var auditTenant: String { tenantID }
 }
 extension Tollgate_V1_ResumeTenantRequest: AuditResourceNaming {
   public var auditResource: String { "tenants/\(tenantID)" }
+  public var auditTenant: String { tenantID }
 }
 extension Tollgate_V1_RevokeCertificateRequest: AuditResourceNaming {
   public var auditResource: String {

@@ -201,7 +201,14 @@ public final class Gateway: Sendable {
           telemetry: telemetry
         ),
         audit: withoutAudit
-          ? nil : AuditInterceptor(policy: .standard, buffer: auditBuffer, repository: auditRepository, logger: logger),
+          ? nil
+          : AuditInterceptor(
+            policy: .standard,
+            buffer: auditBuffer,
+            repository: auditRepository,
+            tenantExists: { [directory] in directory.snapshot.tenantStates[$0] != nil },
+            logger: logger
+          ),
         quota: withoutQuota ? nil : QuotaInterceptor(policy: .standard, directory: directory, limiter: quotaLimiter, telemetry: telemetry)
       )
     )

@@ -187,7 +187,7 @@ struct AuditCostBench: AsyncParsableCommand {
   /// buffer's flush on its own: what a call costs on its path, and what its event costs later.
   func auditedRound(_ repository: AuditLogRepository, scope: CallScope, calls: Int) async throws -> (calls: Cost, flush: Cost) {
     let buffer = AuditBuffer(capacity: .max, repository: repository, logger: benchLogger, linger: .zero)
-    let audit = AuditInterceptor(policy: .standard, buffer: buffer, repository: repository, logger: benchLogger)
+    let audit = AuditInterceptor(policy: .standard, buffer: buffer, repository: repository, tenantExists: { _ in true }, logger: benchLogger)
     let callCost = try await Cost.of(calls: calls) { try await round(audit, scope: scope, calls: calls) }
     let flushCost = try await Cost.of(calls: calls) {
       let flusher = Task { try await buffer.run() }

@@ -108,12 +108,14 @@ import TollgateProtos
       _ = try await gw.withClient(op) { client async throws in
         try await Tollgate_V1_TenantService.Client(wrapping: client).createTenant(request)
       }
-      // No waiting: the event committed with the tenant row.
-      let platform = try await Self.records(gw, as: op)
-      let created = try #require(platform.first { $0.event.method == Self.createTenant })
+      // No waiting: the event committed with the tenant row, as the first record of its log.
+      let log = try await Self.records(gw, as: op, metadata: actingOn("acme"))
+      let created = try #require(log.first { $0.event.method == Self.createTenant })
+      #expect(created.index == 0)
       #expect(created.event.outcomeCode == 0)
       #expect(created.event.resource == "tenants/acme")
-      #expect(created.event.tenantID == "")
+      #expect(created.event.tenantID == "acme")
+      #expect(created.event.impersonated == false)
       #expect(created.event.principal.spiffeID == "spiffe://example.org/operator/alice")
       #expect(created.event.principal.role == .operator)
       #expect(created.event.principal.certificateSha256.count == 64)
@@ -123,7 +125,7 @@ import TollgateProtos
       #expect(created.event.requestSha256 == Data(SHA256.hash(data: requestBytes)))
       // The decoded event is exactly the stored leaf.
       #expect(try Tollgate_V1_AuditEvent(serializedBytes: created.leaf) == created.event)
-      #expect(platform.map(\.index) == Array(0..<UInt64(platform.count)))
+      #expect(log.map(\.index) == Array(0..<UInt64(log.count)))
 
       // A failed mutation is recorded with its status, also before its reply.
       let again = await statusCode {
@@ -132,15 +134,59 @@ import TollgateProtos
         }
       }
       #expect(again == .alreadyExists)
-      let after = try await Self.records(gw, as: op) { $0.methods = [Self.createTenant] }
+      let after = try await Self.records(gw, as: op, metadata: actingOn("acme")) { $0.methods = [Self.createTenant] }
       #expect(after.map(\.event.outcomeCode) == [0, Int32(RPCError.Code.alreadyExists.rawValue)])
 
       // An operator acting on a tenant is recorded in that tenant's log, marked impersonated.
       try await Self.mutate(gw, "acme", count: 1)
-      let acme = try await Self.records(gw, as: op, metadata: actingOn("acme"))
+      let acme = try await Self.records(gw, as: op, metadata: actingOn("acme")) { $0.methods = [Self.updateQuota] }
       #expect(acme.count == 1)
       #expect(acme.first?.event.impersonated == true)
       #expect(acme.first?.event.tenantID == "acme")
+    }
+  }
+
+  @Test func operatorAdministrationOfATenantIsInThatTenantsLog() async throws {
+    try await TestGateway.run { gw in
+      try await Self.createTenant(gw, "acme")
+      let op = try gw.pki.issueOperator("olga")
+      try await gw.withClient(op) { client async throws in
+        let tenants = Tollgate_V1_TenantService.Client(wrapping: client)
+        _ = try await tenants.suspendTenant(.with { $0.tenantID = "acme" })
+        _ = try await tenants.resumeTenant(.with { $0.tenantID = "acme" })
+        _ = try await tenants.getTenant(.with { $0.tenantID = "acme" })
+        _ = try await tenants.listTenants(.init())
+      }
+      let missing = await statusCode {
+        try await gw.withClient(op) { client async throws in
+          try await Tollgate_V1_TenantService.Client(wrapping: client).getTenant(.with { $0.tenantID = "nobody" })
+        }
+      }
+      #expect(missing == .notFound)
+      let again = await statusCode {
+        try await gw.withClient(op) { client async throws in
+          try await Tollgate_V1_TenantService.Client(wrapping: client).createTenant(.with { $0.tenantID = "acme" })
+        }
+      }
+      #expect(again == .alreadyExists)
+      await gw.gateway.auditBuffer.allCommitted()
+
+      // What was done to acme, refusals included, is in acme's log, where its auditors read it.
+      let acme = try await Self.records(gw, as: op, metadata: actingOn("acme"))
+      let acted = acme.filter { $0.event.principal.spiffeID == "spiffe://example.org/operator/olga" && !$0.event.method.hasPrefix("/tollgate.v1.AuditService/") }
+      #expect(acted.map(\.event.method) == [
+        "/tollgate.v1.TenantService/SuspendTenant", "/tollgate.v1.TenantService/ResumeTenant",
+        "/tollgate.v1.TenantService/GetTenant", Self.createTenant,
+      ])
+      #expect(acted.map(\.event.outcomeCode) == [0, 0, 0, Int32(RPCError.Code.alreadyExists.rawValue)])
+      #expect(acted.allSatisfy { $0.event.tenantID == "acme" && $0.event.resource == "tenants/acme" && !$0.event.impersonated })
+
+      // Calls on no tenant, or on one that does not exist, stay in the platform log, and no log is
+      // made for a tenant id nobody registered.
+      let platform = try await Self.records(gw, as: op) { $0.principalSpiffeID = "spiffe://example.org/operator/olga" }
+      #expect(platform.map(\.event.method) == [Self.listTenants, "/tollgate.v1.TenantService/GetTenant"])
+      #expect(platform.last?.event.resource == "tenants/nobody")
+      #expect(try await gw.count("SELECT count(*) FROM audit_logs WHERE tenant_id = 'nobody'") == 0)
     }
   }
 
@@ -581,7 +627,8 @@ import TollgateProtos
           """
           INSERT INTO audit_pending (tenant_id, leaf, event_time, method, principal, outcome)
           SELECT tenant_id, leaf, event_time, method, principal, outcome FROM audit_leaves
-          WHERE tenant_id = 'acme' AND leaf_index = 0
+          WHERE tenant_id = 'acme' AND leaf_index = (
+            SELECT min(leaf_index) FROM audit_leaves WHERE tenant_id = 'acme' AND method = '\(Self.updateQuota)')
           """
         )
         return try await group.next() ?? []
@@ -723,6 +770,7 @@ import TollgateProtos
         mutating: true,
         buffer: buffer,
         repository: repository,
+        tenantExists: { _ in false },
         logger: testLogger
       )
       #expect(buffer.outstanding == 1)
