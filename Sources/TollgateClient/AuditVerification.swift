@@ -23,13 +23,25 @@ public enum AuditVerificationFailure: Error, CustomStringConvertible, Equatable,
   case rootMismatch(records: UInt64)
   /// A proof from the gateway does not verify against the signed root.
   case proof(String)
+  /// A proof the check needed could not be fetched (the gateway unreachable, a deadline): nothing
+  /// was found wrong, and the log was not checked either.
+  case unanswered(String)
 
   public var firstBadIndex: UInt64? {
     switch self {
     case .missing(let i), .outOfOrder(let i), .altered(let i): return i
     case .short(let records, _): return records
-    case .checkpoint, .proof, .rootMismatch: return nil
+    case .checkpoint, .proof, .rootMismatch, .unanswered: return nil
     }
+  }
+
+  /// Fetching `what` failed with `error`. The gateway's DATA_LOSS (records or hashes missing from
+  /// its store) is damage found; anything else only means the check could not be made.
+  static func fetching(_ what: String, _ error: any Error) -> AuditVerificationFailure {
+    if let rpc = error as? RPCError, rpc.code == .dataLoss {
+      return .proof("fetching \(what): the gateway reports the log damaged: \(rpc.message)")
+    }
+    return .unanswered("fetching \(what): \(error)")
   }
 
   public var description: String {
@@ -43,6 +55,7 @@ public enum AuditVerificationFailure: Error, CustomStringConvertible, Equatable,
     case .rootMismatch(let n):
       return "the \(n) records do not hash to the signed root: something was altered, removed or reordered (connect to the gateway to locate the first bad index)"
     case .proof(let why): return "proof does not verify: \(why)"
+    case .unanswered(let why): return "could not check: \(why)"
     }
   }
 }
@@ -103,7 +116,9 @@ public struct AuditLogVerifier: Sendable {
     guard start < size else { return checkpoint }
     let edge = { () async throws(AuditVerificationFailure) -> CompactRange in
       let proof: [MerkleTree.Hash]
-      do { proof = try await edgeProof(start, size) } catch { throw .proof("fetching the inclusion proof of record \(start): \(error)") }
+      do { proof = try await edgeProof(start, size) } catch {
+        throw .fetching("the inclusion proof of record \(start)", error)
+      }
       guard let edge = CompactRange(leftOf: start, treeSize: size, inclusionProof: proof) else {
         throw .proof("the inclusion proof of record \(start) is not shaped for a tree of \(size) records")
       }
@@ -145,7 +160,7 @@ public struct AuditLogVerifier: Sendable {
     if root(of: size) == checkpoint.rootHash { return }
     guard let consistencyProof else { throw .rootMismatch(records: size - edge.size) }
     func fetch(_ m: UInt64) async throws(AuditVerificationFailure) -> [MerkleTree.Hash] {
-      do { return try await consistencyProof(m, size) } catch { throw .proof("fetching \(m) -> \(size): \(error)") }
+      do { return try await consistencyProof(m, size) } catch { throw .fetching("the consistency proof \(m) -> \(size)", error) }
     }
     if edge.size > 0 {
       let proof = try await fetch(edge.size)

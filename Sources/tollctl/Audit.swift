@@ -163,6 +163,10 @@ struct Audit: AsyncParsableCommand {
           try await verifyFromGateway(verifier)
         }
       } catch let failure as AuditVerificationFailure {
+        if case .unanswered = failure {
+          FileHandle.standardError.write(Data("tollctl: COULD NOT CHECK: \(failure)\n".utf8))
+          throw ExitCode(2)
+        }
         FileHandle.standardError.write(Data("tollctl: NOT VERIFIED: \(failure)\n".utf8))
         throw ExitCode(1)
       }

@@ -297,7 +297,7 @@ import TollgateProtos
     _ gw: TestGateway,
     tenant: String,
     from start: UInt64,
-    edge: @escaping @Sendable ([MerkleTree.Hash]) -> [MerkleTree.Hash] = { $0 }
+    edge: @escaping @Sendable ([MerkleTree.Hash]) throws -> [MerkleTree.Hash] = { $0 }
   ) async throws -> Checkpoint {
     let op = try gw.pki.issueOperator()
     let verifier = AuditLogVerifier(key: AuditVerifierKey(name: gw.pki.auditKey.name, publicKey: gw.pki.auditKey.publicKey))
@@ -309,7 +309,7 @@ import TollgateProtos
         from: start,
         records: records.map { ($0.index, Array($0.leaf)) },
         checkpointNote: note,
-        edgeProof: { index, size in edge(try await reader.inclusionProof(index: index, treeSize: size)) }
+        edgeProof: { index, size in try edge(try await reader.inclusionProof(index: index, treeSize: size)) }
       ) { old, new in
         try await reader.consistencyProof(old: old, new: new)
       }
@@ -352,6 +352,11 @@ import TollgateProtos
         }
         Issue.record("a range verified on a wrong edge")
       } catch AuditVerificationFailure.proof(_) {}
+      // A proof that could not be fetched is no finding either way.
+      do {
+        _ = try await Self.verifyRange(gw, tenant: "acme", from: 13) { _ in throw RPCError(code: .unavailable, message: "down") }
+        Issue.record("a range verified without its edge")
+      } catch AuditVerificationFailure.unanswered(_) {}
 
       // A row deleted from the range leaves a gap.
       try await gw.adminSQL("DELETE FROM audit_leaves WHERE tenant_id = 'acme' AND leaf_index = 9")
@@ -363,6 +368,14 @@ import TollgateProtos
         }
       }
       #expect(lost == .dataLoss)
+      // A range after the gap needs the deleted record's hash for its edge: the gateway's DATA_LOSS
+      // is reported as damage found, not as a check that could not be made.
+      do {
+        _ = try await Self.verifyRange(gw, tenant: "acme", from: 10)
+        Issue.record("a range verified on an edge the gateway could not make")
+      } catch AuditVerificationFailure.proof(let why) {
+        #expect(why.contains("damaged"))
+      }
     }
   }
 
