@@ -70,6 +70,25 @@ import TollgateProtos
     }
   }
 
+  /// A verifier holding only the test gateway's published audit key.
+  static func verifier(_ gw: TestGateway) -> AuditLogVerifier {
+    AuditLogVerifier(key: AuditVerifierKey(name: gw.pki.auditKey.name, publicKey: gw.pki.auditKey.publicKey))
+  }
+
+  /// Adds `delta` (mod 256) to one byte of record `index`'s stored leaf, inside the request digest
+  /// (field 9: tag 0x4a, length 0x20), so the event still decodes. A fixed offset from the end is
+  /// not enough: the fields after the digest, and the latency's varint before it, vary in length
+  /// from call to call.
+  static func addToDigestByte(_ gw: TestGateway, tenant: String, index: Int, _ delta: Int) async throws {
+    let digestByte = "position('\\x4a20'::bytea IN leaf) + 10"
+    try await gw.adminSQL(
+      """
+      UPDATE audit_leaves SET leaf = set_byte(leaf, \(digestByte), (get_byte(leaf, \(digestByte)) + \(delta)) % 256)
+      WHERE tenant_id = '\(tenant)' AND leaf_index = \(index)
+      """
+    )
+  }
+
   /// Streams the whole log, fetches a checkpoint and verifies, pinpointing with the gateway's proofs.
   static func verify(_ gw: TestGateway, tenant: String) async throws(AuditVerificationFailure) -> Checkpoint {
     let op: CertificateAuthority.Issued
@@ -87,7 +106,7 @@ import TollgateProtos
       Issue.record("reading the log failed: \(error)")
       throw .proof("\(error)")
     }
-    let verifier = AuditLogVerifier(key: AuditVerifierKey(name: gw.pki.auditKey.name, publicKey: gw.pki.auditKey.publicKey))
+    let verifier = Self.verifier(gw)
     return try await verifier.verifyLog(
       records: records.map { ($0.index, Array($0.leaf)) },
       checkpointNote: note
@@ -259,23 +278,10 @@ import TollgateProtos
       #expect(checkpoint.treeSize >= 12)
       #expect(checkpoint.origin == "tollgate/example.org/acme")
 
-      // One byte of a stored leaf, inside the request digest (field 9: tag 0x4a, length 0x20), so
-      // the event still decodes. A fixed offset from the end is not enough: the fields after the
-      // digest, and the latency's varint before it, vary in length from call to call.
-      let digestByte = "position('\\x4a20'::bytea IN leaf) + 10"
-      try await gw.adminSQL(
-        """
-        UPDATE audit_leaves SET leaf = set_byte(leaf, \(digestByte), (get_byte(leaf, \(digestByte)) + 1) % 256)
-        WHERE tenant_id = 'acme' AND leaf_index = 5
-        """
-      )
+      // One byte of a stored leaf.
+      try await Self.addToDigestByte(gw, tenant: "acme", index: 5, 1)
       await #expect(throws: AuditVerificationFailure.altered(index: 5)) { try await Self.verify(gw, tenant: "acme") }
-      try await gw.adminSQL(
-        """
-        UPDATE audit_leaves SET leaf = set_byte(leaf, \(digestByte), (get_byte(leaf, \(digestByte)) + 255) % 256)
-        WHERE tenant_id = 'acme' AND leaf_index = 5
-        """
-      )
+      try await Self.addToDigestByte(gw, tenant: "acme", index: 5, 255)
       _ = try await Self.verify(gw, tenant: "acme")
 
       // A deleted row.
@@ -308,7 +314,7 @@ import TollgateProtos
     edge: @escaping @Sendable ([MerkleTree.Hash]) throws -> [MerkleTree.Hash] = { $0 }
   ) async throws -> Checkpoint {
     let op = try gw.pki.issueOperator()
-    let verifier = AuditLogVerifier(key: AuditVerifierKey(name: gw.pki.auditKey.name, publicKey: gw.pki.auditKey.publicKey))
+    let verifier = Self.verifier(gw)
     return try await gw.withClient(op) { client async throws in
       let reader = AuditReader(client: client, metadata: actingOn(tenant))
       let note = try await reader.checkpoint().signedNote
@@ -334,21 +340,12 @@ import TollgateProtos
         #expect(checkpoint.treeSize >= whole.treeSize)
       }
 
-      let digestByte = "position('\\x4a20'::bytea IN leaf) + 10"
-      func bump(_ index: Int, by delta: Int) async throws {
-        try await gw.adminSQL(
-          """
-          UPDATE audit_leaves SET leaf = set_byte(leaf, \(digestByte), (get_byte(leaf, \(digestByte)) + \(delta)) % 256)
-          WHERE tenant_id = 'acme' AND leaf_index = \(index)
-          """
-        )
-      }
       // A record inside the range is named; one before it is not the range's concern.
-      try await bump(11, by: 1)
+      try await Self.addToDigestByte(gw, tenant: "acme", index: 11, 1)
       await #expect(throws: AuditVerificationFailure.altered(index: 11)) { _ = try await Self.verifyRange(gw, tenant: "acme", from: 6) }
       await #expect(throws: AuditVerificationFailure.altered(index: 11)) { _ = try await Self.verifyRange(gw, tenant: "acme", from: 11) }
       _ = try await Self.verifyRange(gw, tenant: "acme", from: 12)
-      try await bump(11, by: 255)
+      try await Self.addToDigestByte(gw, tenant: "acme", index: 11, 255)
       _ = try await Self.verifyRange(gw, tenant: "acme", from: 6)
 
       // An edge that does not hash the records before the range is the gateway's fault, not theirs.
@@ -391,7 +388,7 @@ import TollgateProtos
     try await TestGateway.run { gw in
       try await Self.createTenant(gw, "acme")
       let op = try gw.pki.issueOperator()
-      let verifier = AuditLogVerifier(key: AuditVerifierKey(name: gw.pki.auditKey.name, publicKey: gw.pki.auditKey.publicKey))
+      let verifier = Self.verifier(gw)
       try await Self.mutate(gw, "acme", count: 5)
       try await gw.withClient(op) { client async throws in
         let reader = AuditReader(client: client, metadata: actingOn("acme"))
@@ -476,7 +473,7 @@ import TollgateProtos
       #expect(unkept == 0)
 
       let op = try gw.pki.issueOperator()
-      let verifier = AuditLogVerifier(key: AuditVerifierKey(name: gw.pki.auditKey.name, publicKey: gw.pki.auditKey.publicKey))
+      let verifier = Self.verifier(gw)
       try await gw.withClient(op) { client async throws in
         let reader = AuditReader(client: client, metadata: actingOn("tiles"))
         let checkpoint = try verifier.checkpoint(note: try await reader.checkpoint().signedNote)
