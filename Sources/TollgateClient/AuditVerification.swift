@@ -23,6 +23,9 @@ public enum AuditVerificationFailure: Error, CustomStringConvertible, Equatable,
   case rootMismatch(records: UInt64)
   /// A proof from the gateway does not verify against the signed root.
   case proof(String)
+  /// A range was asked to start at `start`, past the end of a signed log of `checkpointSize`
+  /// records. A log never shrinks, so either the start is wrong or the log was cut back.
+  case beyondEnd(start: UInt64, checkpointSize: UInt64)
   /// A proof the check needed could not be fetched (the gateway unreachable, a deadline): nothing
   /// was found wrong, and the log was not checked either.
   case unanswered(String)
@@ -31,7 +34,7 @@ public enum AuditVerificationFailure: Error, CustomStringConvertible, Equatable,
     switch self {
     case .missing(let i), .outOfOrder(let i), .altered(let i): return i
     case .short(let records, _): return records
-    case .checkpoint, .proof, .rootMismatch, .unanswered: return nil
+    case .checkpoint, .proof, .rootMismatch, .beyondEnd, .unanswered: return nil
     }
   }
 
@@ -55,6 +58,8 @@ public enum AuditVerificationFailure: Error, CustomStringConvertible, Equatable,
     case .rootMismatch(let n):
       return "the \(n) records do not hash to the signed root: something was altered, removed or reordered (connect to the gateway to locate the first bad index)"
     case .proof(let why): return "proof does not verify: \(why)"
+    case .beyondEnd(let start, let size):
+      return "the signed log holds \(size) records, so there is no record \(start) to start from: if an earlier check saw more than \(size) records, the log was cut back"
     case .unanswered(let why): return "could not check: \(why)"
     }
   }
@@ -103,7 +108,9 @@ public struct AuditLogVerifier: Sendable {
   /// and compared with the signed root. The edge is not trusted: wrong edge hashes cannot re-hash
   /// to that root. A mismatch is located like ``verifyLog(records:checkpointNote:consistencyProof:)``'s,
   /// once a consistency proof has shown whether the edge or the records are at fault. A range
-  /// starting at or past the checkpoint's size is empty: only the signature is checked.
+  /// starting at the checkpoint's size is empty: only the signature is checked. One starting past
+  /// it is a finding (``AuditVerificationFailure/beyondEnd(start:checkpointSize:)``): a check that
+  /// resumes where the last one ended must not pass on a log that has since been cut back.
   public func verifyRange(
     from start: UInt64,
     records: [(index: UInt64, leaf: [UInt8])],
@@ -113,7 +120,8 @@ public struct AuditLogVerifier: Sendable {
   ) async throws(AuditVerificationFailure) -> Checkpoint {
     let checkpoint = try checkpoint(note: checkpointNote)
     let size = checkpoint.treeSize
-    guard start < size else { return checkpoint }
+    if start > size { throw .beyondEnd(start: start, checkpointSize: size) }
+    if start == size { return checkpoint }
     let edge = { () async throws(AuditVerificationFailure) -> CompactRange in
       let proof: [MerkleTree.Hash]
       do { proof = try await edgeProof(start, size) } catch {

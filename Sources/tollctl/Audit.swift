@@ -218,7 +218,7 @@ struct Audit: AsyncParsableCommand {
           _ = try await verifier.verifyLog(records: collected, checkpointNote: note) { old, new in
             try await reader.consistencyProof(old: old, new: new)
           }
-        } else if start < size {
+        } else {
           _ = try await verifier.verifyRange(
             from: start,
             records: collected,

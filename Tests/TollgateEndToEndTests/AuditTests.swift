@@ -339,6 +339,13 @@ import TollgateProtos
         let checkpoint = try await Self.verifyRange(gw, tenant: "acme", from: start)
         #expect(checkpoint.treeSize >= whole.treeSize)
       }
+      // Past the end: the log is shorter than the caller's start, which is not "0 records verified".
+      do {
+        _ = try await Self.verifyRange(gw, tenant: "acme", from: 1_000_000)
+        Issue.record("a range past the end of the log verified")
+      } catch AuditVerificationFailure.beyondEnd(let start, let size) {
+        #expect(start == 1_000_000 && size >= whole.treeSize)
+      }
 
       // A record inside the range is named; one before it is not the range's concern.
       try await Self.addToDigestByte(gw, tenant: "acme", index: 11, 1)

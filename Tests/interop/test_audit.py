@@ -221,6 +221,10 @@ def test_tollctl_export_verify_and_tamper(audit_log, gateway, pki, work_dir):
     ranged = run_tollctl("audit", "verify", "--start", "7", "--key", key, *identity)
     assert ranged.returncode == 0, ranged.stderr
     assert "verified" in ranged.stdout
+    # A start past the signed end means a wrong start or a log cut back: a finding, not "0 verified".
+    beyond = run_tollctl("audit", "verify", "--start", "1000000", "--key", key, *identity)
+    assert beyond.returncode == 1, beyond.stdout + beyond.stderr
+    assert "cut back" in beyond.stderr
     # Inside the request digest (field 9: tag 0x4a, length 0x20), so the event still decodes.
     at = "position('\\x4a20'::bytea IN leaf) + 10"
     flip = (f"UPDATE audit_leaves SET leaf = set_byte(leaf, {at}, get_byte(leaf, {at}) # 1) "
