@@ -26,6 +26,9 @@ public enum AuditVerificationFailure: Error, CustomStringConvertible, Equatable,
   /// A range was asked to start at `start`, past the end of a signed log of `checkpointSize`
   /// records. A log never shrinks, so either the start is wrong or the log was cut back.
   case beyondEnd(start: UInt64, checkpointSize: UInt64)
+  /// The log does not extend a checkpoint verified earlier: it was cut back, or records the earlier
+  /// checkpoint covered were rewritten and the log signed again.
+  case forked(String)
   /// A proof the check needed could not be fetched (the gateway unreachable, a deadline): nothing
   /// was found wrong, and the log was not checked either.
   case unanswered(String)
@@ -34,7 +37,7 @@ public enum AuditVerificationFailure: Error, CustomStringConvertible, Equatable,
     switch self {
     case .missing(let i), .outOfOrder(let i), .altered(let i): return i
     case .short(let records, _): return records
-    case .checkpoint, .proof, .rootMismatch, .beyondEnd, .unanswered: return nil
+    case .checkpoint, .proof, .rootMismatch, .beyondEnd, .forked, .unanswered: return nil
     }
   }
 
@@ -60,6 +63,7 @@ public enum AuditVerificationFailure: Error, CustomStringConvertible, Equatable,
     case .proof(let why): return "proof does not verify: \(why)"
     case .beyondEnd(let start, let size):
       return "the signed log holds \(size) records, so there is no record \(start) to start from: if an earlier check saw more than \(size) records, the log was cut back"
+    case .forked(let why): return "the log does not extend the checkpoint verified earlier: \(why)"
     case .unanswered(let why): return "could not check: \(why)"
     }
   }
@@ -187,6 +191,61 @@ public struct AuditLogVerifier: Sendable {
       if intact { low = m + 1 } else { high = m }
     }
     throw .altered(index: low - 1)
+  }
+
+  /// Checks that `checkpoint` extends `earlier`, a checkpoint of the same log verified before:
+  /// every record `earlier` covered is still there, unchanged and in place. This is what makes a
+  /// resumed check sound. Re-hashing records proves them against whatever root the gateway signs
+  /// now, so a log rewritten and signed again would pass it; only a root remembered from before
+  /// cannot be rewritten. `consistencyProof(m, n)` is the gateway's GetConsistencyProof.
+  public func verifyExtends(
+    _ earlier: Checkpoint,
+    to checkpoint: Checkpoint,
+    consistencyProof: (UInt64, UInt64) async throws -> [MerkleTree.Hash]
+  ) async throws(AuditVerificationFailure) {
+    try Self.sameLog(earlier, checkpoint)
+    let (old, new) = (earlier.treeSize, checkpoint.treeSize)
+    if new < old {
+      throw .forked("it was verified at \(old) records and now holds \(new): it was cut back")
+    }
+    if new == old {
+      guard earlier.rootHash == checkpoint.rootHash else {
+        throw .forked("both hold \(old) records, and their roots differ: records were rewritten")
+      }
+      return
+    }
+    let proof: [MerkleTree.Hash]
+    do { proof = try await consistencyProof(old, new) } catch { throw .fetching("the consistency proof \(old) -> \(new)", error) }
+    guard MerkleTree.verifyConsistency(oldSize: old, newSize: new, oldRoot: earlier.rootHash, newRoot: checkpoint.rootHash, proof: proof)
+    else {
+      throw .forked("no consistency proof from \(old) to \(new) records: records the earlier checkpoint covered were rewritten")
+    }
+  }
+
+  /// ``verifyExtends(_:to:consistencyProof:)`` for records at hand from index 0 (an export),
+  /// already verified against `checkpoint`: the first `earlier.treeSize` of them must hash to
+  /// the earlier root.
+  public func verifyExtends(
+    _ earlier: Checkpoint,
+    to checkpoint: Checkpoint,
+    records: [(index: UInt64, leaf: [UInt8])]
+  ) throws(AuditVerificationFailure) {
+    try Self.sameLog(earlier, checkpoint)
+    let old = earlier.treeSize
+    if checkpoint.treeSize < old {
+      throw .forked("it was verified at \(old) records and now holds \(checkpoint.treeSize): it was cut back")
+    }
+    let prefix = records.prefix(Int(old)).map { MerkleTree.leafHash($0.leaf) }
+    guard prefix.count == Int(old), MerkleTree.root(prefix) == earlier.rootHash else {
+      throw .forked("its first \(old) records do not hash to the earlier root: records were rewritten")
+    }
+  }
+
+  /// Two logs' checkpoints say nothing about each other.
+  static func sameLog(_ earlier: Checkpoint, _ checkpoint: Checkpoint) throws(AuditVerificationFailure) {
+    guard earlier.origin == checkpoint.origin else {
+      throw .checkpoint("the earlier checkpoint is of log '\(earlier.origin)', this one of '\(checkpoint.origin)'")
+    }
   }
 
   /// Checks that `leaf` is record `index` of the checkpointed tree, by an inclusion proof.

@@ -143,24 +143,37 @@ struct Audit: AsyncParsableCommand {
         re-hashed onto the hashes of the records before it, read off one inclusion proof, and compared
         the same way. When something is wrong the first bad index is named, located with the gateway's
         consistency proofs (each checked against the signed root).
+        A scheduled check resumes from the checkpoint it last verified: --save-checkpoint FILE keeps
+        it, and --since-checkpoint FILE next time checks that the log still extends it (every record
+        it covered unchanged, by a consistency proof) and verifies only the records after it. Without
+        a remembered checkpoint a log rewritten and signed again would verify.
         Exit status: 0 verified, 1 tampering found, 2 could not check.
         """
     )
     @OptionGroup var connection: ConnectionOptions
     @Option(help: "Verifier key: the text 'name+id+key' or a file holding it (the .pub from 'certs audit-key')") var key: String
     @Option(help: "Verify this export file instead of streaming from the gateway") var export: String?
-    @Option(help: "Verify records from this index on (streamed from the gateway), without the records before it") var start: UInt64 = 0
+    @Option(help: "Verify records from this index on (streamed from the gateway), without the records before it (default: 0, or the end of --since-checkpoint)") var start: UInt64?
+    @Option(help: "A checkpoint verified earlier (a file written by --save-checkpoint): the log must still extend it") var sinceCheckpoint: String?
+    @Option(help: "The key that signed --since-checkpoint, if the log's key was rotated since (default: --key)") var sinceKey: String?
+    @Option(help: "After a successful check, write the verified checkpoint to this file (for --since-checkpoint next time)") var saveCheckpoint: String?
 
     func run() async throws {
-      let keyText = FileManager.default.fileExists(atPath: key) ? try String(contentsOfFile: key, encoding: .utf8) : key
-      let verifierKey: AuditVerifierKey
-      do { verifierKey = try AuditVerifierKey(text: keyText) } catch { throw ValidationError("--key: \(error.description)") }
-      let verifier = AuditLogVerifier(key: verifierKey)
+      let verifier = AuditLogVerifier(key: try Self.verifierKey(key, option: "--key"))
+      let earlier = try sinceCheckpoint.map { path in
+        let earlierVerifier = try sinceKey.map { AuditLogVerifier(key: try Self.verifierKey($0, option: "--since-key")) } ?? verifier
+        return try Self.savedCheckpoint(path, earlierVerifier)
+      }
       do {
-        if let export {
-          try await verifyExport(export, verifier)
+        let note = if let export {
+          try await verifyExport(export, verifier, since: earlier)
         } else {
-          try await verifyFromGateway(verifier)
+          try await verifyFromGateway(verifier, since: earlier)
+        }
+        if let saveCheckpoint {
+          do { try Data(note.utf8).write(to: URL(fileURLWithPath: saveCheckpoint), options: .atomic) } catch {
+            throw ValidationError("--save-checkpoint: cannot write \(saveCheckpoint): \(error.localizedDescription)")
+          }
         }
       } catch let failure as AuditVerificationFailure {
         if case .unanswered = failure {
@@ -172,7 +185,32 @@ struct Audit: AsyncParsableCommand {
       }
     }
 
-    func verifyExport(_ path: String, _ verifier: AuditLogVerifier) async throws {
+    /// A verifier key given as its text or as a file holding it.
+    static func verifierKey(_ key: String, option: String) throws -> AuditVerifierKey {
+      let keyText = FileManager.default.fileExists(atPath: key) ? try String(contentsOfFile: key, encoding: .utf8) : key
+      do { return try AuditVerifierKey(text: keyText) } catch { throw ValidationError("\(option): \(error.description)") }
+    }
+
+    /// The checkpoint in `path`, which must verify with the key: it is the trust anchor of the
+    /// check, so a damaged or foreign file is refused rather than trusted.
+    static func savedCheckpoint(_ path: String, _ verifier: AuditLogVerifier) throws -> Checkpoint {
+      let note: String
+      do { note = try String(contentsOfFile: path, encoding: .utf8) } catch {
+        throw ValidationError("--since-checkpoint: cannot read \(path): \(error.localizedDescription)")
+      }
+      do { return try verifier.checkpoint(note: note) } catch {
+        throw ValidationError("--since-checkpoint: \(path) is not a checkpoint signed with this key (after a key rotation, name the earlier key with --since-key): \(error.description)")
+      }
+    }
+
+    /// Refuses an earlier checkpoint of another log: the two say nothing about each other.
+    static func requireSameLog(_ earlier: Checkpoint?, _ checkpoint: Checkpoint) throws {
+      guard let earlier, earlier.origin != checkpoint.origin else { return }
+      throw ValidationError("--since-checkpoint: that checkpoint is of log '\(earlier.origin)', and this log is '\(checkpoint.origin)'")
+    }
+
+    /// Verifies an export file; returns its checkpoint's signed note.
+    func verifyExport(_ path: String, _ verifier: AuditLogVerifier, since earlier: Checkpoint?) async throws -> String {
       guard let data = FileManager.default.contents(atPath: path) else { throw ValidationError("--export: cannot read \(path)") }
       var note: String?
       var records: [(index: UInt64, leaf: [UInt8])] = []
@@ -195,15 +233,26 @@ struct Audit: AsyncParsableCommand {
             try await AuditReader(client: client, metadata: metadata).consistencyProof(old: old, new: new)
           }
         }
+      try Self.requireSameLog(earlier, try verifier.checkpoint(note: note))
       let checkpoint = try await verifier.verifyLog(records: records, checkpointNote: note, consistencyProof: pinpoint)
-      report(checkpoint, records: checkpoint.treeSize)
+      if let earlier { try verifier.verifyExtends(earlier, to: checkpoint, records: records) }
+      report(checkpoint, records: checkpoint.treeSize, since: earlier)
+      return note
     }
 
-    func verifyFromGateway(_ verifier: AuditLogVerifier) async throws {
+    /// Verifies the log from the gateway; returns the verified checkpoint's signed note.
+    func verifyFromGateway(_ verifier: AuditLogVerifier, since earlier: Checkpoint?) async throws -> String {
       try await connection.withClient { client, metadata in
         let reader = AuditReader(client: client, metadata: metadata)
         let note = try await reader.checkpoint().signedNote
         let checkpoint = try verifier.checkpoint(note: note)
+        try Self.requireSameLog(earlier, checkpoint)
+        if let earlier {
+          try await verifier.verifyExtends(earlier, to: checkpoint) { old, new in
+            try await reader.consistencyProof(old: old, new: new)
+          }
+        }
+        let start = self.start ?? earlier?.treeSize ?? 0
         let size = checkpoint.treeSize
         let records = Mutex<[(index: UInt64, leaf: [UInt8])]>([])
         if start < size {
@@ -228,12 +277,14 @@ struct Audit: AsyncParsableCommand {
             try await reader.consistencyProof(old: old, new: new)
           }
         }
-        report(checkpoint, records: size - min(start, size))
+        report(checkpoint, records: size - min(start, size), since: earlier)
+        return note
       }
     }
 
-    func report(_ checkpoint: Checkpoint, records: UInt64) {
-      print("verified \(records) records against the checkpoint of size \(checkpoint.treeSize) (\(checkpoint.origin)), root \(Data(checkpoint.rootHash).base64EncodedString())")
+    func report(_ checkpoint: Checkpoint, records: UInt64, since earlier: Checkpoint?) {
+      let extends = earlier.map { "; it extends the checkpoint of size \($0.treeSize) verified earlier" } ?? ""
+      print("verified \(records) records against the checkpoint of size \(checkpoint.treeSize) (\(checkpoint.origin)), root \(Data(checkpoint.rootHash).base64EncodedString())\(extends)")
     }
   }
 }

@@ -456,6 +456,62 @@ import TollgateProtos
     }
   }
 
+  /// A check that resumes from a checkpoint verified earlier must catch a log cut back, or
+  /// rewritten and signed again with the gateway's own key, which re-hashing records cannot.
+  @Test func resumedCheckCatchesALogCutBackOrRewrittenAndSignedAgain() async throws {
+    try await TestGateway.run { gw in
+      try await Self.createTenant(gw, "acme")
+      try await Self.mutate(gw, "acme", count: 8)
+      let op = try gw.pki.issueOperator()
+      let verifier = Self.verifier(gw)
+      try await gw.withClient(op) { client async throws in
+        let reader = AuditReader(client: client, metadata: actingOn("acme"))
+        let proof: (UInt64, UInt64) async throws -> [MerkleTree.Hash] = { try await reader.consistencyProof(old: $0, new: $1) }
+        let earlier = try verifier.checkpoint(note: try await reader.checkpoint().signedNote)
+        try await Self.mutate(gw, "acme", count: 4)
+        let now = try verifier.checkpoint(note: try await reader.checkpoint().signedNote)
+        #expect(now.treeSize >= earlier.treeSize + 4)
+        try await verifier.verifyExtends(earlier, to: now, consistencyProof: proof)
+        try await verifier.verifyExtends(now, to: now, consistencyProof: proof)
+
+        // Cut back: a log now shorter than it was verified at.
+        await #expect(throws: AuditVerificationFailure.self) { try await verifier.verifyExtends(now, to: earlier, consistencyProof: proof) }
+        // Rewritten: the same records signed again under another root. As a checkpoint on its own
+        // it verifies; only the root remembered from before shows it.
+        var rewritten = earlier
+        rewritten.rootHash[0] ^= 1
+        let forged = try verifier.checkpoint(note: try gw.pki.auditKey.sign(rewritten))
+        for (old, new) in [(earlier, forged), (forged, now)] {
+          do {
+            try await verifier.verifyExtends(old, to: new, consistencyProof: proof)
+            Issue.record("a rewritten log extended \(old.treeSize) -> \(new.treeSize)")
+          } catch AuditVerificationFailure.forked(_) {}
+        }
+        // A proof that could not be fetched is no finding either way.
+        do {
+          try await verifier.verifyExtends(earlier, to: now) { _, _ in throw RPCError(code: .unavailable, message: "down") }
+          Issue.record("extension verified without its proof")
+        } catch AuditVerificationFailure.unanswered(_) {}
+        // Another log's checkpoint says nothing about this one.
+        let other = try verifier.checkpoint(note: try gw.pki.auditKey.sign(Checkpoint(origin: earlier.origin + "-other", treeSize: 1, rootHash: earlier.rootHash)))
+        do {
+          try await verifier.verifyExtends(other, to: now, consistencyProof: proof)
+          Issue.record("another log's checkpoint was extended")
+        } catch AuditVerificationFailure.checkpoint(_) {}
+
+        // The same from records at hand (an export): the first records must hash to the earlier root.
+        let records = try await Self.records(gw, as: op, metadata: actingOn("acme")).filter { $0.index < now.treeSize }.map { ($0.index, Array($0.leaf)) }
+        try verifier.verifyExtends(earlier, to: now, records: records)
+        for (old, new) in [(forged, now), (now, earlier)] {
+          do {
+            try verifier.verifyExtends(old, to: new, records: records)
+            Issue.record("records at hand extended \(old.treeSize) -> \(new.treeSize)")
+          } catch AuditVerificationFailure.forked(_) {}
+        }
+      }
+    }
+  }
+
   /// Past 256 leaves a proof combines kept tile roots (level 8) with hashes computed from leaves;
   /// every proof must still equal the one computed from all leaves, and no other level is stored.
   @Test func proofsAcrossTilesMatchProofsFromAllLeaves() async throws {

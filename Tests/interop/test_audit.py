@@ -202,7 +202,7 @@ def run_tollctl(*args):
     return subprocess.run([os.environ["TOLLCTL_BIN"], *args], capture_output=True, text=True, timeout=60)
 
 
-def test_tollctl_export_verify_and_tamper(audit_log, gateway, pki, work_dir):
+def test_tollctl_export_verify_and_tamper(audit_log, gateway, pki, work_dir, stubs, channel_for):
     identity = ["--gateway", f"127.0.0.1:{gateway}", "--identity", str(pki.operator()), "--tenant", TENANT]
     key = str(pki.root / "audit.key.pub")
     export = work_dir / "export.jsonl"
@@ -264,6 +264,35 @@ def test_tollctl_export_verify_and_tamper(audit_log, gateway, pki, work_dir):
     wrong = run_tollctl("audit", "verify", "--export", str(export), "--key", str(work_dir / "other.key.pub"))
     assert wrong.returncode == 1
     assert "checkpoint does not verify" in wrong.stderr
+
+    # A scheduled check resumes from the checkpoint it last verified, and the log must still
+    # extend it. A mutation first (in the log when its reply arrives), so the log has grown past
+    # the export.
+    tenants = stubs.tenant_grpc.TenantServiceStub(channel_for(pki.operator()))
+    tenants.UpdateQuota(stubs.tenant.UpdateQuotaRequest(quota=stubs.common.Quota(monthly_usage_events=1020)),
+                        metadata=[("tollgate-tenant", TENANT)], timeout=TIMEOUT)
+    state = work_dir / "acme.checkpoint"
+    first = run_tollctl("audit", "verify", "--key", key, "--save-checkpoint", str(state), *identity)
+    assert first.returncode == 0, first.stderr
+    saved_size = int(state.read_text().splitlines()[1])
+    export_size = int(json.loads(export.read_text().splitlines()[0])["checkpoint"].splitlines()[1])
+    assert saved_size > export_size
+    resumed = run_tollctl("audit", "verify", "--key", key, "--since-checkpoint", str(state),
+                          "--save-checkpoint", str(state), *identity)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"extends the checkpoint of size {saved_size} verified earlier" in resumed.stdout
+    assert int(state.read_text().splitlines()[1]) >= saved_size
+    # The export is older than the checkpoint verified since: the log it shows was cut back.
+    stale = run_tollctl("audit", "verify", "--export", str(export), "--key", key, "--since-checkpoint", str(state))
+    assert stale.returncode == 1, stale.stdout + stale.stderr
+    assert "cut back" in stale.stderr
+    # A checkpoint file the key did not sign is not trusted as the starting point.
+    foreign = run_tollctl("audit", "verify", "--key", str(work_dir / "other.key.pub"), "--since-checkpoint", str(state), *identity)
+    assert foreign.returncode != 0 and "--since-checkpoint" in foreign.stderr
+    # After a rotation the saved file is checked with --since-key, and the log with --key.
+    rotated = run_tollctl("audit", "verify", "--key", str(work_dir / "other.key.pub"), "--since-key", key,
+                          "--since-checkpoint", str(state), *identity)
+    assert rotated.returncode == 1 and "checkpoint does not verify" in rotated.stderr, rotated.stderr
 
     tail = run_tollctl("audit", "tail", "--json", "--method", "/tollgate.v1.TenantService/UpdateQuota", *identity)
     assert tail.returncode == 0, tail.stderr
