@@ -1,4 +1,5 @@
 import Crypto
+import Glibc
 public import Foundation
 import SwiftASN1
 public import TollgateModel
@@ -152,11 +153,45 @@ public enum PEMFiles {
     try key.serializeAsPEM().pemString
   }
 
-  /// Writes `text` to `path`, readable only by the owner when `secret`.
+  /// Writes `text` to `path` in one step (a reader sees the old file or the new one), readable
+  /// only by the owner when `secret`.
   public static func write(_ text: String, to path: String, secret: Bool = false) throws {
-    let url = URL(fileURLWithPath: path)
-    try Data(text.utf8).write(to: url, options: .atomic)
-    try FileManager.default.setAttributes([.posixPermissions: secret ? 0o600 : 0o644], ofItemAtPath: path)
+    guard secret else {
+      try Data(text.utf8).write(to: URL(fileURLWithPath: path), options: .atomic)
+      try FileManager.default.setAttributes([.posixPermissions: 0o644], ofItemAtPath: path)
+      return
+    }
+    // Foundation's atomic write creates its file with the umask's mode (0644 as a rule) and
+    // renames it into place, so narrowing it afterwards left a private key readable by every
+    // local user for a moment, or for good if the process died in between. This file is the
+    // owner's alone from its creation, then renamed into place.
+    let temporary = "\(path).tmp-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+    let fd = open(temporary, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
+    guard fd >= 0 else { throw WriteError(path: path, errno: errno) }
+    var written = false
+    defer { if !written { unlink(temporary) } }
+    let failure: Int32? = Array(text.utf8).withUnsafeBytes { bytes in
+      var offset = 0
+      while offset < bytes.count {
+        let n = Glibc.write(fd, bytes.baseAddress! + offset, bytes.count - offset)
+        if n < 0 {
+          if errno == EINTR { continue }
+          return errno
+        }
+        offset += n
+      }
+      return fsync(fd) == 0 ? nil : errno
+    }
+    let closed = close(fd) == 0 ? nil : errno
+    if let error = failure ?? closed { throw WriteError(path: path, errno: error) }
+    guard rename(temporary, path) == 0 else { throw WriteError(path: path, errno: errno) }
+    written = true
+  }
+
+  public struct WriteError: Error, CustomStringConvertible {
+    public let path: String
+    public let errno: Int32
+    public var description: String { "cannot write \(path): \(String(cString: strerror(errno)))" }
   }
 
   /// Loads a CA written by `tollctl certs init-ca` (ca.pem, ca.key, trust-domain).
