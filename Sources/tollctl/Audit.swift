@@ -48,7 +48,14 @@ struct Audit: AsyncParsableCommand {
   }
 
   struct Tail: AsyncParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Print audit records, one line each (or JSON lines).")
+    static let configuration = CommandConfiguration(
+      abstract: "Print audit records, one line each (or JSON lines).",
+      discussion: """
+        With --follow it runs until stopped. When the gateway goes away (a restart, a deploy's
+        drain, a lost connection) it says so on stderr, reconnects with a growing pause (up to 5 s),
+        and resumes after the last record it printed: none is skipped or printed twice.
+        """
+    )
     @OptionGroup var connection: ConnectionOptions
     @OptionGroup var filters: Filters
     @Flag(help: "Keep printing new records as they are committed") var follow = false
@@ -58,12 +65,40 @@ struct Audit: AsyncParsableCommand {
       var request = try filters.request()
       request.follow = follow
       let json = self.json
-      try await connection.withClient(longLived: follow) { client, metadata in
-        try await AuditReader(client: client, metadata: metadata).records(request, options: .streaming) { record in
-          emitLine(try Audit.line(record, json: json))
-          return true
+      let next = Mutex(request.startIndex)
+      var pause = Self.firstPause
+      while true {
+        let from = next.withLock { $0 }
+        request.startIndex = from
+        do {
+          try await connection.withClientOrRPCError(longLived: follow) { [request] client, metadata in
+            try await AuditReader(client: client, metadata: metadata).records(request, options: .streaming) { record in
+              emitLine(try Audit.line(record, json: json))
+              next.withLock { $0 = record.index + 1 }
+              return true
+            }
+          }
+          // Without --follow the stream ends with the log; a followed stream only when the
+          // gateway ends it.
+          guard follow else { return }
+          FileHandle.standardError.write(Data("tollctl: the gateway ended the stream; reconnecting\n".utf8))
+        } catch let error as RPCError {
+          printError(error)
+          guard follow && Self.resumable(error.code) else { throw ExitCode(2) }
+          FileHandle.standardError.write(Data("tollctl: reconnecting, to resume at record \(next.withLock { $0 })\n".utf8))
         }
+        if next.withLock({ $0 }) != from { pause = Self.firstPause }
+        try await Task.sleep(for: pause)
+        pause = min(pause * 2, .seconds(5))
       }
+    }
+
+    static let firstPause = Duration.milliseconds(200)
+
+    /// Codes a followed stream outlives: the gateway or the path to it went away, or asked the
+    /// client to come back later. Anything else (a refusal, a bad filter) would only repeat.
+    static func resumable(_ code: RPCError.Code) -> Bool {
+      [.unavailable, .resourceExhausted, .aborted, .deadlineExceeded].contains(code)
     }
   }
 

@@ -62,14 +62,22 @@ struct ConnectionOptions: ParsableArguments {
     longLived: Bool = false,
     _ body: (GRPCClient<HTTP2ClientTransport.Posix>, Metadata) async throws -> T
   ) async throws -> T {
-    var connection = try connection()
-    if longLived { connection.defaultTimeout = nil }
     do {
-      return try await connection.withClient { client in try await body(client, metadata) }
+      return try await withClientOrRPCError(longLived: longLived, body)
     } catch let error as RPCError {
       printError(error)
       throw ExitCode(2)
     }
+  }
+
+  /// ``withClient(longLived:_:)`` for commands that handle gRPC failures themselves.
+  func withClientOrRPCError<T: Sendable>(
+    longLived: Bool = false,
+    _ body: (GRPCClient<HTTP2ClientTransport.Posix>, Metadata) async throws -> T
+  ) async throws -> T {
+    var connection = try connection()
+    if longLived { connection.defaultTimeout = nil }
+    return try await connection.withClient { client in try await body(client, metadata) }
   }
 
   /// Runs `body` with a TenantService client; a gRPC failure prints its status and exits non-zero.

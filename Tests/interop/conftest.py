@@ -125,16 +125,17 @@ def metrics_url(gateway):
     return f"http://127.0.0.1:{Gateway.metrics_port}/metrics"
 
 
-def start_gateway(pki, app_url, extra_args=(), tls_dir=None):
-    """Starts `tollgate serve` on free ports; returns (process, port, metrics port). Failed workflow
-    attempts are retried after 50 ms (doubling), so retry tests take no time. `tls_dir`, if given,
-    holds the server's cert.pem, key.pem and client-CA ca.pem instead of the shared PKI's."""
+def start_gateway(pki, app_url, extra_args=(), tls_dir=None, port=0):
+    """Starts `tollgate serve` on free ports (or the given gRPC port, to restart a gateway where
+    its clients expect it); returns (process, port, metrics port). Failed workflow attempts are
+    retried after 50 ms (doubling), so retry tests take no time. `tls_dir`, if given, holds the
+    server's cert.pem, key.pem and client-CA ca.pem instead of the shared PKI's."""
     server = pki.root / "server"
     cert, key, ca = server / "cert.pem", server / "key.pem", pki.root / "ca" / "ca.pem"
     if tls_dir is not None:
         cert, key, ca = tls_dir / "cert.pem", tls_dir / "key.pem", tls_dir / "ca.pem"
     proc = subprocess.Popen(
-        [_env("TOLLGATE_BIN"), "serve", "--listen", "127.0.0.1:0",
+        [_env("TOLLGATE_BIN"), "serve", "--listen", f"127.0.0.1:{port}",
          "--tls-cert", str(cert), "--tls-key", str(key),
          "--client-ca", str(ca), "--trust-domain", TRUST_DOMAIN,
          "--database-url", app_url, "--database-timeout-ms", "2000", "--max-message-bytes", "65536",

@@ -301,6 +301,68 @@ def test_tollctl_export_verify_and_tamper(audit_log, gateway, pki, work_dir, stu
     assert all(e["event"]["method"] == "/tollgate.v1.TenantService/UpdateQuota" for e in events)
 
 
+def test_tail_follow_resumes_across_a_gateway_restart(audit_log, pki, stubs, channel_for):
+    """`tollctl audit tail --follow` outlives a restart of its gateway: it reconnects and
+    resumes after the last record it printed, skipping none and printing none twice."""
+    import json
+    import os
+    import queue
+    import subprocess
+    import threading
+
+    from conftest import Gateway, start_gateway, stop_gateway
+
+    audit, acting = audit_log
+    method = "/tollgate.v1.TenantService/UpdateQuota"
+    tenants = stubs.tenant_grpc.TenantServiceStub(channel_for(pki.operator()))
+
+    def update():
+        request = stubs.tenant.UpdateQuotaRequest(quota=stubs.common.Quota(monthly_usage_events=1020))
+        tenants.UpdateQuota(request, metadata=acting, timeout=TIMEOUT)
+
+    # Mutations are in the log when they are answered, so this size is past every earlier one.
+    start = audit.GetCheckpoint(stubs.audit.GetCheckpointRequest(), metadata=acting, timeout=TIMEOUT).checkpoint.tree_size
+    proc, port, _ = start_gateway(pki, Gateway.app_url)
+    tail = subprocess.Popen(
+        [os.environ["TOLLCTL_BIN"], "audit", "tail", "--follow", "--json", "--method", method, "--start", str(start),
+         "--gateway", f"127.0.0.1:{port}", "--identity", str(pki.operator()), "--tenant", TENANT],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    printed, errors = queue.Queue(), []
+    threading.Thread(target=lambda: [printed.put(line) for line in tail.stdout], daemon=True).start()
+    threading.Thread(target=lambda: [errors.append(line) for line in tail.stderr], daemon=True).start()
+
+    def next_index():
+        try:
+            return int(json.loads(printed.get(timeout=30))["index"])
+        except queue.Empty:
+            raise AssertionError("tail printed nothing within 30 s; stderr: " + "".join(errors))
+
+    try:
+        seen = []
+        for _ in range(2):
+            update()
+            seen.append(next_index())
+        stop_gateway(proc)
+        proc = None
+        update()
+        update()
+        proc, _, _ = start_gateway(pki, Gateway.app_url, port=port)
+        seen += [next_index(), next_index()]
+        update()
+        seen.append(next_index())
+        assert tail.poll() is None, "".join(errors)
+        assert any("reconnecting" in line for line in errors), errors
+
+        logged = [r.index for r in stream_records(audit.StreamEvents(
+            stubs.audit.StreamEventsRequest(start_index=start, methods=[method]), metadata=acting, timeout=TIMEOUT))]
+        assert seen == logged, (seen, logged)
+    finally:
+        tail.terminate()
+        tail.wait(timeout=30)
+        if proc is not None:
+            stop_gateway(proc)
+
+
 def test_two_gateway_processes_append_one_unforked_log(audit_log, gateway, replica, pki, stubs):
     """Two `tollgate serve` processes on one database, called concurrently, build one history."""
     from concurrent.futures import ThreadPoolExecutor
