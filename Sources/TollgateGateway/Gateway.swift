@@ -74,6 +74,8 @@ public final class Gateway: Sendable {
     self.metricsServer = config.metricsListen.map { MetricsServer(address: $0, metrics: metrics, logger: logger) }
     let tls = try ReloadableTLS(config: config, material: try TLSMaterial.load(config), logger: logger)
     self.tls = tls
+    Self.warnIfReadableByOthers(config.tlsKeyPath, .tlsKey, logger: logger)
+    Self.warnIfReadableByOthers(config.auditSigningKeyPath, .auditSigningKey, logger: logger)
     let database = Database(
       url: config.database,
       maximumConnections: config.databaseMaxConnections,
@@ -230,6 +232,19 @@ public final class Gateway: Sendable {
       "tollgate_audit_checkpoint_age_seconds",
       help: "Time since this replica's checkpoint signer last brought every grown log's checkpoint up to date"
     ) { [checkpointer] in checkpointer.checkpointAge?.seconds ?? -1 }
+  }
+
+  /// A private key that other users of the host can read is theirs too: the TLS key lets them
+  /// pose as the gateway, the signing key lets them sign a rewritten audit log. The gateway still
+  /// starts (orchestrators mount secrets 0644 unless told otherwise) but says so at start.
+  static func warnIfReadableByOthers(_ path: String, _ setting: ConfigSetting, logger: Logger) {
+    guard let mode = (try? FileManager.default.attributesOfItem(atPath: path))?[.posixPermissions] as? NSNumber,
+      mode.intValue & 0o077 != 0
+    else { return }
+    logger.warning(
+      "a private key file is readable by other users of this host; make it readable by the gateway's user only (chmod 600, or a secret volume's defaultMode 0400)",
+      metadata: ["setting": "\(setting.flag)", "path": "\(path)", "mode": "\(String(mode.intValue & 0o777, radix: 8))"]
+    )
   }
 
   static func loadSigningKey(_ path: String) throws(ConfigError) -> AuditSigningKey {

@@ -121,3 +121,20 @@ def test_sighup_reloads_the_client_ca_without_dropping_open_connections(seeded, 
     finally:
         stop_gateway(proc)
     assert proc.returncode == 0, "".join(proc.errors)
+
+
+def test_a_private_key_others_can_read_is_warned_about_at_start(seeded, pki, tmp_path):
+    for name, src in (("cert.pem", pki.root / "server" / "cert.pem"), ("key.pem", pki.root / "server" / "key.pem"),
+                      ("ca.pem", pki.root / "ca" / "ca.pem")):
+        shutil.copy(src, tmp_path / name)
+    (tmp_path / "key.pem").chmod(0o644)
+    assert (pki.root / "audit.key").stat().st_mode & 0o077 == 0
+    proc, _, _ = start_gateway(pki, Gateway.app_url, tls_dir=tmp_path)
+    try:
+        warnings = [json.loads(line) for line in proc.log if "readable by other users" in line]
+        # The TLS key (0644) is named, with its mode; the signing key (0600, from tollctl) is not.
+        assert [(w["setting"], w["mode"], w["level"]) for w in warnings] == [("--tls-key", "644", "warning")], warnings
+        assert warnings[0]["path"] == str(tmp_path / "key.pem")
+    finally:
+        stop_gateway(proc)
+    assert proc.returncode == 0, "".join(proc.errors)
