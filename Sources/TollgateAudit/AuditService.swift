@@ -190,7 +190,7 @@ public struct AuditService: RegistrableRPCService {
     for (i, code) in request.outcomeCodes.enumerated() where code < 0 || code > Self.maxOutcomeCode {
       violations.append(.init(field: "outcome_codes[\(i)]", description: "\(code) is not a gRPC status code (0-16)"))
     }
-    if !violations.isEmpty { throw .invalidArgument("the stream request has invalid fields", violations) }
+    if !violations.isEmpty { throw .invalidFields("stream request", violations) }
     return filter
   }
 

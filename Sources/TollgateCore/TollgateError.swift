@@ -35,6 +35,12 @@ public enum TollgateError: Error, Sendable, Equatable {
   /// logged where it happened.
   case internalError
 
+  /// INVALID_ARGUMENT for several bad fields of `what`. The message lists them too, so a client
+  /// that shows only the status message (most do) still says what to fix.
+  public static func invalidFields(_ what: String, _ violations: [FieldViolation]) -> TollgateError {
+    .invalidArgument("invalid \(what): " + violations.map { "\($0.field) \($0.description)" }.joined(separator: "; "), violations)
+  }
+
   /// A single-field INVALID_ARGUMENT, the common case.
   public static func invalidField(_ field: String, _ description: String) -> TollgateError {
     .invalidArgument("invalid \(field): \(description)", [FieldViolation(field: field, description: description)])

@@ -54,7 +54,7 @@ enum WorkflowMapping {
         violations += Self.violations(error)
       }
     }
-    if !violations.isEmpty { throw .invalidArgument("the dispatch request has invalid fields", violations) }
+    if !violations.isEmpty { throw .invalidFields("dispatch request", violations) }
     return NewRun(
       type: request.type,
       payload: Array(request.payload),
@@ -163,7 +163,7 @@ enum WorkflowMapping {
     do { name = try RequestFields.text(hello.workerName, field: "hello.worker_name", max: 128) } catch {
       violations += Self.violations(error)
     }
-    if !violations.isEmpty { throw .invalidArgument("the worker's hello has invalid fields", violations) }
+    if !violations.isEmpty { throw .invalidFields("worker hello", violations) }
     return (Array(Set(hello.taskTypes)).sorted(), Int(hello.capacity), name)
   }
 }
