@@ -173,8 +173,16 @@ public struct AuditService: RegistrableRPCService {
     var violations: [TollgateError.FieldViolation] = []
     var filter = AuditFilter()
     if request.hasRange {
-      if request.range.hasStartTime { filter.from = request.range.startTime.date }
-      if request.range.hasEndTime { filter.until = request.range.endTime.date }
+      if request.range.hasStartTime {
+        let t = request.range.startTime
+        filter.from = RequestFields.date(seconds: t.seconds, nanos: t.nanos)
+        if filter.from == nil { violations.append(.init(field: "range.start_time", description: RequestFields.timestampRange)) }
+      }
+      if request.range.hasEndTime {
+        let t = request.range.endTime
+        filter.until = RequestFields.date(seconds: t.seconds, nanos: t.nanos)
+        if filter.until == nil { violations.append(.init(field: "range.end_time", description: RequestFields.timestampRange)) }
+      }
       if let from = filter.from, let until = filter.until, until <= from {
         violations.append(.init(field: "range.end_time", description: "must be after range.start_time"))
       }

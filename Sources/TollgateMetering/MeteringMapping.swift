@@ -159,8 +159,18 @@ enum MeteringMapping {
     guard request.hasRange, request.range.hasStartTime else {
       throw .invalidField("range.start_time", "is required")
     }
-    let from = request.range.startTime.date
-    var until = request.range.hasEndTime ? request.range.endTime.date : now
+    let start = request.range.startTime
+    guard let from = RequestFields.date(seconds: start.seconds, nanos: start.nanos) else {
+      throw .invalidField("range.start_time", RequestFields.timestampRange)
+    }
+    var until = now
+    if request.range.hasEndTime {
+      let end = request.range.endTime
+      guard let date = RequestFields.date(seconds: end.seconds, nanos: end.nanos) else {
+        throw .invalidField("range.end_time", RequestFields.timestampRange)
+      }
+      until = date
+    }
     let window: UsageWindow?
     switch request.windowSize {
     case .unspecified: window = nil

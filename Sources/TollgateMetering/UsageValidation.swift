@@ -2,6 +2,7 @@ import Foundation
 import SwiftProtobuf
 import TollgateModel
 import TollgateProtos
+import TollgateServiceSupport
 
 /// Checks one usage event on its own, so one bad event is reported with a reason and never
 /// fails its batch. Anything Postgres would refuse (a NUL character) is refused here, because a
@@ -34,7 +35,9 @@ struct UsageValidation: Sendable {
         )
       }
       guard event.hasTime else { throw Rejection(reason: "MISSING_FIELD", message: "time is required") }
-      let time = event.time.date
+      guard let time = RequestFields.date(seconds: event.time.seconds, nanos: event.time.nanos) else {
+        throw Rejection(reason: "INVALID_FIELD", message: "time \(RequestFields.timestampRange)")
+      }
       if time.timeIntervalSince(now) > Self.maxFutureSkew {
         throw Rejection(
           reason: "TIME_IN_FUTURE",

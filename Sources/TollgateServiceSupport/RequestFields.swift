@@ -1,4 +1,4 @@
-import Foundation
+public import Foundation
 public import TollgateCore
 public import TollgateModel
 
@@ -33,6 +33,16 @@ public enum RequestFields {
     }
     return String(text.dropFirst(kind.count + 1))
   }
+
+  /// A google.protobuf.Timestamp's `seconds` and `nanos` as a date, or nil outside what the type
+  /// defines: years 0001 to 9999 of RFC 3339, nanos 0 to 999,999,999. SwiftProtobuf's `.date` traps
+  /// on overflow for extreme seconds, so a request's timestamp must pass here before it is used.
+  public static func date(seconds: Int64, nanos: Int32) -> Date? {
+    guard (-62_135_596_800...253_402_300_799).contains(seconds), (0...999_999_999).contains(nanos) else { return nil }
+    return Date(timeIntervalSince1970: TimeInterval(seconds) + TimeInterval(nanos) / 1e9)
+  }
+
+  public static let timestampRange = "is not a valid timestamp (years 0001 to 9999 UTC, nanos 0 to 999999999)"
 
   /// A free-text field: trimmed, at most `max` characters, no control characters.
   public static func text(_ value: String, field: String, max: Int, required: Bool = false) throws(TollgateError) -> String {

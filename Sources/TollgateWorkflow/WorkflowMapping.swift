@@ -36,13 +36,8 @@ enum WorkflowMapping {
     }
     var runAfter: Date?
     if request.hasRunAfter {
-      // The range of RFC 3339 years 0001-9999, as google.protobuf.Timestamp defines it.
-      let t = request.runAfter
-      if t.seconds < -62_135_596_800 || t.seconds > 253_402_300_799 || t.nanos < 0 || t.nanos > 999_999_999 {
-        violations.append(.init(field: "run_after", description: "is not a valid timestamp (years 0001 to 9999)"))
-      } else {
-        runAfter = request.runAfter.date
-      }
+      runAfter = RequestFields.date(seconds: request.runAfter.seconds, nanos: request.runAfter.nanos)
+      if runAfter == nil { violations.append(.init(field: "run_after", description: RequestFields.timestampRange)) }
     }
     var approver = ""
     var reason = ""
