@@ -190,7 +190,7 @@ public struct AuditService: RegistrableRPCService {
     filter.methods = request.methods
     for (i, method) in request.methods.enumerated() where !method.hasPrefix("/") || !method.contains(".") {
       violations.append(
-        .init(field: "methods[\(i)]", description: "'\(method)' is not a full method name like /tollgate.v1.TenantService/GetTenant")
+        .init(field: "methods[\(i)]", description: "'\(TollgateError.clipped(method, maxBytes: 80))' is not a full method name like /tollgate.v1.TenantService/GetTenant")
       )
     }
     filter.principal = request.principalSpiffeID.isEmpty ? nil : request.principalSpiffeID

@@ -68,32 +68,58 @@ extension TollgateError: RPCErrorConvertible {
     switch self {
     case .invalidArgument(let m, _), .unauthenticated(let m), .permissionDenied(let m), .notFound(let m),
       .alreadyExists(let m), .failedPrecondition(let m), .unavailable(let m), .outcomeUnknown(let m), .dataLoss(let m), .resourceExhausted(let m, _, _, _):
-      return m
+      return Self.clipped(m, maxBytes: Self.maxMessageBytes)
     case .internalError:
       return "internal error; the gateway logged the details"
     }
+  }
+
+  /// The status and its details travel in HTTP/2 trailers, and gRPC clients refuse a header list
+  /// over 16 KiB: a message echoing a huge request field would reach the client as its own
+  /// RESOURCE_EXHAUSTED instead of the real status. So what a status repeats of a request is
+  /// capped here, for every error, whatever built the message: the message at 512 bytes of UTF-8
+  /// (at most about 1.5 KiB once percent-encoded), at most 10 field violations of 100 + 200 bytes.
+  static let maxMessageBytes = 512
+  static let maxViolations = 10
+  static let maxFieldBytes = 100
+  static let maxDescriptionBytes = 200
+
+  /// `text` cut to at most `maxBytes` of UTF-8 on a character boundary, marked with "…".
+  public static func clipped(_ text: String, maxBytes: Int) -> String {
+    guard text.utf8.count > maxBytes else { return text }
+    var out = ""
+    var used = 0
+    let budget = maxBytes - "…".utf8.count
+    for character in text {
+      let size = character.utf8.count
+      if used + size > budget { break }
+      out.append(character)
+      used += size
+    }
+    return out + "…"
   }
 
   public var rpcErrorMetadata: Metadata {
     if case .resourceExhausted(let message, let subject, let description, let retryAfter) = self {
       var details: [ErrorDetails] = [.quotaFailure(violations: [.init(subject: subject, description: description)])]
       if let retryAfter { details.append(.retryInfo(delay: retryAfter)) }
-      var metadata = GoogleRPCStatus(code: .resourceExhausted, message: message, details: details).rpcErrorMetadata
+      var metadata = GoogleRPCStatus(code: .resourceExhausted, message: Self.clipped(message, maxBytes: Self.maxMessageBytes), details: details).rpcErrorMetadata
       if let retryAfter {
         metadata.addString(String(max(0, retryAfter.wholeMilliseconds)), forKey: "grpc-retry-pushback-ms")
       }
       return metadata
     }
-    guard case .invalidArgument(let message, let violations) = self, !violations.isEmpty else { return [:] }
-    let status = GoogleRPCStatus(
-      code: .invalidArgument,
-      message: message,
-      details: [
-        .badRequest(
-          violations: violations.map { ErrorDetails.BadRequest.FieldViolation(field: $0.field, description: $0.description) }
-        )
-      ]
-    )
+    guard case .invalidArgument(_, let violations) = self, !violations.isEmpty else { return [:] }
+    var shown = violations.prefix(Self.maxViolations).map {
+      ErrorDetails.BadRequest.FieldViolation(
+        field: Self.clipped($0.field, maxBytes: Self.maxFieldBytes),
+        description: Self.clipped($0.description, maxBytes: Self.maxDescriptionBytes)
+      )
+    }
+    if violations.count > Self.maxViolations {
+      shown.append(.init(field: "", description: "and \(violations.count - Self.maxViolations) more field violations"))
+    }
+    let status = GoogleRPCStatus(code: .invalidArgument, message: rpcErrorMessage, details: [.badRequest(violations: shown)])
     return status.rpcErrorMetadata
   }
 

@@ -2,6 +2,7 @@ import GRPCCore
 import Logging
 import ServiceLifecycle
 import SwiftProtobuf
+import TollgateCore
 import TollgateProtos
 import TollgateStore
 
@@ -23,7 +24,7 @@ struct HealthService: Grpc_Health_V1_Health.SimpleServiceProtocol {
     context: ServerContext
   ) async throws -> Grpc_Health_V1_HealthCheckResponse {
     guard request.service.isEmpty || services.contains(request.service) else {
-      throw RPCError(code: .notFound, message: "unknown service '\(request.service)'")
+      throw RPCError(code: .notFound, message: "unknown service '\(TollgateError.clipped(request.service, maxBytes: 200))'")
     }
     let status = await status()
     return .with { $0.status = status }

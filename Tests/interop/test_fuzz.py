@@ -58,3 +58,19 @@ def test_timestamps_out_of_range_are_refused_by_field_not_a_crash(gateway, seede
             stubs.metering.UsageEvent(id=f"t-{seconds}-{nanos}", source="s", meter="times", subject="c", time=t, value=1),
         ]), timeout=TIMEOUT)
         assert [(r.reason, "not a valid timestamp" in r.message) for r in reply.rejections] == [("INVALID_FIELD", True)]
+
+
+def test_a_status_never_repeats_a_huge_request_field_in_full(gateway, seeded, pki, stubs, channel_for):
+    """Statuses travel in trailers, which clients refuse over 16 KiB: a status echoing a 20,000
+    character field would reach the client as its own RESOURCE_EXHAUSTED about metadata."""
+    from grpc_status import rpc_status
+
+    huge = "m" * 20_000
+    audit = stubs.audit_grpc.AuditServiceStub(channel_for(pki.operator()))
+    with pytest.raises(grpc.RpcError) as info:
+        list(audit.StreamEvents(stubs.audit.StreamEventsRequest(methods=[huge] * 3, start_index=0),
+                                metadata=[("tollgate-tenant", "acme")], timeout=TIMEOUT))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+    assert info.value.details().startswith("invalid stream request: methods[0]") and len(info.value.details().encode()) <= 512
+    status = rpc_status.from_call(info.value)
+    assert status is not None and len(status.details) == 1
