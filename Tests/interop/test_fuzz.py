@@ -1,9 +1,258 @@
-"""Requests with awkward values: each must end with a status a client can act on, and the
-gateway must stay up."""
+"""Seeded random requests to every method, as every role, against a gateway and database of their
+own: each call must end with a status a client can act on (never INTERNAL or UNKNOWN, never a
+status too large for the client to read), and the gateway must stay up throughout.
+
+Half the requests are a valid request, nearly always with one field replaced by an awkward value,
+so they get past validation to the handlers and the store; the other half are random messages,
+truncated messages or noise. The seed is fixed, so a failure replays."""
+import os
+import random
+import time
+import urllib.parse
+import uuid
+
 import grpc
 import pytest
+from google.protobuf import descriptor as D
+from google.protobuf import json_format, message_factory
 
+from conftest import _psql, credentials, start_gateway, stop_gateway
+
+SEED = 20261207
+CALLS_PER_METHOD = 40
+UNARY_TIMEOUT = 5
+# Followed streams (StreamEvents with follow, WatchRun of a live run, Connect) only end at
+# their deadline; a short one keeps the test fast, and DEADLINE_EXCEEDED is an answer.
+STREAM_TIMEOUT = 1
 TIMEOUT = 10
+
+STRINGS = ["", "a", "acme", "globex", "fz-victim", "x" * 300, "\x00", "../../etc/passwd", "名前", "🙂" * 50,
+           "' OR 1=1 --", "%s%n%x", "acme\n", " acme", "ACME", "a" * 20000, "spiffe://example.org/tenant/acme/partner/p",
+           "-1", "9" * 40, "2026-13-45T99:99:99Z", "fz-task", "api_calls", "/tollgate.v1.TenantService/GetTenant",
+           "00000000-0000-0000-0000-000000000000", "\u202e\u0000\ud7ff"]
+INTS = [0, 1, -1, 2, 7, 100, 2**31 - 1, -2**31, 2**53, 2**63 - 1, -2**63]
+UINTS = [0, 1, 2, 100, 2**31, 2**32 - 1, 2**53, 2**63, 2**64 - 1]
+# Timestamps and durations: the edges of what the types allow, and beyond.
+SECONDS = [0, -1, 1, 2**31, -62_135_596_800, -62_135_596_801, 253_402_300_799, 253_402_300_800, 2**63 - 1, -2**63]
+NANOS = [0, 1, 999_999_999, 1_000_000_000, -1, 2**31 - 1, -2**31]
+
+
+def value(field, rng):
+    t = field.type
+    if t == D.FieldDescriptor.TYPE_STRING:
+        return rng.choice(STRINGS)
+    if t == D.FieldDescriptor.TYPE_BYTES:
+        return bytes(rng.getrandbits(8) for _ in range(rng.choice([0, 1, 16, 300])))
+    if t == D.FieldDescriptor.TYPE_BOOL:
+        return rng.random() < 0.5
+    if t in (D.FieldDescriptor.TYPE_DOUBLE, D.FieldDescriptor.TYPE_FLOAT):
+        return rng.choice([0.0, -1.0, 1e308, -1e308, float("nan"), float("inf"), -float("inf"), 3.5, 5e-324])
+    if t == D.FieldDescriptor.TYPE_ENUM:
+        return rng.choice([v.number for v in field.enum_type.values] + [99, -5])
+    if t in (D.FieldDescriptor.TYPE_UINT32, D.FieldDescriptor.TYPE_FIXED32):
+        return rng.choice([u for u in UINTS if u < 2**32])
+    if t in (D.FieldDescriptor.TYPE_UINT64, D.FieldDescriptor.TYPE_FIXED64):
+        return rng.choice(UINTS)
+    if t in (D.FieldDescriptor.TYPE_INT32, D.FieldDescriptor.TYPE_SINT32, D.FieldDescriptor.TYPE_SFIXED32):
+        return rng.choice([i for i in INTS if -2**31 <= i < 2**31])
+    if field.containing_type.full_name in ("google.protobuf.Timestamp", "google.protobuf.Duration"):
+        return rng.choice(SECONDS) if field.name == "seconds" else rng.choice(INTS)
+    return rng.choice(INTS)
+
+
+def is_repeated(field):
+    return field.is_repeated if hasattr(field, "is_repeated") else field.label == D.FieldDescriptor.LABEL_REPEATED
+
+
+def set_field(message, field, rng, depth):
+    """Gives `field` of `message` an awkward value (a whole random submessage for messages)."""
+    if field.type == D.FieldDescriptor.TYPE_MESSAGE:
+        if field.message_type.GetOptions().map_entry:
+            target = getattr(message, field.name)
+            for _ in range(rng.choice([0, 1, 3])):
+                key = value(field.message_type.fields_by_name["key"], rng)
+                vf = field.message_type.fields_by_name["value"]
+                if vf.type == D.FieldDescriptor.TYPE_MESSAGE:
+                    fill(target[key], rng, depth + 1)
+                else:
+                    target[key] = value(vf, rng)
+        elif is_repeated(field):
+            for _ in range(rng.choice([0, 1, 3, 40])):
+                fill(getattr(message, field.name).add(), rng, depth + 1)
+        else:
+            sub = getattr(message, field.name)
+            sub.SetInParent()
+            if field.message_type.full_name in ("google.protobuf.Timestamp", "google.protobuf.Duration"):
+                sub.seconds, sub.nanos = rng.choice(SECONDS), rng.choice(NANOS)
+            else:
+                fill(sub, rng, depth + 1)
+    elif is_repeated(field):
+        getattr(message, field.name).extend(value(field, rng) for _ in range(rng.choice([0, 1, 3, 100])))
+    else:
+        try:
+            setattr(message, field.name, value(field, rng))
+        except (ValueError, TypeError):
+            pass
+
+
+def fill(message, rng, depth=0):
+    for field in message.DESCRIPTOR.fields:
+        if rng.random() < 0.35 or (field.type == D.FieldDescriptor.TYPE_MESSAGE and depth > 3):
+            continue
+        set_field(message, field, rng, depth)
+    return message
+
+
+def mutate(message, rng):
+    """One field somewhere in `message` (top level or one message down) given an awkward value."""
+    target = message
+    fields = list(target.DESCRIPTOR.fields)
+    nested = [f for f in fields if f.type == D.FieldDescriptor.TYPE_MESSAGE and not is_repeated(f) and target.HasField(f.name)]
+    if nested and rng.random() < 0.5:
+        target = getattr(target, rng.choice(nested).name)
+        fields = list(target.DESCRIPTOR.fields)
+    if fields:
+        field = rng.choice(fields)
+        target.ClearField(field.name)
+        set_field(target, field, rng, 1)
+    return message
+
+
+def payload(cls, baseline, rng):
+    """Serialized request bytes: a mutated valid request, a random one, a truncated one or noise."""
+    roll = rng.random()
+    if baseline is not None and roll < 0.5:
+        message = cls()
+        message.CopyFrom(baseline)
+        # Now and then the good request itself, so calls also reach the success paths.
+        return (message if roll < 0.05 else mutate(message, rng)).SerializeToString()
+    if roll < 0.6:
+        return bytes(rng.getrandbits(8) for _ in range(rng.choice([1, 5, 64, 1000])))
+    data = fill(cls(), rng).SerializeToString()
+    if roll < 0.7 and len(data) > 1:
+        return data[: rng.randrange(1, len(data))]
+    return data
+
+
+def baselines(stubs, run_id):
+    """A valid request per method, as JSON, so each mutation changes one thing of a good call."""
+    now = int(time.time())
+    hour_ago = f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(now - 3600))}"
+    event = {"id": "e1", "source": "fz", "meter": "api_calls", "subject": "s1",
+             "time": time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(now)), "value": 1}
+    return {
+        "CreateTenant": {"tenantId": "fz-new", "displayName": "Fuzz"},
+        "GetTenant": {"tenantId": "acme"},
+        "ListTenants": {"pageSize": 5},
+        "UpdateQuota": {"tenantId": "acme", "quota": {"monthlyUsageEvents": "100000"}},
+        "SuspendTenant": {"tenantId": "fz-victim", "reason": "fuzz"},
+        "ResumeTenant": {"tenantId": "fz-victim"},
+        "RevokeCertificate": {"serialHex": "0a1b2c", "reason": "fuzz"},
+        "ListRevocations": {"pageSize": 5},
+        "DefineMeter": {"meter": {"name": "api_calls", "aggregation": "AGGREGATION_SUM"}},
+        "ListMeters": {"pageSize": 5},
+        "Ingest": {"sequence": "1", "events": [event]},
+        "IngestStream": {"sequence": "1", "events": [event]},
+        "QueryUsage": {"meter": "api_calls", "range": {"startTime": hour_ago}, "windowSize": "WINDOW_SIZE_HOUR"},
+        "StreamEvents": {"startIndex": "0"},
+        "GetCheckpoint": {},
+        "GetInclusionProof": {"index": "0", "treeSize": "1"},
+        "GetConsistencyProof": {"oldSize": "1", "newSize": "2"},
+        "Dispatch": {"type": "fz-task", "payload": "eA==", "maxAttempts": 2},
+        "GetRun": {"runId": run_id},
+        "ListRuns": {"pageSize": 5},
+        "CancelRun": {"runId": run_id},
+        "Approve": {"runId": run_id, "approverId": "pat", "comment": "ok"},
+        "Reject": {"runId": run_id, "approverId": "pat", "comment": "no"},
+        "WatchRun": {"runId": run_id},
+        "Connect": {"hello": {"taskTypes": ["fz-task"], "capacity": 1, "workerName": "fz"}},
+    }
+
+
+def methods(stubs):
+    for module in (stubs.tenant, stubs.audit, stubs.metering, stubs.workflow):
+        for service in module.DESCRIPTOR.services_by_name.values():
+            for m in service.methods:
+                yield service.full_name, m, message_factory.GetMessageClass(m.input_type)
+
+
+def test_random_requests_get_actionable_statuses_and_the_gateway_stays_up(pki, stubs):
+    admin = os.environ["TOLLGATE_TEST_DATABASE_URL"]
+    db = "fuzz_" + uuid.uuid4().hex[:12]
+    _psql(admin, f"CREATE DATABASE {db} OWNER tollgate")
+    u = urllib.parse.urlparse(admin)
+    app_url = f"postgres://tollgate:{os.environ.get('TOLLGATE_TEST_APP_PASSWORD', 'tollgate')}@{u.hostname}:{u.port}/{db}?sslmode=disable"
+    proc = None
+    channels = {}
+    try:
+        proc, port, _ = start_gateway(pki, app_url)
+        identities = [
+            ("operator", pki.operator(), []),
+            ("operator@acme", pki.operator(), [("tollgate-tenant", "acme")]),
+            ("partner", pki.principal("acme", "partner", "fuzz"), []),
+            ("agent", pki.principal("acme", "agent", "fuzz"), []),
+            ("auditor", pki.principal("acme", "auditor", "fuzz"), []),
+            ("worker", pki.principal("acme", "worker", "fuzz"), []),
+        ]
+        channels = {name: grpc.secure_channel(f"127.0.0.1:{port}", credentials(identity)) for name, identity, _ in identities}
+        tenants = stubs.tenant_grpc.TenantServiceStub(channels["operator"])
+        for tenant in ("acme", "globex", "fz-victim"):
+            tenants.CreateTenant(stubs.tenant.CreateTenantRequest(tenant_id=tenant), timeout=UNARY_TIMEOUT)
+        meters = stubs.metering_grpc.MeteringServiceStub(channels["partner"])
+        meters.DefineMeter(stubs.metering.DefineMeterRequest(
+            meter=stubs.metering.Meter(name="api_calls", aggregation=stubs.metering.AGGREGATION_SUM)), timeout=UNARY_TIMEOUT)
+        run_id = stubs.workflow_grpc.WorkflowServiceStub(channels["partner"]).Dispatch(
+            stubs.workflow.DispatchRequest(type="fz-task", payload=b"x",
+                                           approval=stubs.workflow.ApprovalGate(required_approver="finance", reason="fuzz")),
+            timeout=UNARY_TIMEOUT).run.run_id
+        good = baselines(stubs, run_id)
+
+        rng = random.Random(SEED)
+        raw = lambda b: b  # noqa: E731
+        bad, answered = [], 0
+        for service, method, cls in methods(stubs):
+            path = f"/{service}/{method.name}"
+            baseline = json_format.ParseDict(good[method.name], cls()) if method.name in good else None
+            for i in range(CALLS_PER_METHOD):
+                name, _, metadata = identities[i % len(identities)]
+                ch = channels[name]
+                try:
+                    if method.client_streaming:
+                        messages = [payload(cls, baseline, rng) for _ in range(rng.choice([1, 2, 5]))]
+                        if method.server_streaming:
+                            for _ in ch.stream_stream(path, request_serializer=raw, response_deserializer=raw)(
+                                    iter(messages), metadata=metadata, timeout=STREAM_TIMEOUT):
+                                pass
+                        else:
+                            ch.stream_unary(path, request_serializer=raw, response_deserializer=raw)(
+                                iter(messages), metadata=metadata, timeout=UNARY_TIMEOUT)
+                    elif method.server_streaming:
+                        for _ in ch.unary_stream(path, request_serializer=raw, response_deserializer=raw)(
+                                payload(cls, baseline, rng), metadata=metadata, timeout=STREAM_TIMEOUT):
+                            pass
+                    else:
+                        ch.unary_unary(path, request_serializer=raw, response_deserializer=raw)(
+                            payload(cls, baseline, rng), metadata=metadata, timeout=UNARY_TIMEOUT)
+                    code, details = grpc.StatusCode.OK, ""
+                except grpc.RpcError as e:
+                    code, details = e.code(), e.details() or ""
+                answered += 1
+                # INTERNAL and UNKNOWN tell the client nothing it can act on; UNAVAILABLE here means
+                # the gateway went away; a status too big for its trailers reaches the client as
+                # its own RESOURCE_EXHAUSTED about metadata size.
+                if code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.UNAVAILABLE) \
+                        or "metadata size" in details:
+                    bad.append((path, name, i, code, details[:300]))
+        assert answered == sum(1 for _ in methods(stubs)) * CALLS_PER_METHOD
+        assert not bad, "\n".join(map(str, bad[:20]))
+        assert proc.poll() is None, "".join(proc.errors[-40:])
+    finally:
+        for ch in channels.values():
+            ch.close()
+        if proc is not None:
+            stop_gateway(proc)
+        _psql(admin, f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
+    assert proc.returncode == 0, "".join(proc.errors[-40:])
 
 
 # Seconds beyond what google.protobuf.Timestamp allows, at both ends; SwiftProtobuf's conversion to
