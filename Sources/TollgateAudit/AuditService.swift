@@ -169,6 +169,16 @@ public struct AuditService: RegistrableRPCService {
 
   static let maxOutcomeCode: Int32 = 16
 
+  /// A full method name as audit events record it (`/package.Service/Method`): printable, and no
+  /// longer than any method could be.
+  static func isMethodName(_ text: String) -> Bool {
+    text.hasPrefix("/") && text.contains(".") && text.utf8.count <= 256 && !text.unicodeScalars.contains(where: isControl)
+  }
+
+  static func isControl(_ scalar: Unicode.Scalar) -> Bool {
+    scalar.properties.generalCategory == .control
+  }
+
   func filter(_ request: Tollgate_V1_StreamEventsRequest) throws(TollgateError) -> AuditFilter {
     var violations: [TollgateError.FieldViolation] = []
     var filter = AuditFilter()
@@ -188,12 +198,15 @@ public struct AuditService: RegistrableRPCService {
       }
     }
     filter.methods = request.methods
-    for (i, method) in request.methods.enumerated() where !method.hasPrefix("/") || !method.contains(".") {
+    for (i, method) in request.methods.enumerated() where !Self.isMethodName(method) {
       violations.append(
         .init(field: "methods[\(i)]", description: "'\(TollgateError.clipped(method, maxBytes: 80))' is not a full method name like /tollgate.v1.TenantService/GetTenant")
       )
     }
     filter.principal = request.principalSpiffeID.isEmpty ? nil : request.principalSpiffeID
+    if let principal = filter.principal, principal.utf8.count > 2048 || principal.unicodeScalars.contains(where: Self.isControl) {
+      violations.append(.init(field: "principal_spiffe_id", description: "must be a SPIFFE ID: at most 2048 bytes, no control characters"))
+    }
     filter.outcomes = request.outcomeCodes
     for (i, code) in request.outcomeCodes.enumerated() where code < 0 || code > Self.maxOutcomeCode {
       violations.append(.init(field: "outcome_codes[\(i)]", description: "\(code) is not a gRPC status code (0-16)"))

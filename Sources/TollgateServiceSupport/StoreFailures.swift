@@ -1,6 +1,7 @@
 import GRPCCore
 public import Logging
 import NIOCore
+import NIOHTTP2
 import TollgateCore
 import TollgateStore
 
@@ -30,6 +31,9 @@ public func handlingStoreFailures<T: Sendable>(
         "the database did not confirm the change in time; it may have been applied, so read it back before retrying")
     case .quotaExhausted(let m):
       throw TollgateError.resourceExhausted(m, subject: "", description: m, retryAfter: nil)
+    case .invalidInput(let m):
+      logger.warning("request value the store cannot hold", metadata: ["method": "\(method)", "error": "\(m)"])
+      throw TollgateError.invalidArgument(m, [])
     case .damaged(let m):
       logger.error("stored data missing or corrupt", metadata: ["method": "\(method)", "error": "\(m)"])
       throw TollgateError.dataLoss(m)
@@ -42,6 +46,15 @@ public func handlingStoreFailures<T: Sendable>(
   } catch let error as ChannelError where error == .ioOnClosedChannel || error == .alreadyClosed {
     // The client went away mid-stream: an ordinary end, not a failure to log.
     throw RPCError(code: .cancelled, message: "the client closed the stream")
+  } catch is NIOHTTP2Errors.StreamClosed {
+    // The stream closed under a handler still writing to it: the client reset it, or the
+    // transport already ended the call (a later message of the stream could not be decoded, and
+    // its status went out). The client has its answer; there is nothing to report.
+    throw RPCError(code: .cancelled, message: "the stream was closed")
+  } catch where Task.isCancelled {
+    // The call was cancelled (the client reset its stream, or its deadline passed) and the
+    // handler failed on its way out, e.g. writing to the closed stream: not the gateway's failure.
+    throw RPCError(code: .cancelled, message: "the call was cancelled")
   } catch {
     logger.error("unexpected failure", metadata: ["method": "\(method)", "error": "\(error)"])
     throw TollgateError.internalError

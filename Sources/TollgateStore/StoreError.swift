@@ -16,6 +16,9 @@ public enum StoreError: Error, Sendable {
   /// Rows a read needs are missing or malformed: the store was damaged or altered outside the
   /// gateway (an audit log's leaves, say). The message names what is missing, not how it is stored.
   case damaged(String)
+  /// A value sent by the client cannot be stored or compared at all (text holding NUL, which no
+  /// PostgreSQL text can). Services check their fields first; this names what one missed.
+  case invalidInput(String)
   case unexpected(String)
 
   /// Classifies any error thrown by postgres-nio (unwrapping transaction errors first).
@@ -40,6 +43,10 @@ public enum StoreError: Error, Sendable {
         if state == "23505" { return .alreadyExists("a record with the same identity already exists") }
         // 08xxx connection exceptions, 57P01-57P03 admin shutdown / cannot connect now.
         if state.hasPrefix("08") || state.hasPrefix("57P") { return .unavailable("database: \(state)") }
+        // 22021 character_not_in_repertoire: a NUL in a text parameter.
+        if state == "22021" {
+          return .invalidInput("a text field holds a NUL character (or bytes that are not UTF-8), which cannot be stored or searched; remove it")
+        }
         return .unexpected("sqlstate \(state): \(psql.serverInfo?[.message] ?? "")")
       case .connectionError, .serverClosedConnection, .clientClosedConnection, .poolClosed, .uncleanShutdown,
         .queryCancelled:

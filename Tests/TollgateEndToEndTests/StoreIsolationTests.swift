@@ -38,6 +38,20 @@ import TollgateStore
     }
   }
 
+  /// No PostgreSQL text can hold NUL. A request value with one that a service did not check is
+  /// the client's error (INVALID_ARGUMENT once mapped), not an unexpected failure of the store.
+  @Test func textWithANulIsInvalidInputNotAnUnexpectedFailure() async throws {
+    try await withStore { database, _ in
+      let audit = AuditLogRepository(database: database)
+      do {
+        _ = try await audit.records(.platform, from: 0, below: 10, filter: AuditFilter(principal: "spiffe://a\u{0}b"), logger: testLogger)
+        Issue.record("a NUL reached PostgreSQL and was accepted")
+      } catch StoreError.invalidInput(let message) {
+        #expect(message.contains("NUL"))
+      }
+    }
+  }
+
   @Test func queryWithoutTenantFilterSeesOnlyCurrentTenant() async throws {
     try await withStore { database, repository in
       let acme = try TenantID(validating: "acme")
