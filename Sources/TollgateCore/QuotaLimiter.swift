@@ -89,9 +89,15 @@ public final class QuotaLimiter: Sendable {
   static func local(_ limit: RateLimit, share: Double) -> (interval: Double, tolerance: Double, rate: Double, burst: Double) {
     let rate = limit.ratePerSecond * share
     let burst = max(1, Double(limit.burst) * share)
-    let interval = 1e9 / rate
-    return (interval, (burst - 1) * interval, rate, burst)
+    // Bounded so the bucket's Int64 nanoseconds cannot overflow, which would trap and take the
+    // gateway down, whatever limit was stored and however small a share the fleet leaves this
+    // replica: an interval of at most 11.6 days, a tolerance of at most 31.7 years.
+    let interval = rate.isFinite && rate > 0 ? min(1e9 / rate, maxInterval) : maxInterval
+    return (interval, min((burst - 1) * interval, maxTolerance), rate, burst)
   }
+
+  static let maxInterval = 1e15
+  static let maxTolerance = 1e18
 
   /// The bucket's TAT under `interval`, not before now. When the limit or share has changed
   /// since, the backlog ahead of now is rescaled to the new interval: it keeps the same number of
@@ -99,7 +105,8 @@ public final class QuotaLimiter: Sendable {
   static func current(_ bucket: Bucket?, interval: Double, now: Int64) -> Int64 {
     guard let bucket, bucket.tat > now else { return now }
     guard bucket.interval != interval else { return bucket.tat }
-    return now + Int64((Double(bucket.tat - now) * interval / bucket.interval).rounded())
+    // A backlog never exceeds a tolerance and an interval, so neither does its rescaled form.
+    return now + Int64(min(Double(bucket.tat - now) * interval / bucket.interval, maxTolerance + interval).rounded())
   }
 
   /// Admits one call of `key` under `limit` or says when it could be admitted.

@@ -92,11 +92,12 @@ public struct QuotaSettings: Codable, Hashable, Sendable {
         out.append(Violation(field: "\(fieldPrefix).rate_limits", description: "no limit for class \(cls.rawValue)"))
         continue
       }
-      if !limit.ratePerSecond.isFinite || limit.ratePerSecond <= 0 || limit.ratePerSecond > 1_000_000 {
+      // Below one call per 1,000 s a rate limit means "none": suspend the tenant instead.
+      if !(0.001...1_000_000).contains(limit.ratePerSecond) {
         out.append(
           Violation(
             field: "\(fieldPrefix).rate_limits[\(cls.rawValue)].rate_per_second",
-            description: "must be a finite number above 0 and at most 1000000, got \(limit.ratePerSecond)"
+            description: "must be from 0.001 to 1000000 calls per second, got \(limit.ratePerSecond)"
           )
         )
       }

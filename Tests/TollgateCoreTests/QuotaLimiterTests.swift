@@ -38,6 +38,28 @@ final class ManualClock: Sendable {
     #expect(admitted == 5)
   }
 
+  /// Limits no validation would pass, and a share as small as a busy fleet can leave, still
+  /// answer: slowly, never by trapping on an Int64 overflow of the bucket.
+  @Test func extremeLimitsAndSharesNeverOverflowTheBucket() {
+    let limiter = limiter()
+    for rate in [5e-324, 0, -1, .nan, .infinity, 1e-9, 1_000_000] {
+      let limit = RateLimit(ratePerSecond: rate, burst: 10_000_000)
+      for _ in 0..<1_000 { _ = limiter.admit(key, limit: limit) }
+      _ = limiter.reserve(key, limit: limit)
+      clock.advance(.seconds(1))
+    }
+    // From the fastest rate with a backlog to the slowest: the backlog is rescaled, and bounded.
+    let fast = RateLimit(ratePerSecond: 1_000_000, burst: 10_000_000)
+    for _ in 0..<1_000 { _ = limiter.admit(key, limit: fast) }
+    limiter.apply(QuotaLimiter.Shares(rate: [key: 1e-12]))
+    let slow = RateLimit(ratePerSecond: 0.001, burst: 10_000_000)
+    guard case .refused(let retryAfter, _, _) = limiter.admit(key, limit: slow) else {
+      Issue.record("a rate of 1e-15 calls per second admitted a call straight after a backlog")
+      return
+    }
+    #expect(retryAfter > .seconds(86_400))
+  }
+
   @Test func aFloodIsHeldToBurstPlusRateTimesTime() {
     let limiter = limiter()
     let limit = RateLimit(ratePerSecond: 10, burst: 5)

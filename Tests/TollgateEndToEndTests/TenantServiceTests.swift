@@ -254,6 +254,8 @@ import TollgateProtos
               $0.rateLimits = [
                 .with { $0.quotaClass = .query; $0.ratePerSecond = -1; $0.burst = 0 },
                 .with { $0.quotaClass = .unspecified; $0.ratePerSecond = 1; $0.burst = 1 },
+                // Positive, but so small a bucket interval would overflow: below the 0.001 floor.
+                .with { $0.quotaClass = .admin; $0.ratePerSecond = 5e-324; $0.burst = 1 },
               ]
             }
           })
@@ -264,7 +266,7 @@ import TollgateProtos
             .flatMap(\.violations).map(\.field)
           #expect(Set(fields) == [
             "quota.rate_limits[1].quota_class", "quota.rate_limits[query].rate_per_second",
-            "quota.rate_limits[query].burst",
+            "quota.rate_limits[query].burst", "quota.rate_limits[admin].rate_per_second",
           ])
         }
         // The failed update changed nothing.
