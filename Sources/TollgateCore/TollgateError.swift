@@ -22,6 +22,9 @@ public enum TollgateError: Error, Sendable, Equatable {
   case notFound(String)
   case alreadyExists(String)
   case failedPrecondition(String)
+  /// A value or result is past the range the operation can handle; unlike INVALID_ARGUMENT it may
+  /// depend on stored data (an aggregate that overflowed).
+  case outOfRange(String)
   /// A quota has no room: google.rpc.QuotaFailure naming `subject` (e.g. `tenant:acme`) and what
   /// ran out, and, when known, RetryInfo and `grpc-retry-pushback-ms` saying when room returns.
   case resourceExhausted(String, subject: String, description: String, retryAfter: Duration?)
@@ -56,6 +59,7 @@ extension TollgateError: RPCErrorConvertible {
     case .notFound: return .notFound
     case .alreadyExists: return .alreadyExists
     case .failedPrecondition: return .failedPrecondition
+    case .outOfRange: return .outOfRange
     case .resourceExhausted: return .resourceExhausted
     case .unavailable: return .unavailable
     case .outcomeUnknown: return .deadlineExceeded
@@ -67,7 +71,7 @@ extension TollgateError: RPCErrorConvertible {
   public var rpcErrorMessage: String {
     switch self {
     case .invalidArgument(let m, _), .unauthenticated(let m), .permissionDenied(let m), .notFound(let m),
-      .alreadyExists(let m), .failedPrecondition(let m), .unavailable(let m), .outcomeUnknown(let m), .dataLoss(let m), .resourceExhausted(let m, _, _, _):
+      .alreadyExists(let m), .failedPrecondition(let m), .outOfRange(let m), .unavailable(let m), .outcomeUnknown(let m), .dataLoss(let m), .resourceExhausted(let m, _, _, _):
       return Self.clipped(m, maxBytes: Self.maxMessageBytes)
     case .internalError:
       return "internal error; the gateway logged the details"

@@ -53,6 +53,11 @@ struct UsageValidation: Sendable {
       guard event.value.isFinite else {
         throw Rejection(reason: "NON_FINITE_VALUE", message: "value must be a finite number, got \(event.value)")
       }
+      // Far beyond any one event's usage, and small enough that no sum or average of them can
+      // overflow a double in the database (two values near 1e308 made every query of the meter fail).
+      guard abs(event.value) <= Self.maxValue else {
+        throw Rejection(reason: "VALUE_OUT_OF_RANGE", message: "value must be within ±1e15, got \(event.value)")
+      }
       return .success(
         UsageEventRow(
           source: event.source,
@@ -148,6 +153,8 @@ struct UsageValidation: Sendable {
   }
 
   /// A value quoted back in a message, cut short so a huge bad value does not make a huge reply.
+  static let maxValue = 1e15
+
   static func clip(_ text: String) -> String {
     text.unicodeScalars.count <= 64 ? text : String(String.UnicodeScalarView(text.unicodeScalars.prefix(64))) + "…"
   }

@@ -34,6 +34,9 @@ public func handlingStoreFailures<T: Sendable>(
     case .invalidInput(let m):
       logger.warning("request value the store cannot hold", metadata: ["method": "\(method)", "error": "\(m)"])
       throw TollgateError.invalidArgument(m, [])
+    case .outOfRange(let m):
+      logger.warning("store computation out of range", metadata: ["method": "\(method)", "error": "\(m)"])
+      throw TollgateError.outOfRange(m)
     case .damaged(let m):
       logger.error("stored data missing or corrupt", metadata: ["method": "\(method)", "error": "\(m)"])
       throw TollgateError.dataLoss(m)

@@ -19,6 +19,9 @@ public enum StoreError: Error, Sendable {
   /// A value sent by the client cannot be stored or compared at all (text holding NUL, which no
   /// PostgreSQL text can). Services check their fields first; this names what one missed.
   case invalidInput(String)
+  /// A computation over stored values left the range PostgreSQL computes in (22003, an aggregate
+  /// that overflowed): no retry helps, and the query as asked cannot be answered.
+  case outOfRange(String)
   case unexpected(String)
 
   /// Classifies any error thrown by postgres-nio (unwrapping transaction errors first).
@@ -44,6 +47,9 @@ public enum StoreError: Error, Sendable {
         // 08xxx connection exceptions, 57P01-57P03 admin shutdown / cannot connect now.
         if state.hasPrefix("08") || state.hasPrefix("57P") { return .unavailable("database: \(state)") }
         // 22021 character_not_in_repertoire: a NUL in a text parameter.
+        if state == "22003" {
+          return .outOfRange("a result is out of the range the database computes in (a sum or average overflowed); query a narrower range")
+        }
         if state == "22021" {
           return .invalidInput("a text field holds a NUL character (or bytes that are not UTF-8), which cannot be stored or searched; remove it")
         }

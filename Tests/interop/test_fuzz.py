@@ -344,3 +344,33 @@ def test_control_characters_in_audit_filters_are_refused_by_field(gateway, seede
             list(audit.StreamEvents(request, metadata=acting, timeout=TIMEOUT))
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
         assert info.value.details().startswith(f"invalid stream request: {field}"), info.value.details()
+
+
+def test_usage_values_that_would_overflow_a_sum_are_refused_and_stored_ones_are_out_of_range(
+        gateway, seeded, pki, stubs, channel_for):
+    import time as clock
+
+    from google.protobuf import timestamp_pb2
+
+    from conftest import admin_query
+
+    m = stubs.metering
+    partner = stubs.metering_grpc.MeteringServiceStub(channel_for(pki.principal("globex", "partner", "huge")))
+    try:
+        partner.DefineMeter(m.DefineMeterRequest(meter=m.Meter(name="huge", aggregation=m.AGGREGATION_SUM)), timeout=TIMEOUT)
+    except grpc.RpcError as e:
+        assert e.code() == grpc.StatusCode.ALREADY_EXISTS
+    now = timestamp_pb2.Timestamp(seconds=int(clock.time()))
+    reply = partner.Ingest(m.IngestRequest(sequence=1, events=[
+        m.UsageEvent(id=f"h{i}", source="s", meter="huge", subject="c", time=now, value=v)
+        for i, v in enumerate([1e308, -1e16, 1e15, -1e15])]), timeout=TIMEOUT)
+    assert (reply.accepted + reply.duplicates, [(r.index, r.reason) for r in reply.rejections]) == (
+        2, [(0, "VALUE_OUT_OF_RANGE"), (1, "VALUE_OUT_OF_RANGE")])
+    # Values stored before the cap (written here by hand) overflow the sum: OUT_OF_RANGE, not INTERNAL.
+    admin_query("UPDATE usage_events SET value = 1e308 WHERE tenant_id = 'globex' AND meter = 'huge'")
+    query = m.QueryUsageRequest(meter="huge", range=stubs.common.TimeRange(
+        start_time=timestamp_pb2.Timestamp(seconds=now.seconds - 3600)))
+    with pytest.raises(grpc.RpcError) as info:
+        partner.QueryUsage(query, timeout=TIMEOUT)
+    assert info.value.code() == grpc.StatusCode.OUT_OF_RANGE, info.value.details()
+    assert "overflowed" in info.value.details()
