@@ -751,6 +751,35 @@ import TollgateProtos
     }
   }
 
+  /// A follower whose client goes away ends at once, even on a log nothing more is appended to.
+  /// gRPC reports the reset through the RPC's cancellation handle, not by cancelling the handler's
+  /// task; a follower that only noticed at its next write held its call slot until the log grew.
+  @Test func aFollowerOfAQuietLogEndsWhenItsClientGoesAway() async throws {
+    try await TestGateway.run { gw in
+      try await Self.createTenant(gw, "acme")
+      let auditor = try gw.pki.issue(tenant: "acme", role: .auditor)
+      let acme = try TenantID(validating: "acme")
+      // Everything so far is committed, so once the follower has caught up nothing wakes it.
+      await gw.gateway.auditBuffer.allCommitted()
+      let (caughtUp, signal) = AsyncStream.makeStream(of: Void.self)
+      let follower = Task {
+        try await gw.withClient(auditor) { client async throws in
+          try await AuditReader(client: client).stream(.with { $0.follow = true }, options: .noTimeout) { message in
+            // The checkpoint comes after the records it covers.
+            if case .checkpoint = message.item { signal.yield() }
+            return true
+          }
+        }
+      }
+      var iterator = caughtUp.makeAsyncIterator()
+      await iterator.next()
+      #expect(gw.gateway.quotaLimiter.inFlight(acme) == 1)
+      follower.cancel()
+      _ = await follower.result
+      #expect(try await QuotaTests.eventually(within: .seconds(10)) { gw.gateway.quotaLimiter.inFlight(acme) == 0 })
+    }
+  }
+
   @Test func fullAuditBufferRefusesReadsRatherThanRunThemUnaudited() async throws {
     try await TestGateway.run(configure: { $0.auditBufferCapacity = 2 }) { gw in
       try await Self.createTenant(gw, "acme")
