@@ -207,9 +207,15 @@ enum MeteringMapping {
       guard let state = try? JSONDecoder().decode(PageState.self, from: Data(text.utf8)), state.query == fingerprint else {
         throw .invalidField("page_token", "belongs to a different query; pass next_page_token with the same request")
       }
+      // Tokens are not signed, and anyone can compute a query's fingerprint: its dates are checked
+      // like a request's before they reach the database.
+      let dates = [Date(timeIntervalSince1970: state.resume), Date(timeIntervalSince1970: state.until), state.after.window]
+      guard dates.allSatisfy(RequestFields.isTimestamp) else {
+        throw .invalidField("page_token", "is not a token this query returned; pass next_page_token unchanged")
+      }
       after = state.after
-      resumeAt = Date(timeIntervalSince1970: state.resume)
-      until = Date(timeIntervalSince1970: state.until)
+      resumeAt = dates[0]
+      until = dates[1]
     }
     guard until > from else {
       throw .invalidField("range", "end_time must be after start_time")

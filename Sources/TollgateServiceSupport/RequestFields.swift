@@ -42,6 +42,13 @@ public enum RequestFields {
     return Date(timeIntervalSince1970: TimeInterval(seconds) + TimeInterval(nanos) / 1e9)
   }
 
+  /// Whether `date` is one a google.protobuf.Timestamp can hold, and so one PostgreSQL and its
+  /// driver can take (postgres-nio converts a date to Int64 microseconds, which traps far outside).
+  public static func isTimestamp(_ date: Date) -> Bool {
+    let t = date.timeIntervalSince1970
+    return t.isFinite && (-62_135_596_800...253_402_300_800).contains(t)
+  }
+
   public static let timestampRange = "is not a valid timestamp (years 0001 to 9999 UTC, nanos 0 to 999999999)"
 
   /// A free-text field: trimmed, at most `max` characters, no control characters.

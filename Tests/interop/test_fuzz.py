@@ -374,3 +374,37 @@ def test_usage_values_that_would_overflow_a_sum_are_refused_and_stored_ones_are_
         partner.QueryUsage(query, timeout=TIMEOUT)
     assert info.value.code() == grpc.StatusCode.OUT_OF_RANGE, info.value.details()
     assert "overflowed" in info.value.details()
+
+
+def test_a_forged_usage_page_token_is_refused_not_a_crash(gateway, seeded, pki, stubs, channel_for):
+    """Usage page tokens are not signed and a query's fingerprint is public arithmetic, so a
+    client can forge one: its dates must be checked like a request's (one far out of range
+    trapped in the driver's conversion to microseconds)."""
+    import base64
+    import hashlib
+    import json
+    import time as clock
+
+    from google.protobuf import timestamp_pb2
+
+    m = stubs.metering
+    partner = stubs.metering_grpc.MeteringServiceStub(channel_for(pki.principal("globex", "partner", "token")))
+    try:
+        partner.DefineMeter(m.DefineMeterRequest(meter=m.Meter(name="paged", aggregation=m.AGGREGATION_SUM)), timeout=TIMEOUT)
+    except grpc.RpcError as e:
+        assert e.code() == grpc.StatusCode.ALREADY_EXISTS
+    query = m.QueryUsageRequest(meter="paged", range=stubs.common.TimeRange(
+        start_time=timestamp_pb2.Timestamp(seconds=int(clock.time()) - 3600)))
+    fingerprint = hashlib.sha256(query.SerializeToString(deterministic=True)).digest()[:12].hex()
+    for until, resume, window in [(1e300, 0.0, 0.0), (1.9e9, -1e300, 0.0), (1.9e9, 1.8e9, 1e300)]:
+        state = {"query": fingerprint, "until": until, "resume": resume,
+                 "after": {"window": window, "subject": "", "group": []}}
+        token = base64.urlsafe_b64encode(("usage:" + json.dumps(state)).encode()).decode().rstrip("=")
+        forged = m.QueryUsageRequest()
+        forged.CopyFrom(query)
+        forged.page_token = token
+        with pytest.raises(grpc.RpcError) as info:
+            partner.QueryUsage(forged, timeout=TIMEOUT)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+        assert "page_token" in info.value.details()
+    partner.QueryUsage(query, timeout=TIMEOUT)
