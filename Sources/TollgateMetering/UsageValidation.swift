@@ -152,9 +152,10 @@ struct UsageValidation: Sendable {
     out += "\""
   }
 
-  /// A value quoted back in a message, cut short so a huge bad value does not make a huge reply.
+  /// The largest magnitude of an event's value (see the check in `validate`).
   static let maxValue = 1e15
 
+  /// A value quoted back in a message, cut short so a huge bad value does not make a huge reply.
   static func clip(_ text: String) -> String {
     text.unicodeScalars.count <= 64 ? text : String(String.UnicodeScalarView(text.unicodeScalars.prefix(64))) + "…"
   }

@@ -55,8 +55,9 @@ public func handlingStoreFailures<T: Sendable>(
     // its status went out). The client has its answer; there is nothing to report.
     throw RPCError(code: .cancelled, message: "the stream was closed")
   } catch where Task.isCancelled {
-    // The call was cancelled (the client reset its stream, or its deadline passed) and the
-    // handler failed on its way out, e.g. writing to the closed stream: not the gateway's failure.
+    // The handler's task was cancelled (the server stopping it; a client's reset or deadline
+    // reaches handlers through the RPC's cancellation handle instead) and the handler failed on
+    // its way out: an ordinary end, not a failure to report.
     throw RPCError(code: .cancelled, message: "the call was cancelled")
   } catch {
     logger.error("unexpected failure", metadata: ["method": "\(method)", "error": "\(error)"])

@@ -46,10 +46,12 @@ public enum StoreError: Error, Sendable {
         if state == "23505" { return .alreadyExists("a record with the same identity already exists") }
         // 08xxx connection exceptions, 57P01-57P03 admin shutdown / cannot connect now.
         if state.hasPrefix("08") || state.hasPrefix("57P") { return .unavailable("database: \(state)") }
-        // 22021 character_not_in_repertoire: a NUL in a text parameter.
+        // 22003 numeric_value_out_of_range: every parameter is range-checked before it is sent,
+        // so this is a computation over stored values, an aggregate that overflowed.
         if state == "22003" {
           return .outOfRange("a result is out of the range the database computes in (a sum or average overflowed); query a narrower range")
         }
+        // 22021 character_not_in_repertoire: a NUL in a text parameter.
         if state == "22021" {
           return .invalidInput("a text field holds a NUL character (or bytes that are not UTF-8), which cannot be stored or searched; remove it")
         }

@@ -261,6 +261,15 @@ def test_random_requests_get_actionable_statuses_and_the_gateway_stays_up(pki, s
     assert proc.returncode == 0, "".join(proc.errors[-40:])
 
 
+def sum_meter(stubs, metering, name):
+    """Defines SUM meter `name` for `metering`'s tenant, if an earlier test has not."""
+    m = stubs.metering
+    try:
+        metering.DefineMeter(m.DefineMeterRequest(meter=m.Meter(name=name, aggregation=m.AGGREGATION_SUM)), timeout=TIMEOUT)
+    except grpc.RpcError as e:
+        assert e.code() == grpc.StatusCode.ALREADY_EXISTS
+
+
 # Seconds beyond what google.protobuf.Timestamp allows, at both ends; SwiftProtobuf's conversion to
 # a date traps on overflow at the extremes, which took the whole gateway down.
 OUT_OF_RANGE = [(2**63 - 1, 0), (-2**63, 0), (253_402_300_800, 0), (0, -1), (0, 1_000_000_000)]
@@ -290,11 +299,7 @@ def test_timestamps_out_of_range_are_refused_by_field_not_a_crash(gateway, seede
     partner = channel_for(pki.principal("acme", "partner", "times"))
     metering = stubs.metering_grpc.MeteringServiceStub(partner)
     workflow = stubs.workflow_grpc.WorkflowServiceStub(partner)
-    try:
-        metering.DefineMeter(stubs.metering.DefineMeterRequest(meter=stubs.metering.Meter(
-            name="times", aggregation=stubs.metering.AGGREGATION_SUM)), timeout=TIMEOUT)
-    except grpc.RpcError as e:
-        assert e.code() == grpc.StatusCode.ALREADY_EXISTS
+    sum_meter(stubs, metering, "times")
     for seconds, nanos in OUT_OF_RANGE:
         t = stamp(seconds, nanos)
         assert refused_field(lambda: list(audit.StreamEvents(stubs.audit.StreamEventsRequest(
@@ -356,10 +361,7 @@ def test_usage_values_that_would_overflow_a_sum_are_refused_and_stored_ones_are_
 
     m = stubs.metering
     partner = stubs.metering_grpc.MeteringServiceStub(channel_for(pki.principal("globex", "partner", "huge")))
-    try:
-        partner.DefineMeter(m.DefineMeterRequest(meter=m.Meter(name="huge", aggregation=m.AGGREGATION_SUM)), timeout=TIMEOUT)
-    except grpc.RpcError as e:
-        assert e.code() == grpc.StatusCode.ALREADY_EXISTS
+    sum_meter(stubs, partner, "huge")
     now = timestamp_pb2.Timestamp(seconds=int(clock.time()))
     reply = partner.Ingest(m.IngestRequest(sequence=1, events=[
         m.UsageEvent(id=f"h{i}", source="s", meter="huge", subject="c", time=now, value=v)
@@ -389,10 +391,7 @@ def test_a_forged_usage_page_token_is_refused_not_a_crash(gateway, seeded, pki, 
 
     m = stubs.metering
     partner = stubs.metering_grpc.MeteringServiceStub(channel_for(pki.principal("globex", "partner", "token")))
-    try:
-        partner.DefineMeter(m.DefineMeterRequest(meter=m.Meter(name="paged", aggregation=m.AGGREGATION_SUM)), timeout=TIMEOUT)
-    except grpc.RpcError as e:
-        assert e.code() == grpc.StatusCode.ALREADY_EXISTS
+    sum_meter(stubs, partner, "paged")
     query = m.QueryUsageRequest(meter="paged", range=stubs.common.TimeRange(
         start_time=timestamp_pb2.Timestamp(seconds=int(clock.time()) - 3600)))
     fingerprint = hashlib.sha256(query.SerializeToString(deterministic=True)).digest()[:12].hex()
