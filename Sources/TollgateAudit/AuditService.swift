@@ -172,11 +172,7 @@ public struct AuditService: RegistrableRPCService {
   /// A full method name as audit events record it (`/package.Service/Method`): printable, and no
   /// longer than any method could be.
   static func isMethodName(_ text: String) -> Bool {
-    text.hasPrefix("/") && text.contains(".") && text.utf8.count <= 256 && !text.unicodeScalars.contains(where: isControl)
-  }
-
-  static func isControl(_ scalar: Unicode.Scalar) -> Bool {
-    scalar.properties.generalCategory == .control
+    text.hasPrefix("/") && text.contains(".") && text.utf8.count <= 256 && !RequestFields.hasControlCharacters(text)
   }
 
   func filter(_ request: Tollgate_V1_StreamEventsRequest) throws(TollgateError) -> AuditFilter {
@@ -204,7 +200,7 @@ public struct AuditService: RegistrableRPCService {
       )
     }
     filter.principal = request.principalSpiffeID.isEmpty ? nil : request.principalSpiffeID
-    if let principal = filter.principal, principal.utf8.count > 2048 || principal.unicodeScalars.contains(where: Self.isControl) {
+    if let principal = filter.principal, principal.utf8.count > 2048 || RequestFields.hasControlCharacters(principal) {
       violations.append(.init(field: "principal_spiffe_id", description: "must be a SPIFFE ID: at most 2048 bytes, no control characters"))
     }
     filter.outcomes = request.outcomeCodes

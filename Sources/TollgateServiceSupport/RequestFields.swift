@@ -51,12 +51,18 @@ public enum RequestFields {
 
   public static let timestampRange = "is not a valid timestamp (years 0001 to 9999 UTC, nanos 0 to 999999999)"
 
+  /// Whether `text` holds a control or format character (NUL among them, which no PostgreSQL text
+  /// can hold): refused in every field a person reads or a query compares.
+  public static func hasControlCharacters(_ text: String) -> Bool {
+    text.unicodeScalars.contains { CharacterSet.controlCharacters.contains($0) }
+  }
+
   /// A free-text field: trimmed, at most `max` characters, no control characters.
   public static func text(_ value: String, field: String, max: Int, required: Bool = false) throws(TollgateError) -> String {
     let trimmed = value.trimmingCharacters(in: .whitespacesAndNewlines)
     if required && trimmed.isEmpty { throw .invalidField(field, "is required") }
     guard trimmed.count <= max else { throw .invalidField(field, "is \(trimmed.count) characters; at most \(max) allowed") }
-    guard !trimmed.unicodeScalars.contains(where: { CharacterSet.controlCharacters.contains($0) }) else {
+    guard !hasControlCharacters(trimmed) else {
       throw .invalidField(field, "must not contain control characters")
     }
     return trimmed
