@@ -227,12 +227,20 @@ public struct WorkflowRepository: Sendable {
   /// Registers a watcher of run `id`, so its state changes are announced. The run's row is
   /// share-locked first: a change in flight commits before the watch does (and the watcher's first
   /// read sees it), or starts after and sees the watch (and announces itself).
+  ///
+  /// A claim meanwhile skips the locked row (`SKIP LOCKED`), and a worker that found nothing else
+  /// would wait for a wake-up that never came: so a watch of a queued or failed run announces
+  /// (`w <tenant> <type>`, sent on commit, once the lock is gone) that its type may have work.
   public func watch(_ tenant: TenantID, id: UUID, logger: Logger) async throws(StoreError) -> UUID {
     let watch = UUID()
     try await database.withTenant(tenant, logger: logger) { connection in
       var exists = false
       for try await _ in try await connection.query(
-        "SELECT 1 FROM workflow_runs WHERE run_id = \(id) FOR SHARE",
+        """
+        SELECT CASE WHEN state IN ('queued', 'failed')
+                    THEN pg_notify(\(Self.channel), 'w ' || tenant_id || ' ' || type) END
+        FROM workflow_runs WHERE run_id = \(id) FOR SHARE
+        """,
         logger: logger
       ) {
         exists = true

@@ -12,6 +12,8 @@ public import TollgateModel
 /// passes the turn on, since more may be ready. A run that
 /// left RUNNING frees a slot of its type's concurrency limit, so it wakes the workers a limit
 /// held back.
+/// `w <tenant> <type>`: a watch share-locked a ready run of the type, which a claim skips; one
+/// worker with room looks again.
 /// `r <tenant> <lease> <reason>`: a lease ended (cancelled, expired); whichever stream holds it
 /// tells its worker. A nil payload (the listener reconnected and may have missed some) wakes all.
 public final class WorkflowHub: Sendable {
@@ -157,6 +159,9 @@ public final class WorkflowHub: Sendable {
       if newState == .queued || newState == .failed || newState == nil {
         wakeNextWorker(tenant, type: parts.count > 4 ? String(parts[4]) : nil)
       }
+    case "w":
+      // A watch share-locked a ready run, which a claim may have skipped.
+      wakeNextWorker(tenant, type: parts.count > 2 ? String(parts[2]) : nil)
     case "r":
       guard parts.count >= 4, let lease = UUID(uuidString: String(parts[2])) else { return }
       let revocation = Revocation(lease: lease, reason: String(parts[3]))

@@ -2,6 +2,7 @@ import Foundation
 import GRPCCore
 import GRPCNIOTransportHTTP2
 import GRPCProtobuf
+import PostgresNIO
 import SwiftProtobuf
 import Synchronization
 import Testing
@@ -417,6 +418,37 @@ import TollgateProtos
       // The lease is the attempt's, not the stream's: still held, to be completed after a
       // reconnect or to expire.
       #expect(try await gw.strings("SELECT state FROM workflow_runs WHERE run_id = '\(run.runID)'") == ["running"])
+    }
+  }
+
+  @Test func aWatchOfAReadyRunWakesAWorkerWhoseClaimPassedItBy() async throws {
+    try await TestGateway.run { gw in
+      try await Self.createTenants(gw, ["acme"])
+      try await gw.withClient(try gw.pki.issue(tenant: "acme", role: .partner)) { client async throws in
+        let workflow = Workflow(wrapping: client)
+        let watched = try await Self.dispatch(workflow, payload: "watched")
+        let other = try await Self.dispatch(workflow, payload: "other")
+        // The share lock a watch takes while it registers, held here for as long as the test
+        // needs: claims skip the row meanwhile.
+        let holder = try await TestDatabase.connect(gw.database.admin, database: gw.database.name)
+        defer { Task { try? await holder.close() } }
+        try await holder.query("BEGIN", logger: testLogger)
+        try await holder.query(PostgresQuery(unsafeSQL: "SELECT 1 FROM workflow_runs WHERE run_id = '\(watched.runID)' FOR SHARE"), logger: testLogger)
+        try await gw.withClient(try gw.pki.issue(tenant: "acme", role: .worker)) { workerClient async throws in
+          try await TestWorker.with(workerClient, types: ["export"], capacity: 2) { worker in
+            // The one claim, on connecting, passes the locked run by though it came first, and
+            // leaves room for it. Nothing changes after it, so no wake-up is pending.
+            #expect(try await worker.nextTask().runID == other.runID)
+            try await holder.query("COMMIT", logger: testLogger)
+            // Nothing about the run changed when the lock went, so no change wakes the worker;
+            // the watch's own announcement must.
+            try await workflow.watchRun(.with { $0.runID = watched.runID }) { response in
+              for try await _ in response.messages { break }
+            }
+            #expect(try await worker.nextTask().runID == watched.runID)
+          }
+        }
+      }
     }
   }
 
