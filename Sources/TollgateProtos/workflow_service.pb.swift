@@ -643,6 +643,12 @@ public nonisolated struct Tollgate_V1_WorkerHello: Sendable {
   /// A name for logs and audit.
   public var workerName: String = String()
 
+  /// Leases this worker still holds from an earlier stream, when it reconnects (at most 256).
+  /// Those still live are renewed and held by this stream: they count against `capacity`, and
+  /// their cancellation or expiry is told here. Each one no longer live is answered with a
+  /// TaskRevoked (LEASE_EXPIRED) at once.
+  public var heldLeaseIds: [String] = []
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
@@ -1671,7 +1677,7 @@ nonisolated extension Tollgate_V1_WorkerMessage: SwiftProtobuf.Message, SwiftPro
 
 nonisolated extension Tollgate_V1_WorkerHello: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".WorkerHello"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}task_types\0\u{1}capacity\0\u{3}worker_name\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}task_types\0\u{1}capacity\0\u{3}worker_name\0\u{3}held_lease_ids\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -1682,6 +1688,7 @@ nonisolated extension Tollgate_V1_WorkerHello: SwiftProtobuf.Message, SwiftProto
       case 1: try { try decoder.decodeRepeatedStringField(value: &self.taskTypes) }()
       case 2: try { try decoder.decodeSingularUInt32Field(value: &self.capacity) }()
       case 3: try { try decoder.decodeSingularStringField(value: &self.workerName) }()
+      case 4: try { try decoder.decodeRepeatedStringField(value: &self.heldLeaseIds) }()
       default: break
       }
     }
@@ -1697,6 +1704,9 @@ nonisolated extension Tollgate_V1_WorkerHello: SwiftProtobuf.Message, SwiftProto
     if !self.workerName.isEmpty {
       try visitor.visitSingularStringField(value: self.workerName, fieldNumber: 3)
     }
+    if !self.heldLeaseIds.isEmpty {
+      try visitor.visitRepeatedStringField(value: self.heldLeaseIds, fieldNumber: 4)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -1704,6 +1714,7 @@ nonisolated extension Tollgate_V1_WorkerHello: SwiftProtobuf.Message, SwiftProto
     if lhs.taskTypes != rhs.taskTypes {return false}
     if lhs.capacity != rhs.capacity {return false}
     if lhs.workerName != rhs.workerName {return false}
+    if lhs.heldLeaseIds != rhs.heldLeaseIds {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

@@ -141,7 +141,9 @@ enum WorkflowMapping {
   }
 
   /// The worker's announcement, validated.
-  static func hello(_ hello: Tollgate_V1_WorkerHello) throws(TollgateError) -> (types: [String], capacity: Int, name: String) {
+  static func hello(
+    _ hello: Tollgate_V1_WorkerHello
+  ) throws(TollgateError) -> (types: [String], capacity: Int, name: String, held: [UUID]) {
     var violations: [TollgateError.FieldViolation] = []
     if hello.taskTypes.isEmpty || hello.taskTypes.count > maxTaskTypesPerWorker {
       violations.append(
@@ -158,7 +160,19 @@ enum WorkflowMapping {
     do { name = try RequestFields.text(hello.workerName, field: "hello.worker_name", max: 128) } catch {
       violations += Self.violations(error)
     }
+    var held: [UUID] = []
+    if hello.heldLeaseIds.count > maxCapacity {
+      violations.append(
+        .init(field: "hello.held_lease_ids", description: "at most \(maxCapacity) leases, got \(hello.heldLeaseIds.count)")
+      )
+    } else {
+      for (i, text) in hello.heldLeaseIds.enumerated() {
+        do { held.append(try leaseID(text, field: "hello.held_lease_ids[\(i)]")) } catch {
+          violations += Self.violations(error)
+        }
+      }
+    }
     if !violations.isEmpty { throw .invalidFields("worker hello", violations) }
-    return (Array(Set(hello.taskTypes)).sorted(), Int(hello.capacity), name)
+    return (Array(Set(hello.taskTypes)).sorted(), Int(hello.capacity), name, Array(Set(held)))
   }
 }

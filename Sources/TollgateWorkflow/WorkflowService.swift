@@ -283,7 +283,15 @@ extension WorkflowService: Tollgate_V1_WorkflowService.SimpleServiceProtocol {
       guard first else { throw TollgateError.invalidField("hello", "is sent once, as the first message of the stream") }
       let hello = try WorkflowMapping.hello(hello)
       session.configure(types: hello.types, capacity: hello.capacity, name: hello.name)
-      logger.debug("worker connected", metadata: ["tenant": "\(tenant)", "worker": "\(hello.name)", "types": "\(hello.types)"])
+      // Before the first claim, so a reconnected worker is not pushed more than its capacity
+      // while it still runs what it took on its earlier stream.
+      let live = try await repository.heartbeat(tenant, leases: hello.held, leaseTimeout: leaseTimeout, logger: logger)
+      session.adopt(live)
+      for lease in hello.held where !live.contains(lease) { out.yield(revoked(lease, "LEASE_EXPIRED")) }
+      logger.debug(
+        "worker connected",
+        metadata: ["tenant": "\(tenant)", "worker": "\(hello.name)", "types": "\(hello.types)", "held": "\(live.count)"]
+      )
     case _ where first:
       throw TollgateError.invalidField("kind", "the first message of a worker stream must be hello")
     case .heartbeat(let heartbeat):
@@ -559,6 +567,11 @@ final class WorkerSession: Sendable {
       $0.held.formUnion(leases)
       $0.heldBackByLimit = heldBackByLimit
     }
+  }
+
+  /// Leases taken on an earlier stream of this worker, now held by this one.
+  func adopt(_ leases: Set<UUID>) {
+    state.withLock { $0.held.formUnion(leases) }
   }
 
   var heldBackByLimit: Bool { state.withLock { $0.heldBackByLimit } }

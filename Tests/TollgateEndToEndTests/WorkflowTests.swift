@@ -421,6 +421,49 @@ import TollgateProtos
     }
   }
 
+  @Test func aReconnectedWorkerHoldsItsLeasesAgainstCapacityAndIsToldOfTheirEnd() async throws {
+    try await TestGateway.run { gw in
+      try await Self.createTenants(gw, ["acme"])
+      try await gw.withClient(try gw.pki.issue(tenant: "acme", role: .partner)) { client async throws in
+        let workflow = Workflow(wrapping: client)
+        var runs: [Tollgate_V1_Run] = []
+        for i in 1...3 { runs.append(try await Self.dispatch(workflow, payload: "r\(i)")) }
+        try await gw.withClient(try gw.pki.issue(tenant: "acme", role: .worker)) { workerClient async throws in
+          // The first stream takes two tasks and goes away without a word about them.
+          let taken = try await TestWorker.with(workerClient, types: ["export"], capacity: 2) { worker in
+            [try await worker.nextTask(), try await worker.nextTask()]
+          }
+          #expect(taken.map(\.runID) == [runs[0].runID, runs[1].runID])
+          let unknown = UUID().uuidString.lowercased()
+          try await TestWorker.with(workerClient, types: ["export"], capacity: 2, held: taken.map(\.leaseID) + [unknown]) { worker in
+            // A lease that is not live is revoked at once; the two live ones fill the capacity,
+            // so the third run is not pushed while they are held.
+            let expired = try await worker.next()
+            #expect(expired.revoked.leaseID == unknown)
+            #expect(expired.revoked.reason == "LEASE_EXPIRED")
+            // A cancellation of an adopted lease reaches the new stream, and frees its place.
+            _ = try await workflow.cancelRun(.with { $0.runID = runs[1].runID })
+            let cancelled = try await worker.next()
+            #expect(cancelled.revoked.leaseID == taken[1].leaseID)
+            #expect(cancelled.revoked.reason == "CANCELLED")
+            let third = try await worker.nextTask()
+            #expect(third.runID == runs[2].runID)
+            try await worker.complete(taken[0])
+            try await worker.complete(third)
+          }
+        }
+        var finals: [(Tollgate_V1_RunState, UInt32)] = []
+        for run in runs {
+          let now = try await workflow.getRun(.with { $0.runID = run.runID }).run
+          finals.append((now.state, now.attempt))
+        }
+        // Completed on the new stream in their first attempt: never offered again.
+        #expect(finals.map(\.0) == [.succeeded, .cancelled, .succeeded])
+        #expect(finals.map(\.1) == [1, 1, 1])
+      }
+    }
+  }
+
   @Test func aWatchOfAReadyRunWakesAWorkerWhoseClaimPassedItBy() async throws {
     try await TestGateway.run { gw in
       try await Self.createTenants(gw, ["acme"])
@@ -560,16 +603,19 @@ final class TestWorker {
     _ client: GRPCClient<HTTP2ClientTransport.Posix>,
     types: [String],
     capacity: UInt32,
+    held: [String] = [],
     _ body: (TestWorker) async throws -> T
   ) async throws -> T {
-    try await withWorkers([(client, types, capacity)]) { workers, inbox in
+    try await withWorkers([(client, types, capacity)], held: [held]) { workers, inbox in
       try await body(TestWorker(outbox: workers[0].outbox, inbox: inbox))
     }
   }
 
-  /// Several worker streams sharing one inbox.
+  /// Several worker streams sharing one inbox; `held[i]`, if given, are the leases worker `i`
+  /// names in its hello as held from an earlier stream.
   static func withWorkers<T: Sendable>(
     _ specs: [(GRPCClient<HTTP2ClientTransport.Posix>, [String], UInt32)],
+    held: [[String]] = [],
     _ body: ([TestWorker], WorkerInbox) async throws -> T
   ) async throws -> T {
     let (messages, received) = AsyncThrowingStream.makeStream(of: (Int, Tollgate_V1_ServerMessage).self)
@@ -582,6 +628,7 @@ final class TestWorker {
           $0.taskTypes = spec.1
           $0.capacity = spec.2
           $0.workerName = "test-worker-\(i)"
+          $0.heldLeaseIds = i < held.count ? held[i] : []
         }
       })
       workers.append(TestWorker(outbox: outbox, inbox: nil))
