@@ -3,6 +3,7 @@ import Foundation
 import GRPCCore
 import GRPCNIOTransportHTTP2
 import SwiftProtobuf
+import Synchronization
 import TollgateProtos
 
 typealias WorkflowClient = Tollgate_V1_WorkflowService.Client<HTTP2ClientTransport.Posix>
@@ -195,7 +196,12 @@ struct Runs: AsyncParsableCommand {
   struct Watch: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
       abstract: "Print every state change of a run until it finishes.",
-      discussion: "Exit status: 0 when the run SUCCEEDED, 1 when it ended DEAD, CANCELLED or REJECTED."
+      discussion: """
+        When the gateway goes away before the run finishes (a restart, a deploy's drain, a lost
+        connection) it says so on stderr, reconnects with a growing pause (up to 5 s) and goes on
+        after the last change it printed. Exit status: 0 when the run SUCCEEDED, 1 when it ended
+        DEAD, CANCELLED or REJECTED, 2 when the gateway refused the watch.
+        """
     )
     @OptionGroup var connection: ConnectionOptions
     @Argument var runID: String
@@ -203,27 +209,46 @@ struct Runs: AsyncParsableCommand {
 
     func run() async throws {
       let json = self.json
-      let last = try await connection.withWorkflow(longLived: true) { workflow, metadata in
-        try await workflow.watchRun(.with { $0.runID = runID }, metadata: metadata) { response in
-          var last = Tollgate_V1_RunState.unspecified
-          let formatter = ISO8601DateFormatter()
-          formatter.formatOptions.insert(.withFractionalSeconds)
-          for try await event in response.messages {
-            last = event.run.state
-            if json {
-              var options = JSONEncodingOptions()
-              options.preserveProtoFieldNames = true
-              emitLine(try event.jsonString(options: options))
-            } else {
-              var line = "\(formatter.string(from: event.time.date))  \(stateName(event.run.state))  attempt \(event.run.attempt)"
-              if !event.run.lastError.isEmpty && event.run.state != .succeeded { line += "  \(event.run.lastError)" }
-              emitLine(line)
+      // WatchRun replays a run's changes from its dispatch on, so a resumed watch skips as many
+      // as it printed.
+      let printed = Mutex((count: 0, last: Tollgate_V1_RunState.unspecified))
+      var pause = Audit.Tail.firstPause
+      while true {
+        let before = printed.withLock { $0.count }
+        do {
+          try await connection.withClientOrRPCError(longLived: true) { client, metadata in
+            try await WorkflowClient(wrapping: client).watchRun(.with { $0.runID = runID }, metadata: metadata) { response in
+              let formatter = ISO8601DateFormatter()
+              formatter.formatOptions.insert(.withFractionalSeconds)
+              var seen = 0
+              for try await event in response.messages {
+                seen += 1
+                guard seen > printed.withLock({ $0.count }) else { continue }
+                if json {
+                  var options = JSONEncodingOptions()
+                  options.preserveProtoFieldNames = true
+                  emitLine(try event.jsonString(options: options))
+                } else {
+                  var line = "\(formatter.string(from: event.time.date))  \(stateName(event.run.state))  attempt \(event.run.attempt)"
+                  if !event.run.lastError.isEmpty && event.run.state != .succeeded { line += "  \(event.run.lastError)" }
+                  emitLine(line)
+                }
+                printed.withLock { $0 = (seen, event.run.state) }
+              }
             }
           }
-          return last
+          // The stream ends on its own only at a final state.
+          if printed.withLock({ $0.last }) != .succeeded { throw ExitCode(1) }
+          return
+        } catch let error as RPCError {
+          printError(error)
+          guard Audit.Tail.resumable(error.code) else { throw ExitCode(2) }
+          FileHandle.standardError.write(Data("tollctl: reconnecting, to go on after change \(printed.withLock { $0.count })\n".utf8))
         }
+        if printed.withLock({ $0.count }) != before { pause = Audit.Tail.firstPause }
+        try await Task.sleep(for: pause)
+        pause = min(pause * 2, .seconds(5))
       }
-      if last != .succeeded { throw ExitCode(1) }
     }
   }
 }

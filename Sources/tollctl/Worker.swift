@@ -15,6 +15,12 @@ struct Worker: AsyncParsableCommand {
       --fatal-exit-code status fails it for good; any other status fails the attempt, which is
       retried with backoff while attempts remain (the last lines of stderr become the run's
       error). Leases are heartbeated while commands run; a cancelled run's command gets SIGTERM.
+
+      When the gateway goes away (a restart, a deploy's drain, a lost connection) the commands
+      keep running: the worker says so on stderr, reconnects with a growing pause (up to 5 s),
+      takes its leases back on the new stream and sends the results that were not acknowledged.
+      A lease that expired meanwhile is revoked and its command stopped. Refusals (a bad
+      certificate, a bad --type) end the worker with exit status 2.
       """
   )
   @OptionGroup var connection: ConnectionOptions
@@ -23,7 +29,8 @@ struct Worker: AsyncParsableCommand {
   @Option(help: "Shell command run per task") var exec: String
   @Option(help: "Name shown in logs and audit") var name: String = ProcessInfo.processInfo.hostName
   @Option(help: "Exit status that fails a run without retrying") var fatalExitCode: Int32 = 65
-  @Option(help: "Stop after this many tasks have finished (0: run until interrupted)") var maxTasks: Int = 0
+  @Option(help: "Stop after this many tasks have finished (0: run until interrupted); commands still running then are stopped")
+  var maxTasks: Int = 0
 
   func validate() throws {
     guard !types.isEmpty else { throw ValidationError("name at least one --type") }
@@ -32,91 +39,253 @@ struct Worker: AsyncParsableCommand {
   }
 
   func run() async throws {
-    let (outbound, send) = AsyncStream.makeStream(of: Tollgate_V1_WorkerMessage.self)
-    send.yield(.with {
-      $0.hello = .with {
-        $0.taskTypes = types
-        $0.capacity = capacity
-        $0.workerName = name
-      }
-    })
-    let command = exec
-    let fatal = fatalExitCode
-    let maxTasks = maxTasks
-    let state = WorkerTracker()
-    try await connection.withWorkflow(longLived: true) { workflow, metadata in
-      try await workflow.connect(
-        metadata: metadata,
-        requestProducer: { writer in
-          for await message in outbound { try await writer.write(message) }
-        },
-        onResponse: { response in
-          try await withThrowingTaskGroup(of: Void.self) { group in
-            group.addTask {
-              // Heartbeats for every held lease, three per lease timeout.
-              while true {
-                let interval = state.state.withLock { $0.heartbeatInterval }
-                try await Task.sleep(for: interval)
-                if state.state.withLock({ !$0.running.isEmpty }) { send.yield(.with { $0.heartbeat = .init() }) }
-              }
-            }
-            for try await message in response.messages {
-              switch message.kind {
-              case .task(let task):
-                let timeout = Duration.seconds(task.leaseTimeout.seconds) + .nanoseconds(Int64(task.leaseTimeout.nanos))
-                let run = TaskProcess(command: command, task: task)
-                state.state.withLock {
-                  $0.running[task.leaseID] = run
-                  if timeout > .zero { $0.heartbeatInterval = timeout / 3 }
-                }
-                group.addTask {
-                  let outcome = await run.run()
-                  let revoked = state.state.withLock { $0.running.removeValue(forKey: task.leaseID) == nil }
-                  if revoked { return }
-                  if outcome.status == 0 {
-                    send.yield(.with { $0.completed = .with { $0.leaseID = task.leaseID; $0.result = outcome.stdout } })
-                  } else {
-                    send.yield(.with {
-                      $0.failed = .with {
-                        $0.leaseID = task.leaseID
-                        $0.error = outcome.error
-                        $0.retryable = outcome.status != fatal
-                      }
-                    })
-                  }
-                  emitLine("run \(task.runID) attempt \(task.attempt): \(outcome.status == 0 ? "completed" : "failed (exit \(outcome.status))")")
-                }
-              case .revoked(let revoked):
-                let process = state.state.withLock { $0.running.removeValue(forKey: revoked.leaseID) }
-                process?.terminate()
-                emitLine("lease \(revoked.leaseID) revoked: \(revoked.reason)")
-              case .ack(let ack):
-                if !ack.accepted { FileHandle.standardError.write(Data("tollctl: result not recorded: \(ack.message)\n".utf8)) }
-                let finished = state.state.withLock { s -> Int in
-                  s.finished += 1
-                  return s.finished
-                }
-                if maxTasks > 0 && finished >= maxTasks { send.finish() }
-              case nil:
-                continue
-              }
-            }
-            group.cancelAll()
+    let hello = Tollgate_V1_WorkerHello.with {
+      $0.taskTypes = types
+      $0.capacity = capacity
+      $0.workerName = name
+    }
+    let tracker = WorkerTracker(hello: hello, command: exec, fatalExitCode: fatalExitCode, maxTasks: maxTasks)
+    let (assignments, assign) = AsyncStream.makeStream(of: TaskProcess.self)
+    try await withThrowingTaskGroup(of: Void.self) { group in
+      // Commands run here, outside any one stream, so they outlive a reconnect.
+      group.addTask {
+        await withDiscardingTaskGroup { commands in
+          for await process in assignments {
+            commands.addTask { await tracker.run(process) }
           }
         }
-      )
+      }
+      group.addTask {
+        // Heartbeats for every held lease, three per lease timeout.
+        while true {
+          try await Task.sleep(for: tracker.heartbeatInterval)
+          tracker.heartbeat()
+        }
+      }
+      defer {
+        assign.finish()
+        tracker.stopAll()
+        group.cancelAll()
+      }
+      var pause = Self.firstPause
+      while true {
+        let began = ContinuousClock.now
+        do {
+          try await connection.withClientOrRPCError(longLived: true) { client, metadata in
+            try await Self.connect(WorkflowClient(wrapping: client), metadata: metadata, tracker: tracker, assign: assign)
+          }
+          tracker.closeStream()
+          if tracker.isDone { return }
+          FileHandle.standardError.write(Data("tollctl: the gateway ended the worker stream; reconnecting\n".utf8))
+        } catch let error as RPCError {
+          tracker.closeStream()
+          if tracker.isDone { return }
+          printError(error)
+          guard Audit.Tail.resumable(error.code) else { throw ExitCode(2) }
+          FileHandle.standardError.write(Data("tollctl: reconnecting; \(tracker.runningCount) commands still running\n".utf8))
+        }
+        // A stream that served a while (or any message) was a working connection: start the
+        // pauses over. One refused at once keeps doubling them.
+        if tracker.takeHeardFrom() || ContinuousClock.now - began > .seconds(5) { pause = Self.firstPause }
+        try await Task.sleep(for: pause)
+        pause = min(pause * 2, .seconds(5))
+      }
     }
+  }
+
+  static let firstPause = Duration.milliseconds(200)
+
+  /// One Connect stream, until it ends.
+  static func connect(
+    _ workflow: WorkflowClient,
+    metadata: Metadata,
+    tracker: WorkerTracker,
+    assign: AsyncStream<TaskProcess>.Continuation
+  ) async throws {
+    let (outbound, reconnect) = tracker.openStream()
+    try await workflow.connect(
+      metadata: metadata,
+      requestProducer: { writer in
+        for await message in outbound { try await writer.write(message) }
+      },
+      onResponse: { response in
+        if let reconnect, case .success = response.accepted {
+          FileHandle.standardError.write(
+            Data("tollctl: connected again; taking back \(reconnect.held) leases, sending \(reconnect.results) results\n".utf8)
+          )
+        }
+        for try await message in response.messages {
+          tracker.heard()
+          switch message.kind {
+          case .task(let task):
+            assign.yield(tracker.start(task))
+          case .revoked(let revoked):
+            tracker.revoke(revoked.leaseID)
+            emitLine("lease \(revoked.leaseID) revoked: \(revoked.reason)")
+          case .ack(let ack):
+            if let problem = tracker.acknowledged(ack) { FileHandle.standardError.write(Data("tollctl: \(problem)\n".utf8)) }
+          case nil:
+            continue
+          }
+        }
+      }
+    )
   }
 }
 
+/// What a worker holds across its streams: the commands running, the results not yet
+/// acknowledged, and the stream (if any) messages go out on now.
 final class WorkerTracker: Sendable {
-  let state = Mutex(WorkerState())
-}
+  let hello: Tollgate_V1_WorkerHello
+  let command: String
+  let fatalExitCode: Int32
+  let maxTasks: Int
 
-struct WorkerState {
-  var running: [String: TaskProcess] = [:]
-  var heartbeatInterval: Duration = .seconds(10)
-  var finished = 0
+  init(hello: Tollgate_V1_WorkerHello, command: String, fatalExitCode: Int32, maxTasks: Int) {
+    self.hello = hello
+    self.command = command
+    self.fatalExitCode = fatalExitCode
+    self.maxTasks = maxTasks
+  }
+
+  struct Unacknowledged {
+    var message: Tollgate_V1_WorkerMessage
+    var runID: String
+    /// Sent on a stream that ended before its ack: it may have been recorded then.
+    var resent = false
+  }
+
+  struct State {
+    var running: [String: TaskProcess] = [:]
+    var results: [String: Unacknowledged] = [:]
+    var out: AsyncStream<Tollgate_V1_WorkerMessage>.Continuation?
+    var heartbeatInterval: Duration = .seconds(10)
+    var finished = 0
+    var done = false
+    var heardFrom = false
+    var streams = 0
+  }
+
+  let state = Mutex(State())
+
+  var heartbeatInterval: Duration { state.withLock { $0.heartbeatInterval } }
+  var runningCount: Int { state.withLock { $0.running.count } }
+  var isDone: Bool { state.withLock { $0.done } }
+
+  /// A new stream's messages: the hello naming the leases still held, then every result not yet
+  /// acknowledged, then what happens from now on. Taken under one lock, so a command that ends
+  /// meanwhile is sent exactly once on this stream.
+  /// On a stream after the first, `reconnect` says what it took back.
+  func openStream() -> (AsyncStream<Tollgate_V1_WorkerMessage>, reconnect: (held: Int, results: Int)?) {
+    let (outbound, out) = AsyncStream.makeStream(of: Tollgate_V1_WorkerMessage.self)
+    let reconnect = state.withLock { s -> (held: Int, results: Int)? in
+      var hello = self.hello
+      hello.heldLeaseIds = s.running.keys.sorted()
+      out.yield(.with { $0.hello = hello })
+      for lease in s.results.keys.sorted() {
+        out.yield(s.results[lease]!.message)
+      }
+      if s.done { out.finish() }
+      s.out = out
+      s.streams += 1
+      return s.streams > 1 ? (hello.heldLeaseIds.count, s.results.count) : nil
+    }
+    return (outbound, reconnect)
+  }
+
+  /// The stream ended: results sent on it and not acknowledged are sent again on the next.
+  func closeStream() {
+    state.withLock { s in
+      s.out?.finish()
+      s.out = nil
+      for lease in s.results.keys { s.results[lease]!.resent = true }
+    }
+  }
+
+  func heard() { state.withLock { $0.heardFrom = true } }
+
+  func takeHeardFrom() -> Bool {
+    state.withLock { s in
+      defer { s.heardFrom = false }
+      return s.heardFrom
+    }
+  }
+
+  func heartbeat() {
+    state.withLock { s in
+      if !s.running.isEmpty { s.out?.yield(.with { $0.heartbeat = .init() }) }
+    }
+  }
+
+  func start(_ task: Tollgate_V1_TaskAssignment) -> TaskProcess {
+    let timeout = Duration.seconds(task.leaseTimeout.seconds) + .nanoseconds(Int64(task.leaseTimeout.nanos))
+    let process = TaskProcess(command: command, task: task)
+    state.withLock {
+      $0.running[task.leaseID] = process
+      if timeout > .zero { $0.heartbeatInterval = timeout / 3 }
+    }
+    return process
+  }
+
+  /// Runs `process` and sends its result, unless its lease was revoked meanwhile.
+  func run(_ process: TaskProcess) async {
+    let task = process.task
+    let outcome = await process.run()
+    let message = Tollgate_V1_WorkerMessage.with {
+      if outcome.status == 0 {
+        $0.completed = .with { $0.leaseID = task.leaseID; $0.result = outcome.stdout }
+      } else {
+        $0.failed = .with {
+          $0.leaseID = task.leaseID
+          $0.error = outcome.error
+          $0.retryable = outcome.status != fatalExitCode
+        }
+      }
+    }
+    let revoked = state.withLock { s in
+      guard s.running.removeValue(forKey: task.leaseID) != nil else { return true }
+      s.results[task.leaseID] = Unacknowledged(message: message, runID: task.runID)
+      s.out?.yield(message)
+      return false
+    }
+    if revoked { return }
+    emitLine("run \(task.runID) attempt \(task.attempt): \(outcome.status == 0 ? "completed" : "failed (exit \(outcome.status))")")
+  }
+
+  func revoke(_ lease: String) {
+    let process = state.withLock { s in
+      s.results[lease] = nil
+      return s.running.removeValue(forKey: lease)
+    }
+    process?.terminate()
+  }
+
+  /// Records an ack; returns what to tell the user when the result was not recorded.
+  func acknowledged(_ ack: Tollgate_V1_ResultAck) -> String? {
+    state.withLock { s in
+      let result = s.results.removeValue(forKey: ack.leaseID)
+      s.finished += 1
+      if maxTasks > 0 && s.finished >= maxTasks {
+        s.done = true
+        s.out?.finish()
+      }
+      guard !ack.accepted else { return nil }
+      let run = result.map { "run \($0.runID)" } ?? "lease \(ack.leaseID)"
+      if result?.resent == true {
+        return "\(run): result sent again after a reconnect, not recorded now (it was recorded before the connection was lost, or the lease ended): \(ack.message)"
+      }
+      return "\(run): result not recorded: \(ack.message)"
+    }
+  }
+
+  /// On exit: commands still running are stopped; their leases expire and the runs are retried.
+  func stopAll() {
+    let processes = state.withLock { s in
+      defer { s.running = [:] }
+      return Array(s.running.values)
+    }
+    for process in processes { process.terminate() }
+  }
 }
 
 /// One task's `sh -c` process.

@@ -36,11 +36,12 @@ def stub_for(port, identity, stubs):
 class PyWorker:
     """One Connect stream driven by the test: send() queues a message, next() waits for the server's."""
 
-    def __init__(self, stub, w, types, capacity, name="py-worker"):
+    def __init__(self, stub, w, types, capacity, name="py-worker", held=()):
         self.w = w
         self.requests = queue.Queue()
         self.responses = queue.Queue()
-        self.requests.put(w.WorkerMessage(hello=w.WorkerHello(task_types=types, capacity=capacity, worker_name=name)))
+        self.requests.put(w.WorkerMessage(hello=w.WorkerHello(
+            task_types=types, capacity=capacity, worker_name=name, held_lease_ids=list(held))))
 
         def outgoing():
             while True:
@@ -323,6 +324,96 @@ def test_tollctl_runs_and_worker(gateway, pki, stubs, tenant):
     assert refused.returncode == 2 and "failedPrecondition" in refused.stderr.replace("failed_precondition", "failedPrecondition")
 
 
+def test_tollctl_worker_and_watch_outlive_a_gateway_restart(gateway, pki, stubs, tenant, tmp_path):
+    """`tollctl worker` keeps its command running through a restart of its gateway, takes the lease
+    back on the new stream and completes the run in its first attempt; at capacity 1 it is given
+    nothing else meanwhile. `tollctl runs watch` goes on after the last change it printed."""
+    w = stubs.workflow
+    partner = stub_for(gateway, pki.principal(tenant, "partner", "p"), stubs)
+    started, release, log = tmp_path / "started", tmp_path / "release", tmp_path / "log"
+    os.mkfifo(started)
+    os.mkfifo(release)
+    # The first run's command says it started, then waits to be released; every command logs
+    # its start and end, so any overlap of the two runs shows.
+    command = (f'read -r p; echo "start $p" >> {log}; '
+               f'if [ "$p" = first ]; then echo up > {started}; cat {release} > /dev/null; fi; '
+               f'echo "end $p" >> {log}; echo "$p" | tr a-z A-Z')
+    first = partner.Dispatch(w.DispatchRequest(type="held", payload=b"first\n"), timeout=TIMEOUT).run
+    proc, port, _ = start_gateway(pki, Gateway.app_url)
+    gw = ["--gateway", f"127.0.0.1:{port}"]
+
+    def spawn(*args, identity):
+        p = subprocess.Popen([_env("TOLLCTL_BIN"), *args, "--identity", str(identity), *gw],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        lines, errors = queue.Queue(), queue.Queue()
+        for stream, q in ((p.stdout, lines), (p.stderr, errors)):
+            threading.Thread(target=pump, args=(stream, q), daemon=True).start()
+        return p, lines, errors
+
+    def pump(stream, q):
+        for line in stream:
+            q.put(line)
+        q.put(None)
+
+    def wait_for(q, text, what):
+        """The lines of `q` up to the first holding `text` (None: up to its end)."""
+        seen = []
+        while True:
+            try:
+                line = q.get(timeout=30)
+            except queue.Empty:
+                raise AssertionError(f"no {what} within 30 s; saw {seen}")
+            if line is None:
+                if text is None:
+                    return seen
+                raise AssertionError(f"no {what}: the output ended; saw {seen}")
+            seen.append(line)
+            if text is not None and text in line:
+                return seen
+
+    worker, _, worker_errors = spawn("worker", "--type", "held", "--capacity", "1", "--max-tasks", "2",
+                                     "--exec", command, identity=pki.principal(tenant, "worker", "cli"))
+    watch, watched, watch_errors = spawn("runs", "watch", first.run_id, identity=pki.principal(tenant, "partner", "p"))
+    signalled = queue.Queue()
+    threading.Thread(target=lambda: signalled.put(started.read_text()), daemon=True).start()
+    try:
+        try:
+            assert signalled.get(timeout=30) == "up\n"
+        except queue.Empty:
+            state = admin_query(f"SELECT state FROM workflow_runs WHERE run_id = '{first.run_id}'")
+            raise AssertionError(f"the first run's command did not start; the run is {state}; worker stderr: "
+                                 + "".join(filter(None, list(worker_errors.queue))))
+        second = partner.Dispatch(w.DispatchRequest(type="held", payload=b"second\n"), timeout=TIMEOUT).run
+        printed = wait_for(watched, "RUNNING", "RUNNING from the watch")
+        stop_gateway(proc)
+        proc = None
+        proc, _, _ = start_gateway(pki, Gateway.app_url, port=port)
+        wait_for(worker_errors, "connected again; taking back 1 leases", "reconnection of the worker")
+        release.write_text("go")
+        assert worker.wait(timeout=60) == 0
+        assert watch.wait(timeout=60) == 0
+        printed += wait_for(watched, None, "end of the watch")
+        assert [line.split()[1] for line in printed] == ["QUEUED", "RUNNING", "SUCCEEDED"], printed
+        assert any("reconnecting" in line for line in wait_for(watch_errors, None, "end of the watch's stderr"))
+    finally:
+        try:  # a command still waiting to be released (the test failed early) must not outlive it
+            fd = os.open(release, os.O_WRONLY | os.O_NONBLOCK)
+            os.write(fd, b"go")
+            os.close(fd)
+        except OSError:
+            pass
+        for p in (worker, watch):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        if proc is not None:
+            stop_gateway(proc)
+    assert log.read_text().splitlines() == ["start first", "end first", "start second", "end second"]
+    for run, result in ((first, b"FIRST\n"), (second, b"SECOND\n")):
+        done = partner.GetRun(w.GetRunRequest(run_id=run.run_id), timeout=TIMEOUT).run
+        assert (done.state, done.attempt, done.result) == (w.RUN_STATE_SUCCEEDED, 1, result)
+
+
 def test_a_bad_worker_hello_is_invalid_argument(gateway, pki, stubs, tenant):
     w = stubs.workflow
     stub = stub_for(gateway, pki.principal(tenant, "worker", "wk"), stubs)
@@ -332,6 +423,15 @@ def test_a_bad_worker_hello_is_invalid_argument(gateway, pki, stubs, tenant):
             worker.next()
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert bad_request_fields(err.value) == {"hello.task_types[0]", "hello.capacity"}
+    finally:
+        worker.close()
+    worker = PyWorker(stub, w, ["export"], 1, held=[str(uuid.uuid4()), "lease-from-yesterday"])
+    try:
+        with pytest.raises(grpc.RpcError) as err:
+            worker.next()
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert bad_request_fields(err.value) == {"hello.held_lease_ids[1]"}
+        assert "lease-from-yesterday" in err.value.details()
     finally:
         worker.close()
     # A stream that starts with anything but hello is refused too.
