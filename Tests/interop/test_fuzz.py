@@ -167,7 +167,7 @@ def baselines(stubs, run_id):
         "Approve": {"runId": run_id, "approverId": "pat", "comment": "ok"},
         "Reject": {"runId": run_id, "approverId": "pat", "comment": "no"},
         "WatchRun": {"runId": run_id},
-        "Connect": {"hello": {"taskTypes": ["fz-task"], "capacity": 1, "workerName": "fz"}},
+        "Connect": {"hello": {"taskTypes": ["fz-task"], "capacity": 1, "workerName": "fz", "heldLeaseIds": [str(uuid.uuid4())]}},
     }
 
 
