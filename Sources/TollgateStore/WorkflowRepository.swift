@@ -457,6 +457,41 @@ public struct WorkflowRepository: Sendable {
     return (picked, heldBack)
   }
 
+  /// Gives back leases that a claim took for a worker stream which ended before the tasks were
+  /// written to it: no worker saw them, so the runs are QUEUED again at once and the attempt is
+  /// not counted (a run allowed one attempt must not die unrun). Returns the changes, each with
+  /// the attempt that was given back.
+  public func release(
+    _ tenant: TenantID,
+    leases: [UUID],
+    audit: @escaping AuditRecords,
+    logger: Logger
+  ) async throws(StoreError) -> [RunChange] {
+    guard !leases.isEmpty else { return [] }
+    return try await database.withTenant(tenant, mutation: true, logger: logger) { connection in
+      let rows = try await connection.prepared(
+        """
+        WITH unseen AS (
+          SELECT run_id, lease_id FROM workflow_runs
+          WHERE lease_id = ANY(\(leases)::uuid[]) AND state = 'running' FOR UPDATE
+        )
+        UPDATE workflow_runs r
+        SET state = 'queued', attempt = r.attempt - 1, lease_id = NULL, lease_expires = NULL, update_time = now()
+        FROM unseen
+        WHERE r.tenant_id = \(tenant.rawValue) AND r.run_id = unseen.run_id
+        RETURNING r.run_id, unseen.lease_id, r.attempt + 1
+        """,
+        logger: logger
+      )
+      var changes: [RunChange] = []
+      for try await (run, lease, attempt) in rows.decode((UUID, UUID, Int).self) {
+        changes.append(RunChange(tenant: tenant, runID: run, lease: lease, attempt: attempt, state: .queued))
+      }
+      try await AuditLogRepository.recordWithPlatformRights(audit(changes), on: connection, logger: logger)
+      return changes
+    }
+  }
+
   /// Extends the listed leases; returns those still live (the rest expired or were revoked).
   public func heartbeat(
     _ tenant: TenantID,

@@ -178,91 +178,123 @@ extension WorkflowService: Tollgate_V1_WorkflowService.SimpleServiceProtocol {
       }
       let (outbound, out) = AsyncStream.makeStream(of: Tollgate_V1_ServerMessage.self)
       let (hello, helloSent) = AsyncStream.makeStream(of: Void.self, bufferingPolicy: .bufferingNewest(1))
-      try await withThrowingTaskGroup(of: Part.self) { group in
-        // The worker's messages, in order, until the worker closes its side.
-        let inbox = WorkerInbox()
-        group.addTask {
-          do {
-            for try await message in request { inbox.put(message) }
-            inbox.close(nil)
-          } catch {
-            inbox.close(error)
+      do {
+        try await withThrowingTaskGroup(of: Part.self) { group in
+          // The worker's messages, in order, until the worker closes its side.
+          let inbox = WorkerInbox()
+          group.addTask {
+            do {
+              for try await message in request { inbox.put(message) }
+              inbox.close(nil)
+            } catch {
+              inbox.close(error)
+            }
+            return .other
           }
-          return .other
-        }
-        // The worker's messages in order, a batch at a time: completions that arrived together
-        // are committed together, each answered with its own ack.
-        group.addTask {
-          var first = true
-          while let batch = try await inbox.take() {
-            var i = 0
-            while i < batch.count {
-              if !first, case .completed = batch[i].kind {
-                var completions: [Tollgate_V1_TaskCompleted] = []
-                while i < batch.count, case .completed(let completed) = batch[i].kind {
-                  completions.append(completed)
-                  i += 1
+          // The worker's messages in order, a batch at a time: completions that arrived together
+          // are committed together, each answered with its own ack.
+          group.addTask {
+            var first = true
+            while let batch = try await inbox.take() {
+              var i = 0
+              while i < batch.count {
+                if !first, case .completed = batch[i].kind {
+                  var completions: [Tollgate_V1_TaskCompleted] = []
+                  while i < batch.count, case .completed(let completed) = batch[i].kind {
+                    completions.append(completed)
+                    i += 1
+                  }
+                  try await complete(completions, tenant: tenant, session: session, out: out, subscription: subscription)
+                  continue
                 }
-                try await complete(completions, tenant: tenant, session: session, out: out, subscription: subscription)
-                continue
+                try await handle(batch[i], first: first, tenant: tenant, session: session, out: out, subscription: subscription)
+                if first { helloSent.yield() }
+                first = false
+                i += 1
               }
-              try await handle(batch[i], first: first, tenant: tenant, session: session, out: out, subscription: subscription)
-              if first { helloSent.yield() }
-              first = false
-              i += 1
+            }
+            return .reader
+          }
+          // One writer: the claimer, the reader and revocations all send through `out`.
+          group.addTask {
+            for await message in outbound {
+              try await response.write(message)
+              if case .task(let task) = message.kind, let lease = UUID(uuidString: task.leaseID) { session.markSent(lease) }
+            }
+            return .writer
+          }
+          group.addTask {
+            var started = hello.makeAsyncIterator()
+            if await started.next() != nil {
+              try await claimLoop(tenant: tenant, session: session, out: out, subscription: subscription)
+            }
+            return .other
+          }
+          group.addTask {
+            for await revocation in subscription.revocations where session.release(revocation.lease) {
+              out.yield(revoked(revocation.lease, revocation.reason))
+              subscription.wake()
+            }
+            return .other
+          }
+          group.addTask {
+            let (shutdown, trigger) = AsyncStream.makeStream(of: Void.self)
+            await withGracefulShutdownHandler {
+              for await _ in shutdown { return }
+            } onGracefulShutdown: {
+              trigger.yield()
+            }
+            if Task.isShuttingDownGracefully {
+              throw TollgateError.unavailable(
+                "the gateway is shutting down; reconnect. Leases stay valid until they expire: heartbeat or complete them on the new stream"
+              )
+            }
+            return .other
+          }
+          // The worker closing its side ends the call once the answers already queued are written;
+          // a failure or the drain ends it at once (the error leaves this closure).
+          while let part = try await group.next() {
+            switch part {
+            case .reader:
+              session.close()
+              helloSent.finish()
+              out.finish()
+            case .writer:
+              group.cancelAll()
+              return
+            case .other:
+              continue
             }
           }
-          return .reader
         }
-        // One writer: the claimer, the reader and revocations all send through `out`.
-        group.addTask {
-          for await message in outbound { try await response.write(message) }
-          return .writer
-        }
-        group.addTask {
-          var started = hello.makeAsyncIterator()
-          if await started.next() != nil {
-            try await claimLoop(tenant: tenant, session: session, out: out, subscription: subscription)
-          }
-          return .other
-        }
-        group.addTask {
-          for await revocation in subscription.revocations where session.release(revocation.lease) {
-            out.yield(revoked(revocation.lease, revocation.reason))
-            subscription.wake()
-          }
-          return .other
-        }
-        group.addTask {
-          let (shutdown, trigger) = AsyncStream.makeStream(of: Void.self)
-          await withGracefulShutdownHandler {
-            for await _ in shutdown { return }
-          } onGracefulShutdown: {
-            trigger.yield()
-          }
-          if Task.isShuttingDownGracefully {
-            throw TollgateError.unavailable(
-              "the gateway is shutting down; reconnect. Leases stay valid until they expire: heartbeat or complete them on the new stream"
-            )
-          }
-          return .other
-        }
-        // The worker closing its side ends the call once the answers already queued are written;
-        // a failure or the drain ends it at once (the error leaves this closure).
-        while let part = try await group.next() {
-          switch part {
-          case .reader:
-            session.close()
-            helloSent.finish()
-            out.finish()
-          case .writer:
-            group.cancelAll()
-            return
-          case .other:
-            continue
-          }
-        }
+      } catch {
+        await giveBackUnsent(session, tenant: tenant)
+        throw error
       }
+      await giveBackUnsent(session, tenant: tenant)
+    }
+  }
+
+  /// A claim that committed as the stream ended leased tasks the worker never got: they go back
+  /// at once, rather than waiting out the lease timeout with an attempt counted. Runs even when
+  /// the call was cancelled (the client went away), and before a drain lets the gateway stop.
+  func giveBackUnsent(_ session: WorkerSession, tenant: TenantID) async {
+    let unsent = session.unsent
+    guard !unsent.isEmpty else { return }
+    let audit = workerAudit(session, tenant: tenant) { _ in
+      "lease given back unseen: the stream ended before the task was sent; the attempt is not counted"
+    }
+    let release = Task { [repository, logger] in
+      try await repository.release(tenant, leases: unsent, audit: audit, logger: logger)
+    }
+    do {
+      let changes = try await release.value
+      logger.debug("gave back leases the worker never saw", metadata: ["tenant": "\(tenant)", "runs": "\(changes.count)"])
+    } catch {
+      logger.warning(
+        "could not give back leases the worker never saw; they expire after the lease timeout",
+        metadata: ["tenant": "\(tenant)", "leases": "\(unsent.count)", "error": "\(error)"]
+      )
     }
   }
 
@@ -537,6 +569,8 @@ final class WorkerSession: Sendable {
     var capacity = 0
     var name = ""
     var held: Set<UUID> = []
+    /// Held leases whose task was written to the stream (or taken over from an earlier one).
+    var sent: Set<UUID> = []
     var closed = false
     var heldBackByLimit = false
     var claiming = false
@@ -571,8 +605,18 @@ final class WorkerSession: Sendable {
 
   /// Leases taken on an earlier stream of this worker, now held by this one.
   func adopt(_ leases: Set<UUID>) {
-    state.withLock { $0.held.formUnion(leases) }
+    state.withLock {
+      $0.held.formUnion(leases)
+      $0.sent.formUnion(leases)
+    }
   }
+
+  func markSent(_ lease: UUID) {
+    _ = state.withLock { $0.sent.insert(lease) }
+  }
+
+  /// Leases claimed for this stream whose task was never written to it.
+  var unsent: [UUID] { state.withLock { Array($0.held.subtracting($0.sent)) } }
 
   var heldBackByLimit: Bool { state.withLock { $0.heldBackByLimit } }
 
@@ -590,6 +634,9 @@ final class WorkerSession: Sendable {
 
   /// True if this stream held `lease`.
   func release(_ lease: UUID) -> Bool {
-    state.withLock { $0.held.remove(lease) != nil }
+    state.withLock {
+      $0.sent.remove(lease)
+      return $0.held.remove(lease) != nil
+    }
   }
 }

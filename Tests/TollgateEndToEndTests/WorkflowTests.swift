@@ -10,6 +10,7 @@ import TollgateCertificates
 import TollgateCore
 import TollgateModel
 import TollgateProtos
+import TollgateStore
 
 /// WorkflowService over real mTLS against real Postgres, with real worker streams.
 @Suite(.timeLimit(.minutes(2))) struct WorkflowTests {
@@ -492,6 +493,43 @@ import TollgateProtos
           }
         }
       }
+    }
+  }
+
+  /// What a worker stream does with leases a claim took for it but which it never wrote (the
+  /// stream ended as the claim committed): the store gives them back at once, the attempt not
+  /// counted, and only while the run is still RUNNING under that lease.
+  @Test func aLeaseGivenBackUnseenIsQueuedAgainWithItsAttemptUncounted() async throws {
+    try await StoreIsolationTests().withStore { database, tenants in
+      let acme = try TenantID(validating: "acme")
+      _ = try await tenants.create(id: acme, displayName: "Acme", quota: .defaults, logger: testLogger)
+      let runs = WorkflowRepository(database: database)
+      let new = NewRun(
+        type: "export", payload: [], idempotencyKey: "", priority: 0, runAfter: nil, maxAttempts: 1, requiredApprover: "",
+        approvalReason: ""
+      )
+      let (run, _) = try await runs.dispatch(acme, new, logger: testLogger)
+      func claim() async throws -> UUID {
+        let claim = try await runs.claim(
+          acme, types: ["export"], limit: 1, worker: "w", leaseTimeout: .seconds(60), audit: { _ in [] }, logger: testLogger
+        )
+        try #require(claim.leases.count == 1)
+        return claim.leases[0].leaseID
+      }
+      let lease = try await claim()
+      let given = try await runs.release(acme, leases: [lease, UUID()], audit: { _ in [] }, logger: testLogger)
+      #expect(given.map(\.runID) == [run.id])
+      #expect(given.map(\.attempt) == [1])
+      // Its one attempt is still to come: claimed again, it is attempt 1 again, not DEAD.
+      let again = try await claim()
+      #expect(again != lease)
+      // A lease no longer holding its run (given back, completed, expired) gives nothing back.
+      #expect(try await runs.release(acme, leases: [lease], audit: { _ in [] }, logger: testLogger).isEmpty)
+      _ = try await runs.complete(acme, results: [(again, Array("done".utf8))], audit: { _ in [] }, logger: testLogger)
+      #expect(try await runs.release(acme, leases: [again], audit: { _ in [] }, logger: testLogger).isEmpty)
+      let states = try await runs.history(acme, id: run.id, after: 0, logger: testLogger).map { ($0.run.state, $0.run.attempt) }
+      #expect(states.map(\.0) == [.queued, .running, .queued, .running, .succeeded])
+      #expect(states.map(\.1) == [0, 1, 0, 1, 1])
     }
   }
 
