@@ -39,15 +39,22 @@ struct Usage: AsyncParsableCommand {
         One event per line: {"id": "e1", "source": "agent-1", "meter": "api_calls", "subject": "cust-1",
         "time": "2026-11-22T10:00:00Z", "value": 1, "properties": {"region": "eu"}}. time may also be
         Unix seconds. Re-sending a file is safe: events already stored count as duplicates.
-        Exit status: 0 when every event was stored or already there, 1 when any was rejected.
+        Exit status: 0 when every event was stored or already there, 1 when any was rejected, 2
+        when the gateway refused the stream or no batch was acknowledged for --give-up-after.
+
+        When the stream ends early (a drain, a restart, a lost connection, a rate to wait out), it
+        says so on stderr and sends the batches not yet acknowledged on a new stream, after the
+        gateway's grpc-retry-pushback-ms or a growing pause (up to 5 s).
         """
     )
     @OptionGroup var connection: ConnectionOptions
     @Option(help: "JSON-lines file; '-' or none reads stdin") var file: String?
     @Option(help: "Events per batch") var batchSize: Int = 500
+    @Option(help: "Seconds to keep resuming without a batch acknowledged before giving up") var giveUpAfter: Int = 300
 
     func run() async throws {
       guard (1...100_000).contains(batchSize) else { throw ValidationError("--batch-size must be 1 to 100000") }
+      guard giveUpAfter >= 0 else { throw ValidationError("--give-up-after must be 0 or more") }
       let data: Data
       if let file, file != "-" {
         guard let contents = FileManager.default.contents(atPath: file) else { throw ValidationError("cannot read \(file)") }
@@ -71,42 +78,92 @@ struct Usage: AsyncParsableCommand {
       let progress = Progress(label: "ingested")
       progress.total = UInt64(events.count)
       let totals = Mutex((accepted: 0, duplicates: 0, rejected: 0, done: 0))
-      try await connection.withMetering { metering, metadata in
-        if batches.isEmpty { return }
-        try await metering.ingestStream(
-          metadata: metadata,
-          requestProducer: { writer in
-            for (i, batch) in batches.enumerated() {
-              try await writer.write(
-                .with {
-                  $0.sequence = UInt64(i + 1)
-                  $0.events = batch.map(\.event)
+      // Batches acknowledged so far (acks come in order), and the furthest batch written.
+      let acked = Mutex(0)
+      let written = Mutex(-1)
+      var resent = 0
+      var pause = Audit.Tail.firstPause
+      let lastAck = Mutex(ContinuousClock.now)
+      // Every acknowledged batch is stored and a batch sent again counts its events once, so
+      // the rest can go on a new stream: after a drain, a restart, a lost connection, or a rate
+      // the gateway asks to wait out.
+      func resume(after error: RPCError?, from: Int) async throws {
+        let pushback = error?.metadata[stringValues: "grpc-retry-pushback-ms"].first(where: { _ in true }).flatMap { Int64($0) }
+        // RESOURCE_EXHAUSTED without a time to wait (a message too large) would only repeat.
+        if let error, !Audit.Tail.resumable(error.code) || (error.code == .resourceExhausted && pushback == nil) {
+          throw ExitCode(2)
+        }
+        if acked.withLock({ $0 }) != from { pause = Audit.Tail.firstPause }
+        let wait = pushback.map { Duration.milliseconds($0) } ?? pause
+        guard ContinuousClock.now - lastAck.withLock({ $0 }) + wait <= .seconds(giveUpAfter) else {
+          FileHandle.standardError.write(Data("tollctl: giving up: no batch acknowledged for \(giveUpAfter) s (--give-up-after)\n".utf8))
+          throw ExitCode(2)
+        }
+        let next = acked.withLock { $0 }
+        resent += max(0, written.withLock { $0 } - next + 1)
+        written.withLock { $0 = next - 1 }
+        let why = error == nil ? "the gateway ended the stream early; " : ""
+        FileHandle.standardError.write(Data("tollctl: \(why)resuming at batch \(next + 1) of \(batches.count) in \(wait)\n".utf8))
+        try await Task.sleep(for: wait)
+        pause = min(pause * 2, .seconds(5))
+      }
+      while acked.withLock({ $0 }) < batches.count {
+        let from = acked.withLock { $0 }
+        do {
+          try await connection.withClientOrRPCError { client, metadata in
+            try await MeteringClient(wrapping: client).ingestStream(
+              metadata: metadata,
+              requestProducer: { writer in
+                for i in from..<batches.count {
+                  try await writer.write(
+                    .with {
+                      $0.sequence = UInt64(i + 1)
+                      $0.events = batches[i].map(\.event)
+                    }
+                  )
+                  written.withLock { $0 = max($0, i) }
                 }
-              )
-            }
-          },
-          onResponse: { response in
-            for try await ack in response.messages {
-              let batch = batches[Int(ack.sequence) - 1]
-              for rejection in ack.rejections {
-                let line = batch[Int(rejection.index)].line
-                FileHandle.standardError.write(Data("\nline \(line): \(rejection.reason): \(rejection.message)\n".utf8))
+              },
+              onResponse: { response in
+                for try await ack in response.messages {
+                  let index = acked.withLock { $0 }
+                  guard ack.sequence == UInt64(index + 1) else {
+                    throw RPCError(code: .internalError, message: "ack for batch \(ack.sequence) where \(index + 1) was due")
+                  }
+                  let batch = batches[index]
+                  for rejection in ack.rejections {
+                    let line = batch[Int(rejection.index)].line
+                    FileHandle.standardError.write(Data("\nline \(line): \(rejection.reason): \(rejection.message)\n".utf8))
+                  }
+                  let done = totals.withLock {
+                    $0.accepted += Int(ack.accepted)
+                    $0.duplicates += Int(ack.duplicates)
+                    $0.rejected += Int(ack.rejected)
+                    $0.done += batch.count
+                    return $0.done
+                  }
+                  acked.withLock { $0 += 1 }
+                  lastAck.withLock { $0 = .now }
+                  progress.update(UInt64(done))
+                }
               }
-              let done = totals.withLock {
-                $0.accepted += Int(ack.accepted)
-                $0.duplicates += Int(ack.duplicates)
-                $0.rejected += Int(ack.rejected)
-                $0.done += batch.count
-                return $0.done
-              }
-              progress.update(UInt64(done))
-            }
+            )
           }
-        )
+          if acked.withLock({ $0 }) < batches.count {
+            try await resume(after: nil, from: from)
+          }
+        } catch let error as RPCError {
+          printError(error)
+          try await resume(after: error, from: from)
+        }
       }
       progress.finish()
       let t = totals.withLock { $0 }
-      print("accepted \(t.accepted), duplicates \(t.duplicates), rejected \(t.rejected + unreadable)")
+      var summary = "accepted \(t.accepted), duplicates \(t.duplicates), rejected \(t.rejected + unreadable)"
+      if resent > 0 {
+        summary += " (\(resent) batches were sent again after the stream ended unacknowledged; their events already stored count as duplicates)"
+      }
+      print(summary)
       if t.rejected + unreadable > 0 { throw ExitCode(1) }
     }
 

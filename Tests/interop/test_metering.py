@@ -218,3 +218,68 @@ def test_tollctl_meters_and_usage(gateway, pki, stubs, work_dir):
     table = tollctl("usage", "query", "--meter", "api_calls", "--from", start, *ident).stdout
     assert table.splitlines()[0].split() == ["WINDOW", "START", "WINDOW", "END", "VALUE"]
     assert table.splitlines()[1].split()[-1] == "10"
+
+
+def test_tollctl_ingest_resumes_across_a_gateway_restart(gateway, pki, work_dir):
+    """`tollctl usage ingest` outlives a restart of its gateway mid-stream: it sends the batches
+    not yet acknowledged on a new stream once the gateway is back, and every event is stored once."""
+    import pty
+    import queue
+    import threading
+
+    op = ["--identity", str(pki.operator()), "--gateway", f"127.0.0.1:{gateway}"]
+    tollctl("tenants", "create", "m-resume", *op)
+    # Paced to 20 messages a second, so the stream is still going when the gateway stops.
+    tollctl("tenants", "quota", "m-resume", "--limit", "ingest=20/1", *op)
+    tollctl("meters", "define", "api_calls", "--aggregation", "count", "--tenant", "m-resume", *op)
+    path = work_dir / "resume.jsonl"
+    path.write_text("".join(json.dumps({"id": f"r{i}", "source": "resume", "meter": "api_calls", "subject": "s",
+                                        "time": now().strftime("%Y-%m-%dT%H:%M:%SZ"), "value": 1}) + "\n" for i in range(60)))
+    proc, port, _ = start_gateway(pki, Gateway.app_url)
+    # stderr on a terminal, so tollctl shows its progress: the first figure says the stream is up.
+    master, slave = pty.openpty()
+    ingest = subprocess.Popen(
+        [_env("TOLLCTL_BIN"), "usage", "ingest", "--file", str(path), "--batch-size", "1",
+         "--identity", str(pki.principal("m-resume", "agent", "a")), "--gateway", f"127.0.0.1:{port}"],
+        stdout=subprocess.PIPE, stderr=slave, text=True)
+    os.close(slave)
+    errors = queue.Queue()
+
+    def pump():
+        while True:
+            try:
+                data = os.read(master, 4096)
+            except OSError:  # EIO once the child has closed its side
+                data = b""
+            if not data:
+                errors.put(None)
+                return
+            errors.put(data.decode(errors="replace"))
+
+    threading.Thread(target=pump, daemon=True).start()
+    seen = []
+    try:
+        while "ingested " not in "".join(seen):
+            chunk = errors.get(timeout=30)
+            assert chunk is not None, "tollctl ended before any progress: " + "".join(seen)
+            seen.append(chunk)
+        stop_gateway(proc)
+        proc = None
+        proc, _, _ = start_gateway(pki, Gateway.app_url, port=port)
+        out, _ = ingest.communicate(timeout=120)
+    finally:
+        if ingest.poll() is None:
+            ingest.kill()
+            ingest.wait()
+        if proc is not None:
+            stop_gateway(proc)
+    while (chunk := errors.get(timeout=30)) is not None:
+        seen.append(chunk)
+    os.close(master)
+    stderr = "".join(seen)
+    assert ingest.returncode == 0, stderr
+    assert "resuming at batch" in stderr, stderr
+    assert "accepted 60, duplicates 0, rejected 0" in out, out + stderr
+    stored = admin_query("SELECT count(*), count(DISTINCT event_id) FROM usage_events WHERE source = 'resume'")
+    assert stored == [("60", "60")]
+
