@@ -178,7 +178,8 @@ public final class Gateway: Sendable {
         hub: workflowHub,
         leaseTimeout: config.workflowLeaseTimeout,
         retryBase: config.workflowRetryBase,
-        logger: logger
+        logger: logger,
+        telemetry: telemetry
       ),
       HealthService(
         services: Set(Self.registeredServiceNames),

@@ -5,7 +5,7 @@ import ServiceLifecycle
 import Synchronization
 import SwiftProtobuf
 import TollgateCore
-import TollgateModel
+public import TollgateModel
 public import TollgateProtos
 public import TollgateStore
 import TollgateServiceSupport
@@ -25,13 +25,22 @@ public struct WorkflowService: Sendable {
   let leaseTimeout: Duration
   let retryBase: Duration
   let logger: Logger
+  let telemetry: Telemetry
 
-  public init(repository: WorkflowRepository, hub: WorkflowHub, leaseTimeout: Duration, retryBase: Duration, logger: Logger) {
+  public init(
+    repository: WorkflowRepository,
+    hub: WorkflowHub,
+    leaseTimeout: Duration,
+    retryBase: Duration,
+    logger: Logger,
+    telemetry: Telemetry = .disabled
+  ) {
     self.repository = repository
     self.hub = hub
     self.leaseTimeout = leaseTimeout
     self.retryBase = retryBase
     self.logger = logger
+    self.telemetry = telemetry
   }
 
   func handling<T: Sendable>(_ method: String, _ body: () async throws -> T) async throws -> T {
@@ -163,6 +172,9 @@ extension WorkflowService: Tollgate_V1_WorkflowService.SimpleServiceProtocol {
     try await handling("Connect") {
       let tenant = try actingTenant()
       let session = WorkerSession(scope: try CallScope.required())
+      let connected = [("tenant", telemetry.tenantLabel(tenant))]
+      telemetry.adjust("tollgate_workflow_workers_connected", connected, by: 1)
+      defer { telemetry.adjust("tollgate_workflow_workers_connected", connected, by: -1) }
       let subscription = hub.subscribe(
         tenant,
         as: .worker(
@@ -289,6 +301,7 @@ extension WorkflowService: Tollgate_V1_WorkflowService.SimpleServiceProtocol {
     }
     do {
       let changes = try await release.value
+      telemetry.count("tollgate_workflow_leases_given_back_total", by: changes.count)
       logger.debug("gave back leases the worker never saw", metadata: ["tenant": "\(tenant)", "runs": "\(changes.count)"])
     } catch {
       logger.warning(

@@ -98,4 +98,31 @@ import FoundationNetworking
       #expect(!text.contains(#"tenant="globex""#))
     }
   }
+
+  @Test func connectedWorkerStreamsAreCounted() async throws {
+    try await TestGateway.run(configure: { $0.metricsListen = .init(host: "127.0.0.1", port: 0) }) { gw in
+      let port = try #require(await gw.gateway.metricsPort())
+      func connected() async throws -> Double? {
+        let (data, _) = try await URLSession.shared.data(from: URL(string: "http://127.0.0.1:\(port)/metrics")!)
+        let line = String(decoding: data, as: UTF8.self).split(separator: "\n").first {
+          $0.hasPrefix("tollgate_workflow_workers_connected{") && $0.contains(#"tenant="acme""#)
+        }
+        return line.flatMap { $0.split(separator: " ").last }.flatMap { Double($0) }
+      }
+      try await WorkflowTests.createTenants(gw, ["acme"])
+      try await gw.withClient(try gw.pki.issue(tenant: "acme", role: .partner)) { client async throws in
+        let run = try await WorkflowTests.dispatch(WorkflowTests.Workflow(wrapping: client), payload: "counted")
+        try await gw.withClient(try gw.pki.issue(tenant: "acme", role: .worker)) { workerClient async throws in
+          try await TestWorker.withWorkers([(workerClient, ["export"], 1), (workerClient, ["report"], 1)]) { workers, inbox in
+            // A task pushed on a stream shows that stream is being served.
+            let (_, message) = try await inbox.next()
+            #expect(message.task.runID == run.runID)
+            #expect(try await QuotaTests.eventually { try await connected() == 2 })
+          }
+        }
+      }
+      // Both streams have ended once the calls have returned.
+      #expect(try await connected() == 0)
+    }
+  }
 }
