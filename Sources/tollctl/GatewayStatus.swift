@@ -114,6 +114,7 @@ struct Summary: Codable {
   var databaseConnectionsInUse: Double
   var databaseConnectionsWaiting: Double
   var workflowRuns: [String: Double]
+  var workersConnected: Double
   var usageEventsPerSecond: [String: Double]
 
   init(first: Samples, second: Samples, seconds: Double) {
@@ -135,6 +136,7 @@ struct Summary: Codable {
     databaseConnectionsInUse = second.sum("tollgate_db_connections_in_use")
     databaseConnectionsWaiting = second.sum("tollgate_db_connections_waiting")
     workflowRuns = second.values("tollgate_workflow_runs", by: "state")
+    workersConnected = second.sum("tollgate_workflow_workers_connected")
     let firstUsage = first.values("tollgate_usage_events_total", by: "result")
     usageEventsPerSecond = second.values("tollgate_usage_events_total", by: "result").mapValues { $0 / seconds }
       .merging(firstUsage.mapValues { -$0 / seconds }) { $0 + $1 }
@@ -155,7 +157,7 @@ struct Summary: Codable {
       in flight         \(list(callsInFlight))   connections \(f(connections, 0))
       audit             \(f(auditBufferEvents, 0)) events waiting, append lag \(f(auditAppendLagSeconds, 2)) s, checkpoint age \(auditCheckpointAgeSeconds < 0 ? "none yet" : f(auditCheckpointAgeSeconds, 2) + " s")
       database pool     \(f(databaseConnectionsInUse, 0)) in use, \(f(databaseConnectionsWaiting, 0)) waiting
-      workflow runs     \(runs.isEmpty ? "none counted yet" : runs.joined(separator: ", "))
+      workflow runs     \(runs.isEmpty ? "none counted yet" : runs.joined(separator: ", "))   workers connected \(f(workersConnected, 0))
       usage events/s    \(list(usageEventsPerSecond.filter { $0.value > 0 }))
       """
   }

@@ -73,10 +73,11 @@ def test_tollctl_status_summarises_a_running_gateway(gateway, metrics_url, seede
     out = tollctl("status", "--metrics", metrics_url, "--interval", "0.3").stdout
     assert out.startswith("Tollgate ")
     assert re.search(r"^tenants\s+\d+$", out, re.M)
-    for heading in ("calls/s", "in flight", "audit", "database pool", "workflow runs"):
+    for heading in ("calls/s", "in flight", "audit", "database pool", "workflow runs", "workers connected"):
         assert heading in out, out
     summary = json.loads(tollctl("status", "--metrics", metrics_url, "--interval", "0.3", "--json").stdout)
     assert summary["tenants"] >= 2 and summary["uptimeSeconds"] > 0
+    assert summary["workersConnected"] >= 0
 
 
 def test_sighup_reloads_the_client_ca_without_dropping_open_connections(seeded, pki, stubs, tmp_path):
