@@ -610,6 +610,15 @@ public nonisolated struct Tollgate_V1_WorkerMessage: Sendable {
     set {kind = .failed(newValue)}
   }
 
+  /// The worker is stopping: push it nothing more on this stream.
+  public var drain: Tollgate_V1_Drain {
+    get {
+      if case .drain(let v)? = kind {return v}
+      return Tollgate_V1_Drain()
+    }
+    set {kind = .drain(newValue)}
+  }
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   /// Exactly one kind per message; the first message of a stream must be `hello`.
@@ -622,8 +631,23 @@ public nonisolated struct Tollgate_V1_WorkerMessage: Sendable {
     case completed(Tollgate_V1_TaskCompleted)
     /// A task failed.
     case failed(Tollgate_V1_TaskFailed)
+    /// The worker is stopping: push it nothing more on this stream.
+    case drain(Tollgate_V1_Drain)
 
   }
+
+  public init() {}
+}
+
+/// A worker that is stopping says so: no task is pushed on the stream after this message is read
+/// (one already on its way may still arrive). The worker finishes and reports what it holds, then
+/// closes its side. Sending it again changes nothing.
+public nonisolated struct Tollgate_V1_Drain: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
 }
@@ -1576,7 +1600,7 @@ nonisolated extension Tollgate_V1_RunEvent: SwiftProtobuf.Message, SwiftProtobuf
 
 nonisolated extension Tollgate_V1_WorkerMessage: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".WorkerMessage"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}hello\0\u{1}heartbeat\0\u{1}completed\0\u{1}failed\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}hello\0\u{1}heartbeat\0\u{1}completed\0\u{1}failed\0\u{1}drain\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -1636,6 +1660,19 @@ nonisolated extension Tollgate_V1_WorkerMessage: SwiftProtobuf.Message, SwiftPro
           self.kind = .failed(v)
         }
       }()
+      case 5: try {
+        var v: Tollgate_V1_Drain?
+        var hadOneofValue = false
+        if let current = self.kind {
+          hadOneofValue = true
+          if case .drain(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.kind = .drain(v)
+        }
+      }()
       default: break
       }
     }
@@ -1663,6 +1700,10 @@ nonisolated extension Tollgate_V1_WorkerMessage: SwiftProtobuf.Message, SwiftPro
       guard case .failed(let v)? = self.kind else { preconditionFailure() }
       try visitor.visitSingularMessageField(value: v, fieldNumber: 4)
     }()
+    case .drain?: try {
+      guard case .drain(let v)? = self.kind else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 5)
+    }()
     case nil: break
     }
     try unknownFields.traverse(visitor: &visitor)
@@ -1670,6 +1711,25 @@ nonisolated extension Tollgate_V1_WorkerMessage: SwiftProtobuf.Message, SwiftPro
 
   public static func ==(lhs: Tollgate_V1_WorkerMessage, rhs: Tollgate_V1_WorkerMessage) -> Bool {
     if lhs.kind != rhs.kind {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Tollgate_V1_Drain: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".Drain"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap()
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    // Load everything into unknown fields
+    while try decoder.nextFieldNumber() != nil {}
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Tollgate_V1_Drain, rhs: Tollgate_V1_Drain) -> Bool {
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

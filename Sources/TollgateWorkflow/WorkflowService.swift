@@ -366,8 +366,11 @@ extension WorkflowService: Tollgate_V1_WorkflowService.SimpleServiceProtocol {
         logger: logger
       )
       finish(lease, recorded: state != nil, session: session, out: out, subscription: subscription)
+    case .drain:
+      session.drain()
+      logger.debug("worker draining", metadata: ["tenant": "\(tenant)", "held": "\(session.heldLeases.count)"])
     case nil:
-      throw TollgateError.invalidField("kind", "a worker message needs one of hello, heartbeat, completed, failed")
+      throw TollgateError.invalidField("kind", "a worker message needs one of hello, heartbeat, completed, failed, drain")
     }
   }
 
@@ -585,6 +588,8 @@ final class WorkerSession: Sendable {
     /// Held leases whose task was written to the stream (or taken over from an earlier one).
     var sent: Set<UUID> = []
     var closed = false
+    /// The worker is stopping: claim nothing more for it, but keep its stream for its results.
+    var draining = false
     var heldBackByLimit = false
     var claiming = false
   }
@@ -603,8 +608,10 @@ final class WorkerSession: Sendable {
     }
   }
 
+  func drain() { state.withLock { $0.draining = true } }
+
   var claimable: (types: [String], free: Int, name: String) {
-    state.withLock { ($0.types, max(0, $0.capacity - $0.held.count), $0.name) }
+    state.withLock { ($0.types, $0.draining ? 0 : max(0, $0.capacity - $0.held.count), $0.name) }
   }
 
   var heldLeases: [UUID] { state.withLock { Array($0.held) } }
@@ -641,7 +648,7 @@ final class WorkerSession: Sendable {
   /// Whether a ready run of `type` (nil: of any type) is worth a claim by this worker.
   func wants(_ type: String?) -> Bool {
     state.withLock { s in
-      !s.closed && s.capacity > s.held.count && (type.map { s.types.contains($0) } ?? true)
+      !s.closed && !s.draining && s.capacity > s.held.count && (type.map { s.types.contains($0) } ?? true)
     }
   }
 

@@ -533,6 +533,42 @@ import TollgateStore
     }
   }
 
+  @Test func aDrainingWorkerIsPushedNothingMoreButReportsWhatItHolds() async throws {
+    try await TestGateway.run { gw in
+      try await Self.createTenants(gw, ["acme"])
+      try await gw.withClient(try gw.pki.issue(tenant: "acme", role: .partner)) { client async throws in
+        let workflow = Workflow(wrapping: client)
+        let first = try await Self.dispatch(workflow, payload: "held while draining")
+        let second = try await gw.withClient(try gw.pki.issue(tenant: "acme", role: .worker, name: "old")) { oldClient async throws in
+          try await TestWorker.with(oldClient, types: ["export"], capacity: 2) { old in
+            let task = try await old.nextTask()
+            #expect(task.runID == first.runID)
+            old.send(.with { $0.drain = .init() })
+            // Messages are read in order: once this heartbeat is answered, the drain was read.
+            let unknown = UUID().uuidString.lowercased()
+            old.send(.with { $0.heartbeat = .with { $0.leaseIds = [unknown] } })
+            #expect(try await old.next().revoked.leaseID == unknown)
+            // The old worker has room for it, but is stopping: the run waits for another.
+            let second = try await Self.dispatch(workflow, payload: "for the new worker")
+            try await gw.withClient(try gw.pki.issue(tenant: "acme", role: .worker, name: "new")) { newClient async throws in
+              try await TestWorker.with(newClient, types: ["export"], capacity: 1) { new in
+                let handed = try await new.nextTask()
+                #expect(handed.runID == second.runID)
+                try await new.complete(handed)
+              }
+            }
+            // The draining stream still takes the result of what it holds.
+            try await old.complete(task)
+            return second
+          }
+        }
+        for run in [first, second] {
+          #expect(try await workflow.getRun(.with { $0.runID = run.runID }).run.state == .succeeded)
+        }
+      }
+    }
+  }
+
   @Test func aPerTypeConcurrencyLimitHoldsAcrossWorkers() async throws {
     try await TestGateway.run { gw in
       try await Self.createTenants(gw, ["acme"], typeConcurrency: ["export": 1])
