@@ -21,6 +21,10 @@ struct Worker: AsyncParsableCommand {
       takes its leases back on the new stream and sends the results that were not acknowledged.
       A lease that expired meanwhile is revoked and its command stopped. Refusals (a bad
       certificate, a bad --type) end the worker with exit status 2.
+
+      SIGTERM or SIGINT drains: the gateway pushes nothing more, the commands running finish and
+      their results are sent, then the worker exits 0. A second signal stops the commands at once
+      and exits (their leases expire and the runs are offered again).
       """
   )
   @OptionGroup var connection: ConnectionOptions
@@ -45,6 +49,19 @@ struct Worker: AsyncParsableCommand {
       $0.workerName = name
     }
     let tracker = WorkerTracker(hello: hello, command: exec, fatalExitCode: fatalExitCode, maxTasks: maxTasks)
+    let signals = Self.onStopSignals { signal, first in
+      if first {
+        let running = tracker.beginDrain()
+        FileHandle.standardError.write(
+          Data("tollctl: stopping: taking no more tasks, finishing \(running) running (signal again to stop them now)\n".utf8)
+        )
+      } else {
+        tracker.stopAll()
+        FileHandle.standardError.write(Data("tollctl: stopped; the runs of stopped commands are offered again once their leases expire\n".utf8))
+        Foundation.exit(128 + signal)
+      }
+    }
+    defer { signals.forEach { $0.cancel() } }
     let (assignments, assign) = AsyncStream.makeStream(of: TaskProcess.self)
     try await withThrowingTaskGroup(of: Void.self) { group in
       // Commands run here, outside any one stream, so they outlive a reconnect.
@@ -94,6 +111,24 @@ struct Worker: AsyncParsableCommand {
   }
 
   static let firstPause = Duration.milliseconds(200)
+
+  /// Calls `handler` on each SIGTERM or SIGINT, saying whether it is the first.
+  static func onStopSignals(_ handler: @escaping @Sendable (Int32, _ first: Bool) -> Void) -> [any DispatchSourceSignal] {
+    let seen = Mutex(false)
+    return [SIGTERM, SIGINT].map { number in
+      signal(number, SIG_IGN)
+      let source = DispatchSource.makeSignalSource(signal: number, queue: .global())
+      source.setEventHandler {
+        let first = seen.withLock { seen in
+          defer { seen = true }
+          return !seen
+        }
+        handler(number, first)
+      }
+      source.resume()
+      return source
+    }
+  }
 
   /// One Connect stream, until it ends.
   static func connect(
@@ -164,6 +199,8 @@ final class WorkerTracker: Sendable {
     var done = false
     var heardFrom = false
     var streams = 0
+    /// Stopping: the gateway was told to push nothing more; done once nothing is held.
+    var draining = false
   }
 
   let state = Mutex(State())
@@ -185,6 +222,7 @@ final class WorkerTracker: Sendable {
       for lease in s.results.keys.sorted() {
         out.yield(s.results[lease]!.message)
       }
+      if s.draining { out.yield(.with { $0.drain = .init() }) }
       if s.done { out.finish() }
       s.out = out
       s.streams += 1
@@ -209,6 +247,23 @@ final class WorkerTracker: Sendable {
       defer { s.heardFrom = false }
       return s.heardFrom
     }
+  }
+
+  /// Asks the gateway to push nothing more; returns how many commands are still running.
+  func beginDrain() -> Int {
+    state.withLock { s in
+      s.draining = true
+      s.out?.yield(.with { $0.drain = .init() })
+      Self.finishIfDrained(&s)
+      return s.running.count
+    }
+  }
+
+  /// While draining, the worker is done once no command runs and every result is acknowledged.
+  static func finishIfDrained(_ s: inout State) {
+    guard s.draining, s.running.isEmpty, s.results.isEmpty, !s.done else { return }
+    s.done = true
+    s.out?.finish()
   }
 
   func heartbeat() {
@@ -243,7 +298,10 @@ final class WorkerTracker: Sendable {
       }
     }
     let revoked = state.withLock { s in
-      guard s.running.removeValue(forKey: task.leaseID) != nil else { return true }
+      guard s.running.removeValue(forKey: task.leaseID) != nil else {
+        Self.finishIfDrained(&s)
+        return true
+      }
       s.results[task.leaseID] = Unacknowledged(message: message, runID: task.runID)
       s.out?.yield(message)
       return false
@@ -255,6 +313,7 @@ final class WorkerTracker: Sendable {
   func revoke(_ lease: String) {
     let process = state.withLock { s in
       s.results[lease] = nil
+      defer { Self.finishIfDrained(&s) }
       return s.running.removeValue(forKey: lease)
     }
     process?.terminate()
@@ -269,6 +328,7 @@ final class WorkerTracker: Sendable {
         s.done = true
         s.out?.finish()
       }
+      Self.finishIfDrained(&s)
       guard !ack.accepted else { return nil }
       let run = result.map { "run \($0.runID)" } ?? "lease \(ack.leaseID)"
       if result?.resent == true {

@@ -324,6 +324,50 @@ def test_tollctl_runs_and_worker(gateway, pki, stubs, tenant):
     assert refused.returncode == 2 and "failedPrecondition" in refused.stderr.replace("failed_precondition", "failedPrecondition")
 
 
+def spawn_tollctl(*args, identity, port):
+    """A tollctl process against the gateway on `port`; returns it and queues of its stdout and
+    stderr lines (None at the end of each)."""
+    p = subprocess.Popen([_env("TOLLCTL_BIN"), *args, "--identity", str(identity), "--gateway", f"127.0.0.1:{port}"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines, errors = queue.Queue(), queue.Queue()
+    for stream, q in ((p.stdout, lines), (p.stderr, errors)):
+        threading.Thread(target=_pump, args=(stream, q), daemon=True).start()
+    return p, lines, errors
+
+
+def _pump(stream, q):
+    for line in stream:
+        q.put(line)
+    q.put(None)
+
+
+def wait_for(q, text, what):
+    """The lines of `q` up to the first holding `text` (None: up to its end)."""
+    seen = []
+    while True:
+        try:
+            line = q.get(timeout=30)
+        except queue.Empty:
+            raise AssertionError(f"no {what} within 30 s; saw {seen}")
+        if line is None:
+            if text is None:
+                return seen
+            raise AssertionError(f"no {what}: the output ended; saw {seen}")
+        seen.append(line)
+        if text is not None and text in line:
+            return seen
+
+
+def release_fifo(path):
+    """Writes to a FIFO if a reader waits on it, so no command of a failed test outlives it."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+        os.write(fd, b"go")
+        os.close(fd)
+    except OSError:
+        pass
+
+
 def test_tollctl_worker_and_watch_outlive_a_gateway_restart(gateway, pki, stubs, tenant, tmp_path):
     """`tollctl worker` keeps its command running through a restart of its gateway, takes the lease
     back on the new stream and completes the run in its first attempt; at capacity 1 it is given
@@ -340,40 +384,10 @@ def test_tollctl_worker_and_watch_outlive_a_gateway_restart(gateway, pki, stubs,
                f'echo "end $p" >> {log}; echo "$p" | tr a-z A-Z')
     first = partner.Dispatch(w.DispatchRequest(type="held", payload=b"first\n"), timeout=TIMEOUT).run
     proc, port, _ = start_gateway(pki, Gateway.app_url)
-    gw = ["--gateway", f"127.0.0.1:{port}"]
-
-    def spawn(*args, identity):
-        p = subprocess.Popen([_env("TOLLCTL_BIN"), *args, "--identity", str(identity), *gw],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        lines, errors = queue.Queue(), queue.Queue()
-        for stream, q in ((p.stdout, lines), (p.stderr, errors)):
-            threading.Thread(target=pump, args=(stream, q), daemon=True).start()
-        return p, lines, errors
-
-    def pump(stream, q):
-        for line in stream:
-            q.put(line)
-        q.put(None)
-
-    def wait_for(q, text, what):
-        """The lines of `q` up to the first holding `text` (None: up to its end)."""
-        seen = []
-        while True:
-            try:
-                line = q.get(timeout=30)
-            except queue.Empty:
-                raise AssertionError(f"no {what} within 30 s; saw {seen}")
-            if line is None:
-                if text is None:
-                    return seen
-                raise AssertionError(f"no {what}: the output ended; saw {seen}")
-            seen.append(line)
-            if text is not None and text in line:
-                return seen
-
-    worker, _, worker_errors = spawn("worker", "--type", "held", "--capacity", "1", "--max-tasks", "2",
-                                     "--exec", command, identity=pki.principal(tenant, "worker", "cli"))
-    watch, watched, watch_errors = spawn("runs", "watch", first.run_id, identity=pki.principal(tenant, "partner", "p"))
+    worker, _, worker_errors = spawn_tollctl("worker", "--type", "held", "--capacity", "1", "--max-tasks", "2",
+                                             "--exec", command, identity=pki.principal(tenant, "worker", "cli"), port=port)
+    watch, watched, watch_errors = spawn_tollctl("runs", "watch", first.run_id,
+                                                 identity=pki.principal(tenant, "partner", "p"), port=port)
     signalled = queue.Queue()
     threading.Thread(target=lambda: signalled.put(started.read_text()), daemon=True).start()
     try:
@@ -396,12 +410,7 @@ def test_tollctl_worker_and_watch_outlive_a_gateway_restart(gateway, pki, stubs,
         assert [line.split()[1] for line in printed] == ["QUEUED", "RUNNING", "SUCCEEDED"], printed
         assert any("reconnecting" in line for line in wait_for(watch_errors, None, "end of the watch's stderr"))
     finally:
-        try:  # a command still waiting to be released (the test failed early) must not outlive it
-            fd = os.open(release, os.O_WRONLY | os.O_NONBLOCK)
-            os.write(fd, b"go")
-            os.close(fd)
-        except OSError:
-            pass
+        release_fifo(release)
         for p in (worker, watch):
             if p.poll() is None:
                 p.kill()
@@ -440,3 +449,45 @@ def test_a_bad_worker_hello_is_invalid_argument(gateway, pki, stubs, tenant):
         list(stub.Connect(requests, timeout=TIMEOUT))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "first message" in err.value.details()
+
+
+def test_tollctl_worker_drains_on_sigterm(gateway, pki, stubs, tenant, tmp_path):
+    """SIGTERM makes `tollctl worker` finish what it runs, report it and exit 0; a second signal
+    stops the commands and exits at once."""
+    w = stubs.workflow
+    partner = stub_for(gateway, pki.principal(tenant, "partner", "p"), stubs)
+    started, release = tmp_path / "started", tmp_path / "release"
+    os.mkfifo(started)
+    os.mkfifo(release)
+    command = f'echo up > {started}; cat {release} > /dev/null; echo done'
+    identity = pki.principal(tenant, "worker", "drained")
+    outcomes = []
+    try:
+        for signals in (1, 2):
+            run = partner.Dispatch(w.DispatchRequest(type="drained"), timeout=TIMEOUT).run
+            worker, _, errors = spawn_tollctl("worker", "--type", "drained", "--exec", command, identity=identity, port=gateway)
+            signalled = queue.Queue()
+            threading.Thread(target=lambda: signalled.put(started.read_text()), daemon=True).start()
+            try:
+                assert signalled.get(timeout=30) == "up\n"
+                worker.send_signal(signal.SIGTERM)
+                wait_for(errors, "stopping: taking no more tasks, finishing 1 running", "the worker's drain")
+                if signals == 2:
+                    worker.send_signal(signal.SIGTERM)
+                    assert worker.wait(timeout=30) == 128 + signal.SIGTERM
+                else:
+                    release.write_text("go")
+                    assert worker.wait(timeout=30) == 0, "".join(wait_for(errors, None, "stderr"))
+            finally:
+                release_fifo(release)
+                if worker.poll() is None:
+                    worker.kill()
+                    worker.wait()
+            outcomes.append(partner.GetRun(w.GetRunRequest(run_id=run.run_id), timeout=TIMEOUT).run)
+    finally:
+        release_fifo(release)
+    drained, stopped = outcomes
+    assert (drained.state, drained.attempt, drained.result) == (w.RUN_STATE_SUCCEEDED, 1, b"done\n")
+    # Stopped at once: the lease stands until it expires, and the run is offered again then.
+    assert (stopped.state, stopped.attempt) == (w.RUN_STATE_RUNNING, 1)
+
