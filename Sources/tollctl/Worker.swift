@@ -24,7 +24,9 @@ struct Worker: AsyncParsableCommand {
 
       SIGTERM or SIGINT drains: the gateway pushes nothing more, the commands running finish and
       their results are sent, then the worker exits 0. A second signal stops the commands at once
-      and exits (their leases expire and the runs are offered again).
+      and exits (their leases expire and the runs are offered again). Only the worker should get
+      the first signal: Ctrl-C in a terminal reaches the commands too, and so does systemd's
+      default KillMode (use KillMode=mixed).
       """
   )
   @OptionGroup var connection: ConnectionOptions
@@ -85,7 +87,8 @@ struct Worker: AsyncParsableCommand {
         group.cancelAll()
       }
       var pause = Self.firstPause
-      while true {
+      // Done can also come while no stream is open: drained with nothing left to report.
+      while !tracker.isDone {
         let began = ContinuousClock.now
         do {
           try await connection.withClientOrRPCError(longLived: true) { client, metadata in
