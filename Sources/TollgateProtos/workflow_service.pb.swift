@@ -673,6 +673,10 @@ public nonisolated struct Tollgate_V1_WorkerHello: Sendable {
   /// TaskRevoked (LEASE_EXPIRED) at once.
   public var heldLeaseIds: [String] = []
 
+  /// The worker is already stopping (it reconnected while draining): nothing is pushed on this
+  /// stream, as after a Drain.
+  public var draining: Bool = false
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
@@ -1737,7 +1741,7 @@ nonisolated extension Tollgate_V1_Drain: SwiftProtobuf.Message, SwiftProtobuf._M
 
 nonisolated extension Tollgate_V1_WorkerHello: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".WorkerHello"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}task_types\0\u{1}capacity\0\u{3}worker_name\0\u{3}held_lease_ids\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}task_types\0\u{1}capacity\0\u{3}worker_name\0\u{3}held_lease_ids\0\u{1}draining\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -1749,6 +1753,7 @@ nonisolated extension Tollgate_V1_WorkerHello: SwiftProtobuf.Message, SwiftProto
       case 2: try { try decoder.decodeSingularUInt32Field(value: &self.capacity) }()
       case 3: try { try decoder.decodeSingularStringField(value: &self.workerName) }()
       case 4: try { try decoder.decodeRepeatedStringField(value: &self.heldLeaseIds) }()
+      case 5: try { try decoder.decodeSingularBoolField(value: &self.draining) }()
       default: break
       }
     }
@@ -1767,6 +1772,9 @@ nonisolated extension Tollgate_V1_WorkerHello: SwiftProtobuf.Message, SwiftProto
     if !self.heldLeaseIds.isEmpty {
       try visitor.visitRepeatedStringField(value: self.heldLeaseIds, fieldNumber: 4)
     }
+    if self.draining != false {
+      try visitor.visitSingularBoolField(value: self.draining, fieldNumber: 5)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -1775,6 +1783,7 @@ nonisolated extension Tollgate_V1_WorkerHello: SwiftProtobuf.Message, SwiftProto
     if lhs.capacity != rhs.capacity {return false}
     if lhs.workerName != rhs.workerName {return false}
     if lhs.heldLeaseIds != rhs.heldLeaseIds {return false}
+    if lhs.draining != rhs.draining {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

@@ -143,7 +143,7 @@ enum WorkflowMapping {
   /// The worker's announcement, validated.
   static func hello(
     _ hello: Tollgate_V1_WorkerHello
-  ) throws(TollgateError) -> (types: [String], capacity: Int, name: String, held: [UUID]) {
+  ) throws(TollgateError) -> (types: [String], capacity: Int, name: String, held: [UUID], draining: Bool) {
     var violations: [TollgateError.FieldViolation] = []
     if hello.taskTypes.isEmpty || hello.taskTypes.count > maxTaskTypesPerWorker {
       violations.append(
@@ -173,6 +173,6 @@ enum WorkflowMapping {
       }
     }
     if !violations.isEmpty { throw .invalidFields("worker hello", violations) }
-    return (Array(Set(hello.taskTypes)).sorted(), Int(hello.capacity), name, Array(Set(held)))
+    return (Array(Set(hello.taskTypes)).sorted(), Int(hello.capacity), name, Array(Set(held)), hello.draining)
   }
 }

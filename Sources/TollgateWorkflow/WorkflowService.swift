@@ -328,6 +328,7 @@ extension WorkflowService: Tollgate_V1_WorkflowService.SimpleServiceProtocol {
       guard first else { throw TollgateError.invalidField("hello", "is sent once, as the first message of the stream") }
       let hello = try WorkflowMapping.hello(hello)
       session.configure(types: hello.types, capacity: hello.capacity, name: hello.name)
+      if hello.draining { session.drain() }
       // Before the first claim, so a reconnected worker is not pushed more than its capacity
       // while it still runs what it took on its earlier stream.
       let live = try await repository.heartbeat(tenant, leases: hello.held, leaseTimeout: leaseTimeout, logger: logger)

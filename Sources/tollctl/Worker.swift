@@ -221,11 +221,11 @@ final class WorkerTracker: Sendable {
     let reconnect = state.withLock { s -> (held: Int, results: Int)? in
       var hello = self.hello
       hello.heldLeaseIds = s.running.keys.sorted()
+      hello.draining = s.draining
       out.yield(.with { $0.hello = hello })
       for lease in s.results.keys.sorted() {
         out.yield(s.results[lease]!.message)
       }
-      if s.draining { out.yield(.with { $0.drain = .init() }) }
       if s.done { out.finish() }
       s.out = out
       s.streams += 1

@@ -562,6 +562,23 @@ import TollgateStore
             return second
           }
         }
+        // A worker that reconnects while draining says so in its hello: it is pushed nothing,
+        // though a run is ready and it has room.
+        let third = try await Self.dispatch(workflow, payload: "not for a draining worker")
+        try await gw.withClient(try gw.pki.issue(tenant: "acme", role: .worker, name: "old")) { oldClient async throws in
+          try await TestWorker.with(oldClient, types: ["export"], capacity: 2, draining: true) { old in
+            let unknown = UUID().uuidString.lowercased()
+            old.send(.with { $0.heartbeat = .with { $0.leaseIds = [unknown] } })
+            #expect(try await old.next().revoked.leaseID == unknown)
+            try await gw.withClient(try gw.pki.issue(tenant: "acme", role: .worker, name: "new")) { newClient async throws in
+              try await TestWorker.with(newClient, types: ["export"], capacity: 1) { new in
+                let handed = try await new.nextTask()
+                #expect(handed.runID == third.runID)
+                try await new.complete(handed)
+              }
+            }
+          }
+        }
         for run in [first, second] {
           #expect(try await workflow.getRun(.with { $0.runID = run.runID }).run.state == .succeeded)
         }
@@ -678,18 +695,21 @@ final class TestWorker {
     types: [String],
     capacity: UInt32,
     held: [String] = [],
+    draining: Bool = false,
     _ body: (TestWorker) async throws -> T
   ) async throws -> T {
-    try await withWorkers([(client, types, capacity)], held: [held]) { workers, inbox in
+    try await withWorkers([(client, types, capacity)], held: [held], draining: [draining]) { workers, inbox in
       try await body(TestWorker(outbox: workers[0].outbox, inbox: inbox))
     }
   }
 
   /// Several worker streams sharing one inbox; `held[i]`, if given, are the leases worker `i`
-  /// names in its hello as held from an earlier stream.
+  /// names in its hello as held from an earlier stream, and `draining[i]` whether it says it is
+  /// stopping.
   static func withWorkers<T: Sendable>(
     _ specs: [(GRPCClient<HTTP2ClientTransport.Posix>, [String], UInt32)],
     held: [[String]] = [],
+    draining: [Bool] = [],
     _ body: ([TestWorker], WorkerInbox) async throws -> T
   ) async throws -> T {
     let (messages, received) = AsyncThrowingStream.makeStream(of: (Int, Tollgate_V1_ServerMessage).self)
@@ -703,6 +723,7 @@ final class TestWorker {
           $0.capacity = spec.2
           $0.workerName = "test-worker-\(i)"
           $0.heldLeaseIds = i < held.count ? held[i] : []
+          $0.draining = i < draining.count && draining[i]
         }
       })
       workers.append(TestWorker(outbox: outbox, inbox: nil))
