@@ -66,7 +66,7 @@ struct Audit: AsyncParsableCommand {
       request.follow = follow
       let json = self.json
       let next = Mutex(request.startIndex)
-      var pause = Self.firstPause
+      var pause = ReconnectPause()
       while true {
         let from = next.withLock { $0 }
         request.startIndex = from
@@ -84,21 +84,12 @@ struct Audit: AsyncParsableCommand {
           FileHandle.standardError.write(Data("tollctl: the gateway ended the stream; reconnecting\n".utf8))
         } catch let error as RPCError {
           printError(error)
-          guard follow && Self.resumable(error.code) else { throw ExitCode(2) }
+          guard follow && ReconnectPause.resumable(error.code) else { throw ExitCode(2) }
           FileHandle.standardError.write(Data("tollctl: reconnecting, to resume at record \(next.withLock { $0 })\n".utf8))
         }
-        if next.withLock({ $0 }) != from { pause = Self.firstPause }
-        try await Task.sleep(for: pause)
-        pause = min(pause * 2, .seconds(5))
+        if next.withLock({ $0 }) != from { pause.reset() }
+        try await pause.wait()
       }
-    }
-
-    static let firstPause = Duration.milliseconds(200)
-
-    /// Codes a followed stream outlives: the gateway or the path to it went away, or asked the
-    /// client to come back later. Anything else (a refusal, a bad filter) would only repeat.
-    static func resumable(_ code: RPCError.Code) -> Bool {
-      [.unavailable, .resourceExhausted, .aborted, .deadlineExceeded].contains(code)
     }
   }
 

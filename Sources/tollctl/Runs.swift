@@ -212,7 +212,7 @@ struct Runs: AsyncParsableCommand {
       // WatchRun replays a run's changes from its dispatch on, so a resumed watch skips as many
       // as it printed.
       let printed = Mutex((count: 0, last: Tollgate_V1_RunState.unspecified))
-      var pause = Audit.Tail.firstPause
+      var pause = ReconnectPause()
       while true {
         let before = printed.withLock { $0.count }
         do {
@@ -242,12 +242,11 @@ struct Runs: AsyncParsableCommand {
           return
         } catch let error as RPCError {
           printError(error)
-          guard Audit.Tail.resumable(error.code) else { throw ExitCode(2) }
+          guard ReconnectPause.resumable(error.code) else { throw ExitCode(2) }
           FileHandle.standardError.write(Data("tollctl: reconnecting, to go on after change \(printed.withLock { $0.count })\n".utf8))
         }
-        if printed.withLock({ $0.count }) != before { pause = Audit.Tail.firstPause }
-        try await Task.sleep(for: pause)
-        pause = min(pause * 2, .seconds(5))
+        if printed.withLock({ $0.count }) != before { pause.reset() }
+        try await pause.wait()
       }
     }
   }

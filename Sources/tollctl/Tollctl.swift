@@ -90,6 +90,28 @@ struct ConnectionOptions: ParsableArguments {
   }
 }
 
+/// The pause before a long-lived command reconnects: 0.2 s, doubling to 5 s while attempts
+/// fail, back to 0.2 s once one made progress.
+struct ReconnectPause {
+  static let first = Duration.milliseconds(200)
+  static let longest = Duration.seconds(5)
+  private(set) var next = first
+
+  mutating func reset() { next = Self.first }
+
+  /// Sleeps `duration` (the pause due, unless the gateway named one), then lengthens the pause.
+  mutating func wait(_ duration: Duration? = nil) async throws {
+    try await Task.sleep(for: duration ?? next)
+    next = min(next * 2, Self.longest)
+  }
+
+  /// Codes a stream outlives by reconnecting: the gateway or the path to it went away, or asked
+  /// the client to come back later. Anything else (a refusal, a bad request) would only repeat.
+  static func resumable(_ code: RPCError.Code) -> Bool {
+    [.unavailable, .resourceExhausted, .aborted, .deadlineExceeded].contains(code)
+  }
+}
+
 func printError(_ error: RPCError) {
   FileHandle.standardError.write(Data("tollctl: \(error.code): \(error.message)\n".utf8))
 }

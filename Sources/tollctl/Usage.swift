@@ -82,7 +82,7 @@ struct Usage: AsyncParsableCommand {
       let acked = Mutex(0)
       let written = Mutex(-1)
       var resent = 0
-      var pause = Audit.Tail.firstPause
+      var pause = ReconnectPause()
       let lastAck = Mutex(ContinuousClock.now)
       // Every acknowledged batch is stored and a batch sent again counts its events once, so
       // the rest can go on a new stream: after a drain, a restart, a lost connection, or a rate
@@ -90,11 +90,11 @@ struct Usage: AsyncParsableCommand {
       func resume(after error: RPCError?, from: Int) async throws {
         let pushback = error?.metadata[stringValues: "grpc-retry-pushback-ms"].first(where: { _ in true }).flatMap { Int64($0) }
         // RESOURCE_EXHAUSTED without a time to wait (a message too large) would only repeat.
-        if let error, !Audit.Tail.resumable(error.code) || (error.code == .resourceExhausted && pushback == nil) {
+        if let error, !ReconnectPause.resumable(error.code) || (error.code == .resourceExhausted && pushback == nil) {
           throw ExitCode(2)
         }
-        if acked.withLock({ $0 }) != from { pause = Audit.Tail.firstPause }
-        let wait = pushback.map { Duration.milliseconds($0) } ?? pause
+        if acked.withLock({ $0 }) != from { pause.reset() }
+        let wait = pushback.map { Duration.milliseconds($0) } ?? pause.next
         guard ContinuousClock.now - lastAck.withLock({ $0 }) + wait <= .seconds(giveUpAfter) else {
           FileHandle.standardError.write(Data("tollctl: giving up: no batch acknowledged for \(giveUpAfter) s (--give-up-after)\n".utf8))
           throw ExitCode(2)
@@ -104,8 +104,7 @@ struct Usage: AsyncParsableCommand {
         written.withLock { $0 = next - 1 }
         let why = error == nil ? "the gateway ended the stream early; " : ""
         FileHandle.standardError.write(Data("tollctl: \(why)resuming at batch \(next + 1) of \(batches.count) in \(wait)\n".utf8))
-        try await Task.sleep(for: wait)
-        pause = min(pause * 2, .seconds(5))
+        try await pause.wait(wait)
       }
       while acked.withLock({ $0 }) < batches.count {
         let from = acked.withLock { $0 }

@@ -86,7 +86,7 @@ struct Worker: AsyncParsableCommand {
         tracker.stopAll()
         group.cancelAll()
       }
-      var pause = Self.firstPause
+      var pause = ReconnectPause()
       // Done can also come while no stream is open: drained with nothing left to report.
       while !tracker.isDone {
         let began = ContinuousClock.now
@@ -101,19 +101,16 @@ struct Worker: AsyncParsableCommand {
           tracker.closeStream()
           if tracker.isDone { return }
           printError(error)
-          guard Audit.Tail.resumable(error.code) else { throw ExitCode(2) }
+          guard ReconnectPause.resumable(error.code) else { throw ExitCode(2) }
           FileHandle.standardError.write(Data("tollctl: reconnecting; \(tracker.runningCount) commands still running\n".utf8))
         }
         // A stream that served a while (or any message) was a working connection: start the
         // pauses over. One refused at once keeps doubling them.
-        if tracker.takeHeardFrom() || ContinuousClock.now - began > .seconds(5) { pause = Self.firstPause }
-        try await Task.sleep(for: pause)
-        pause = min(pause * 2, .seconds(5))
+        if tracker.takeHeardFrom() || ContinuousClock.now - began > .seconds(5) { pause.reset() }
+        try await pause.wait()
       }
     }
   }
-
-  static let firstPause = Duration.milliseconds(200)
 
   /// Calls `handler` on each SIGTERM or SIGINT, saying whether it is the first.
   static func onStopSignals(_ handler: @escaping @Sendable (Int32, _ first: Bool) -> Void) -> [any DispatchSourceSignal] {
