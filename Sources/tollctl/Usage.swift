@@ -87,17 +87,31 @@ struct Usage: AsyncParsableCommand {
       // Every acknowledged batch is stored and a batch sent again counts its events once, so
       // the rest can go on a new stream: after a drain, a restart, a lost connection, or a rate
       // the gateway asks to wait out.
+      func summary() -> String {
+        let t = totals.withLock { $0 }
+        return "accepted \(t.accepted), duplicates \(t.duplicates), rejected \(t.rejected + unreadable)"
+      }
+      // What was stored before stopping, and where a later run can resume (re-sending the whole
+      // input is safe too).
+      func stop(_ why: String) throws -> Never {
+        if !why.isEmpty { FileHandle.standardError.write(Data("tollctl: \(why)\n".utf8)) }
+        progress.finish()
+        print("stopped before batch \(acked.withLock { $0 } + 1) of \(batches.count): \(summary())")
+        throw ExitCode(2)
+      }
       func resume(after error: RPCError?, from: Int) async throws {
         let pushback = error?.metadata[stringValues: "grpc-retry-pushback-ms"].first(where: { _ in true }).flatMap { Int64($0) }
         // RESOURCE_EXHAUSTED without a time to wait (a message too large) would only repeat.
         if let error, !ReconnectPause.resumable(error.code) || (error.code == .resourceExhausted && pushback == nil) {
-          throw ExitCode(2)
+          try stop("")
         }
         if acked.withLock({ $0 }) != from { pause.reset() }
         let wait = pushback.map { Duration.milliseconds($0) } ?? pause.next
-        guard ContinuousClock.now - lastAck.withLock({ $0 }) + wait <= .seconds(giveUpAfter) else {
-          FileHandle.standardError.write(Data("tollctl: giving up: no batch acknowledged for \(giveUpAfter) s (--give-up-after)\n".utf8))
-          throw ExitCode(2)
+        if wait > .seconds(giveUpAfter) {
+          try stop("giving up: the gateway asks to wait \(wait), longer than --give-up-after \(giveUpAfter) s")
+        }
+        if ContinuousClock.now - lastAck.withLock({ $0 }) + wait > .seconds(giveUpAfter) {
+          try stop("giving up: no batch acknowledged for \(giveUpAfter) s (--give-up-after)")
         }
         let next = acked.withLock { $0 }
         resent += max(0, written.withLock { $0 } - next + 1)
@@ -157,13 +171,12 @@ struct Usage: AsyncParsableCommand {
         }
       }
       progress.finish()
-      let t = totals.withLock { $0 }
-      var summary = "accepted \(t.accepted), duplicates \(t.duplicates), rejected \(t.rejected + unreadable)"
+      var line = summary()
       if resent > 0 {
-        summary += " (\(resent) batches were sent again after the stream ended unacknowledged; their events already stored count as duplicates)"
+        line += " (\(resent) batches were sent again after the stream ended unacknowledged; their events already stored count as duplicates)"
       }
-      print(summary)
-      if t.rejected + unreadable > 0 { throw ExitCode(1) }
+      print(line)
+      if totals.withLock({ $0.rejected }) + unreadable > 0 { throw ExitCode(1) }
     }
 
     static func event(_ line: String) throws -> Tollgate_V1_UsageEvent {

@@ -283,3 +283,21 @@ def test_tollctl_ingest_resumes_across_a_gateway_restart(gateway, pki, work_dir)
     stored = admin_query("SELECT count(*), count(DISTINCT event_id) FROM usage_events WHERE source = 'resume'")
     assert stored == [("60", "60")]
 
+
+def test_tollctl_ingest_stops_at_once_when_the_month_is_used_up(gateway, pki, work_dir):
+    """A used-up monthly quota answers RESOURCE_EXHAUSTED with a pushback until the month turns:
+    `tollctl usage ingest` does not wait that out; it stops, saying what it stored."""
+    op = ["--identity", str(pki.operator()), "--gateway", f"127.0.0.1:{gateway}"]
+    tollctl("tenants", "create", "m-month", *op)
+    tollctl("tenants", "quota", "m-month", "--monthly-usage-events", "2", *op)
+    tollctl("meters", "define", "api_calls", "--aggregation", "count", "--tenant", "m-month", *op)
+    path = work_dir / "month.jsonl"
+    path.write_text("".join(json.dumps({"id": f"mo{i}", "source": "month", "meter": "api_calls", "subject": "s",
+                                        "time": now().strftime("%Y-%m-%dT%H:%M:%SZ"), "value": 1}) + "\n" for i in range(4)))
+    out = tollctl("usage", "ingest", "--file", str(path), "--batch-size", "1", "--give-up-after", "5",
+                  "--identity", str(pki.principal("m-month", "agent", "a")), "--gateway", f"127.0.0.1:{gateway}", check=False)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "resourceExhausted" in out.stderr.replace("resource_exhausted", "resourceExhausted"), out.stderr
+    assert "longer than --give-up-after" in out.stderr, out.stderr
+    assert "stopped before batch 3 of 4: accepted 2, duplicates 0, rejected 0" in out.stdout, out.stdout
+
