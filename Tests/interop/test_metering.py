@@ -220,6 +220,19 @@ def test_tollctl_meters_and_usage(gateway, pki, stubs, work_dir):
     assert table.splitlines()[1].split()[-1] == "10"
 
 
+def cli_tenant_and_events(gateway, pki, work_dir, tenant, quota, source, count):
+    """Tenant `tenant` with `quota` (tollctl tenants quota arguments) and a COUNT meter api_calls,
+    made with tollctl; returns a JSON-lines file of `count` events of `source`, ids 0 to count-1."""
+    op = ["--identity", str(pki.operator()), "--gateway", f"127.0.0.1:{gateway}"]
+    tollctl("tenants", "create", tenant, *op)
+    tollctl("tenants", "quota", tenant, *quota, *op)
+    tollctl("meters", "define", "api_calls", "--aggregation", "count", "--tenant", tenant, *op)
+    path = work_dir / f"{source}.jsonl"
+    path.write_text("".join(json.dumps({"id": f"{source}{i}", "source": source, "meter": "api_calls", "subject": "s",
+                                        "time": now().strftime("%Y-%m-%dT%H:%M:%SZ"), "value": 1}) + "\n" for i in range(count)))
+    return path
+
+
 def test_tollctl_ingest_resumes_across_a_gateway_restart(gateway, pki, work_dir):
     """`tollctl usage ingest` outlives a restart of its gateway mid-stream: it sends the batches
     not yet acknowledged on a new stream once the gateway is back, and every event is stored once."""
@@ -227,14 +240,8 @@ def test_tollctl_ingest_resumes_across_a_gateway_restart(gateway, pki, work_dir)
     import queue
     import threading
 
-    op = ["--identity", str(pki.operator()), "--gateway", f"127.0.0.1:{gateway}"]
-    tollctl("tenants", "create", "m-resume", *op)
     # Paced to 20 messages a second, so the stream is still going when the gateway stops.
-    tollctl("tenants", "quota", "m-resume", "--limit", "ingest=20/1", *op)
-    tollctl("meters", "define", "api_calls", "--aggregation", "count", "--tenant", "m-resume", *op)
-    path = work_dir / "resume.jsonl"
-    path.write_text("".join(json.dumps({"id": f"r{i}", "source": "resume", "meter": "api_calls", "subject": "s",
-                                        "time": now().strftime("%Y-%m-%dT%H:%M:%SZ"), "value": 1}) + "\n" for i in range(60)))
+    path = cli_tenant_and_events(gateway, pki, work_dir, "m-resume", ["--limit", "ingest=20/1"], "resume", 60)
     proc, port, _ = start_gateway(pki, Gateway.app_url)
     # stderr on a terminal, so tollctl shows its progress: the first figure says the stream is up.
     master, slave = pty.openpty()
@@ -287,13 +294,7 @@ def test_tollctl_ingest_resumes_across_a_gateway_restart(gateway, pki, work_dir)
 def test_tollctl_ingest_stops_at_once_when_the_month_is_used_up(gateway, pki, work_dir):
     """A used-up monthly quota answers RESOURCE_EXHAUSTED with a pushback until the month turns:
     `tollctl usage ingest` does not wait that out; it stops, saying what it stored."""
-    op = ["--identity", str(pki.operator()), "--gateway", f"127.0.0.1:{gateway}"]
-    tollctl("tenants", "create", "m-month", *op)
-    tollctl("tenants", "quota", "m-month", "--monthly-usage-events", "2", *op)
-    tollctl("meters", "define", "api_calls", "--aggregation", "count", "--tenant", "m-month", *op)
-    path = work_dir / "month.jsonl"
-    path.write_text("".join(json.dumps({"id": f"mo{i}", "source": "month", "meter": "api_calls", "subject": "s",
-                                        "time": now().strftime("%Y-%m-%dT%H:%M:%SZ"), "value": 1}) + "\n" for i in range(4)))
+    path = cli_tenant_and_events(gateway, pki, work_dir, "m-month", ["--monthly-usage-events", "2"], "month", 4)
     out = tollctl("usage", "ingest", "--file", str(path), "--batch-size", "1", "--give-up-after", "5",
                   "--identity", str(pki.principal("m-month", "agent", "a")), "--gateway", f"127.0.0.1:{gateway}", check=False)
     assert out.returncode == 2, out.stdout + out.stderr
