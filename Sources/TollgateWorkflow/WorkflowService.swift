@@ -188,15 +188,21 @@ extension WorkflowService: Tollgate_V1_WorkflowService.SimpleServiceProtocol {
         // A wake-up this stream took but can no longer act on goes to the next worker.
         hub.wakeNextWorker(tenant, type: nil)
       }
-      let (outbound, out) = AsyncStream.makeStream(of: Tollgate_V1_ServerMessage.self)
+      let (outbound, answers) = AsyncStream.makeStream(of: Tollgate_V1_ServerMessage.self)
+      // The worker's messages, in order, until the worker closes its side.
+      let inbox = WorkerInbox()
+      let out = WorkerOutbox(continuation: answers, inbox: inbox)
       let (hello, helloSent) = AsyncStream.makeStream(of: Void.self, bufferingPolicy: .bufferingNewest(1))
       do {
         try await withThrowingTaskGroup(of: Part.self) { group in
-          // The worker's messages, in order, until the worker closes its side.
-          let inbox = WorkerInbox()
           group.addTask {
             do {
-              for try await message in request { inbox.put(message) }
+              // A worker that does not read its answers is read no further (its stream's flow
+              // control then holds it back), so neither side's queue grows without bound.
+              for try await message in request {
+                try await inbox.waitForRoom()
+                inbox.put(message)
+              }
               inbox.close(nil)
             } catch {
               inbox.close(error)
@@ -231,6 +237,7 @@ extension WorkflowService: Tollgate_V1_WorkflowService.SimpleServiceProtocol {
           group.addTask {
             for await message in outbound {
               try await response.write(message)
+              inbox.answerWritten()
               if case .task(let task) = message.kind, let lease = UUID(uuidString: task.leaseID) { session.markSent(lease) }
             }
             return .writer
@@ -320,7 +327,7 @@ extension WorkflowService: Tollgate_V1_WorkflowService.SimpleServiceProtocol {
     first: Bool,
     tenant: TenantID,
     session: WorkerSession,
-    out: AsyncStream<Tollgate_V1_ServerMessage>.Continuation,
+    out: WorkerOutbox,
     subscription: WorkflowHub.Subscription
   ) async throws {
     switch message.kind {
@@ -341,6 +348,12 @@ extension WorkflowService: Tollgate_V1_WorkflowService.SimpleServiceProtocol {
     case _ where first:
       throw TollgateError.invalidField("kind", "the first message of a worker stream must be hello")
     case .heartbeat(let heartbeat):
+      // A worker holds at most 256 leases; more would only make answers for leases it never had.
+      guard heartbeat.leaseIds.count <= WorkflowMapping.maxCapacity else {
+        throw TollgateError.invalidField(
+          "heartbeat.lease_ids", "at most \(WorkflowMapping.maxCapacity) leases, got \(heartbeat.leaseIds.count)"
+        )
+      }
       var ids: [UUID] = []
       for (i, text) in heartbeat.leaseIds.enumerated() { ids.append(try WorkflowMapping.leaseID(text, field: "heartbeat.lease_ids[\(i)]")) }
       if ids.isEmpty { ids = session.heldLeases }
@@ -406,7 +419,7 @@ extension WorkflowService: Tollgate_V1_WorkflowService.SimpleServiceProtocol {
     _ completions: [Tollgate_V1_TaskCompleted],
     tenant: TenantID,
     session: WorkerSession,
-    out: AsyncStream<Tollgate_V1_ServerMessage>.Continuation,
+    out: WorkerOutbox,
     subscription: WorkflowHub.Subscription
   ) async throws {
     let leases = try completions.map { try WorkflowMapping.leaseID($0.leaseID, field: "completed.lease_id") }
@@ -438,7 +451,7 @@ extension WorkflowService: Tollgate_V1_WorkflowService.SimpleServiceProtocol {
     _ lease: UUID,
     recorded: Bool,
     session: WorkerSession,
-    out: AsyncStream<Tollgate_V1_ServerMessage>.Continuation,
+    out: WorkerOutbox,
     subscription: WorkflowHub.Subscription
   ) {
     _ = session.release(lease)
@@ -472,7 +485,7 @@ extension WorkflowService: Tollgate_V1_WorkflowService.SimpleServiceProtocol {
   func claimLoop(
     tenant: TenantID,
     session: WorkerSession,
-    out: AsyncStream<Tollgate_V1_ServerMessage>.Continuation,
+    out: WorkerOutbox,
     subscription: WorkflowHub.Subscription
   ) async throws {
     var wakes = subscription.wakes.makeAsyncIterator()
@@ -527,18 +540,45 @@ extension WorkflowService: Tollgate_V1_WorkflowService.SimpleServiceProtocol {
 
 /// A worker's messages as they arrive, taken by the processor a batch at a time (all that came
 /// while it was busy), so completions that arrive together can commit together.
+///
+/// It also counts the answers queued for the writer and not yet written: messages waiting here
+/// and answers waiting there together are kept under `limit`, by ``waitForRoom()``.
 final class WorkerInbox: Sendable {
   private struct State {
     var messages: [Tollgate_V1_WorkerMessage] = []
+    var answersQueued = 0
     var ended = false
     var failure: (any Error)?
   }
   private let state = Mutex(State())
   private let signal: AsyncStream<Void>
   private let signaller: AsyncStream<Void>.Continuation
+  private let room: AsyncStream<Void>
+  private let roomSignaller: AsyncStream<Void>.Continuation
+  let limit: Int
 
-  init() {
+  init(limit: Int = 1_024) {
+    self.limit = limit
     (signal, signaller) = AsyncStream.makeStream(of: Void.self, bufferingPolicy: .bufferingNewest(1))
+    (room, roomSignaller) = AsyncStream.makeStream(of: Void.self, bufferingPolicy: .bufferingNewest(1))
+  }
+
+  /// Whether fewer than `limit` messages and answers are waiting.
+  var hasRoom: Bool { state.withLock { $0.messages.count + $0.answersQueued < limit } }
+
+  /// Returns once ``hasRoom``. One caller only.
+  func waitForRoom() async throws {
+    var wakes = room.makeAsyncIterator()
+    while !hasRoom {
+      guard await wakes.next() != nil else { throw CancellationError() }
+    }
+  }
+
+  func answerQueued() { state.withLock { $0.answersQueued += 1 } }
+
+  func answerWritten() {
+    state.withLock { $0.answersQueued -= 1 }
+    roomSignaller.yield()
   }
 
   func put(_ message: Tollgate_V1_WorkerMessage) {
@@ -564,12 +604,28 @@ final class WorkerInbox: Sendable {
         defer { s.messages = [] }
         return (s.messages, s.ended, s.failure)
       }
-      if !batch.isEmpty { return batch }
+      if !batch.isEmpty {
+        roomSignaller.yield()
+        return batch
+      }
       if let failure { throw failure }
       if ended { return nil }
       guard await wakes.next() != nil else { throw CancellationError() }
     }
   }
+}
+
+/// Where a worker stream's answers go: to its one writer, counted in the inbox until written.
+struct WorkerOutbox: Sendable {
+  let continuation: AsyncStream<Tollgate_V1_ServerMessage>.Continuation
+  let inbox: WorkerInbox
+
+  func yield(_ message: Tollgate_V1_ServerMessage) {
+    inbox.answerQueued()
+    if case .terminated = continuation.yield(message) { inbox.answerWritten() }
+  }
+
+  func finish() { continuation.finish() }
 }
 
 /// One worker stream's state: what it announced and the leases it was handed.

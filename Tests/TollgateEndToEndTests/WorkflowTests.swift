@@ -11,6 +11,7 @@ import TollgateCore
 import TollgateModel
 import TollgateProtos
 import TollgateStore
+@testable import TollgateWorkflow
 
 /// WorkflowService over real mTLS against real Postgres, with real worker streams.
 @Suite(.timeLimit(.minutes(2))) struct WorkflowTests {
@@ -494,6 +495,30 @@ import TollgateStore
         }
       }
     }
+  }
+
+  /// A worker that sends without reading its answers must not make the gateway queue without
+  /// bound: the stream's reader waits while messages and unwritten answers fill the inbox's limit.
+  @Test func aWorkerStreamIsReadNoFurtherWhileItsAnswersWait() async throws {
+    let inbox = TollgateWorkflow.WorkerInbox(limit: 3)
+    let heartbeat = Tollgate_V1_WorkerMessage.with { $0.heartbeat = .init() }
+    inbox.put(heartbeat)
+    inbox.answerQueued()
+    #expect(inbox.hasRoom)
+    inbox.answerQueued()
+    #expect(!inbox.hasRoom)
+    // An answer written makes room.
+    let waiting = Task { try await inbox.waitForRoom() }
+    inbox.answerWritten()
+    try await waiting.value
+    #expect(inbox.hasRoom)
+    // So does a message taken.
+    inbox.answerQueued()
+    #expect(!inbox.hasRoom)
+    let waitingAgain = Task { try await inbox.waitForRoom() }
+    #expect(try await inbox.take()?.count == 1)
+    try await waitingAgain.value
+    #expect(inbox.hasRoom)
   }
 
   /// What a worker stream does with leases a claim took for it but which it never wrote (the

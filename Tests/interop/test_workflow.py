@@ -443,6 +443,16 @@ def test_a_bad_worker_hello_is_invalid_argument(gateway, pki, stubs, tenant):
         assert "lease-from-yesterday" in err.value.details()
     finally:
         worker.close()
+    # A worker holds at most 256 leases, so a heartbeat names at most that many.
+    worker = PyWorker(stub, w, ["export"], 1)
+    try:
+        worker.send(w.WorkerMessage(heartbeat=w.Heartbeat(lease_ids=[str(uuid.uuid4()) for _ in range(257)])))
+        with pytest.raises(grpc.RpcError) as err:
+            worker.next()
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert bad_request_fields(err.value) == {"heartbeat.lease_ids"}
+    finally:
+        worker.close()
     # A stream that starts with anything but hello is refused too.
     requests = iter([w.WorkerMessage(heartbeat=w.Heartbeat())])
     with pytest.raises(grpc.RpcError) as err:
