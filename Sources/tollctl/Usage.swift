@@ -84,9 +84,6 @@ struct Usage: AsyncParsableCommand {
       var resent = 0
       var pause = ReconnectPause()
       let lastAck = Mutex(ContinuousClock.now)
-      // Every acknowledged batch is stored and a batch sent again counts its events once, so
-      // the rest can go on a new stream: after a drain, a restart, a lost connection, or a rate
-      // the gateway asks to wait out.
       func summary() -> String {
         let t = totals.withLock { $0 }
         return "accepted \(t.accepted), duplicates \(t.duplicates), rejected \(t.rejected + unreadable)"
@@ -99,6 +96,9 @@ struct Usage: AsyncParsableCommand {
         print("stopped before batch \(acked.withLock { $0 } + 1) of \(batches.count): \(summary())")
         throw ExitCode(2)
       }
+      // Every acknowledged batch is stored and a batch sent again counts its events once, so
+      // the rest can go on a new stream: after a drain, a restart, a lost connection, or a rate
+      // the gateway asks to wait out.
       func resume(after error: RPCError?, from: Int) async throws {
         let pushback = error?.metadata[stringValues: "grpc-retry-pushback-ms"].first(where: { _ in true }).flatMap { Int64($0) }
         // RESOURCE_EXHAUSTED without a time to wait (a message too large) would only repeat.
