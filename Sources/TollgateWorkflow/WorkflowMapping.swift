@@ -140,6 +140,23 @@ enum WorkflowMapping {
     }
   }
 
+  /// Lease ids a worker names, parsed, with a violation for each bad one (`field[i]`). A worker
+  /// holds at most `maxCapacity` leases, so more than that is one violation of `field`, and none
+  /// is parsed: more would only make answers for leases it never had.
+  static func leaseIDs(_ texts: [String], field: String) -> (ids: [UUID], violations: [TollgateError.FieldViolation]) {
+    guard texts.count <= maxCapacity else {
+      return ([], [.init(field: field, description: "at most \(maxCapacity) leases, got \(texts.count)")])
+    }
+    var ids: [UUID] = []
+    var violations: [TollgateError.FieldViolation] = []
+    for (i, text) in texts.enumerated() {
+      do { ids.append(try leaseID(text, field: "\(field)[\(i)]")) } catch {
+        violations += Self.violations(error)
+      }
+    }
+    return (ids, violations)
+  }
+
   /// The worker's announcement, validated.
   static func hello(
     _ hello: Tollgate_V1_WorkerHello
@@ -160,18 +177,8 @@ enum WorkflowMapping {
     do { name = try RequestFields.text(hello.workerName, field: "hello.worker_name", max: 128) } catch {
       violations += Self.violations(error)
     }
-    var held: [UUID] = []
-    if hello.heldLeaseIds.count > maxCapacity {
-      violations.append(
-        .init(field: "hello.held_lease_ids", description: "at most \(maxCapacity) leases, got \(hello.heldLeaseIds.count)")
-      )
-    } else {
-      for (i, text) in hello.heldLeaseIds.enumerated() {
-        do { held.append(try leaseID(text, field: "hello.held_lease_ids[\(i)]")) } catch {
-          violations += Self.violations(error)
-        }
-      }
-    }
+    let (held, badLeases) = leaseIDs(hello.heldLeaseIds, field: "hello.held_lease_ids")
+    violations += badLeases
     if !violations.isEmpty { throw .invalidFields("worker hello", violations) }
     return (Array(Set(hello.taskTypes)).sorted(), Int(hello.capacity), name, Array(Set(held)), hello.draining)
   }

@@ -294,6 +294,17 @@ extension WorkflowService: Tollgate_V1_WorkflowService.SimpleServiceProtocol {
     }
   }
 
+  /// Renews `leases` and returns those still live. Each one that ended while the worker was not
+  /// told (expired during a reconnect, say) is revoked on the stream now.
+  func renew(_ leases: [UUID], tenant: TenantID, session: WorkerSession, out: WorkerOutbox) async throws -> Set<UUID> {
+    let live = try await repository.heartbeat(tenant, leases: leases, leaseTimeout: leaseTimeout, logger: logger)
+    for lease in leases where !live.contains(lease) {
+      _ = session.release(lease)
+      out.yield(revoked(lease, "LEASE_EXPIRED"))
+    }
+    return live
+  }
+
   /// A claim that committed as the stream ended leased tasks the worker never got: they go back
   /// at once, rather than waiting out the lease timeout with an attempt counted. Runs even when
   /// the call was cancelled (the client went away), and before a drain lets the gateway stop.
@@ -338,9 +349,8 @@ extension WorkflowService: Tollgate_V1_WorkflowService.SimpleServiceProtocol {
       if hello.draining { session.drain() }
       // Before the first claim, so a reconnected worker is not pushed more than its capacity
       // while it still runs what it took on its earlier stream.
-      let live = try await repository.heartbeat(tenant, leases: hello.held, leaseTimeout: leaseTimeout, logger: logger)
+      let live = try await renew(hello.held, tenant: tenant, session: session, out: out)
       session.adopt(live)
-      for lease in hello.held where !live.contains(lease) { out.yield(revoked(lease, "LEASE_EXPIRED")) }
       logger.debug(
         "worker connected",
         metadata: ["tenant": "\(tenant)", "worker": "\(hello.name)", "types": "\(hello.types)", "held": "\(live.count)"]
@@ -348,21 +358,10 @@ extension WorkflowService: Tollgate_V1_WorkflowService.SimpleServiceProtocol {
     case _ where first:
       throw TollgateError.invalidField("kind", "the first message of a worker stream must be hello")
     case .heartbeat(let heartbeat):
-      // A worker holds at most 256 leases; more would only make answers for leases it never had.
-      guard heartbeat.leaseIds.count <= WorkflowMapping.maxCapacity else {
-        throw TollgateError.invalidField(
-          "heartbeat.lease_ids", "at most \(WorkflowMapping.maxCapacity) leases, got \(heartbeat.leaseIds.count)"
-        )
-      }
-      var ids: [UUID] = []
-      for (i, text) in heartbeat.leaseIds.enumerated() { ids.append(try WorkflowMapping.leaseID(text, field: "heartbeat.lease_ids[\(i)]")) }
+      var (ids, bad) = WorkflowMapping.leaseIDs(heartbeat.leaseIds, field: "heartbeat.lease_ids")
+      if let first = bad.first { throw TollgateError.invalidField(first.field, first.description) }
       if ids.isEmpty { ids = session.heldLeases }
-      let live = try await repository.heartbeat(tenant, leases: ids, leaseTimeout: leaseTimeout, logger: logger)
-      for lease in ids where !live.contains(lease) {
-        // Ended while the worker was not told (e.g. expired during a reconnect): say so now.
-        _ = session.release(lease)
-        out.yield(revoked(lease, "LEASE_EXPIRED"))
-      }
+      _ = try await renew(ids, tenant: tenant, session: session, out: out)
     case .completed(let completed):
       try await complete([completed], tenant: tenant, session: session, out: out, subscription: subscription)
     case .failed(let failed):
