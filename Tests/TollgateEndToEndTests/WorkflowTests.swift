@@ -611,6 +611,55 @@ import TollgateStore
     }
   }
 
+  /// Partners and workers of one tenant routinely land on different replicas behind a load
+  /// balancer: every wake-up, revocation and watch must cross between them through the database.
+  @Test func runsChangedOnOneReplicaReachWorkersAndWatchersOnAnother() async throws {
+    try await TestGateway.run { gw in
+      try await Self.createTenants(gw, ["acme"])
+      let partner = try gw.pki.issue(tenant: "acme", role: .partner)
+      let workerCertificate = try gw.pki.issue(tenant: "acme", role: .worker)
+      try await gw.withReplica { replica in
+        try await replica.withClient(workerCertificate) { workerClient async throws in
+          try await TestWorker.with(workerClient, types: ["export"], capacity: 1) { worker in
+            try await gw.withClient(partner) { client async throws in
+              let workflow = Workflow(wrapping: client)
+              let run = try await Self.dispatch(workflow, payload: "on-the-first")
+              let task = try await worker.nextTask()
+              #expect(task.runID == run.runID)
+              _ = try await workflow.cancelRun(.with { $0.runID = run.runID; $0.reason = "withdrawn" })
+              let revoked = try await worker.next()
+              #expect(revoked.revoked.leaseID == task.leaseID)
+              #expect(revoked.revoked.reason == "CANCELLED")
+
+              // Watched on the replica, approved on the first gateway, run on the replica.
+              let gated = try await Self.dispatch(workflow, payload: "gated", approver: "ops")
+              try await replica.withClient(partner) { replicaClient async throws in
+                let (watching, watchStarted) = AsyncStream.makeStream(of: Void.self)
+                let watcher = Task {
+                  try await Workflow(wrapping: replicaClient).watchRun(.with { $0.runID = gated.runID }) { response in
+                    var states: [Tollgate_V1_RunState] = []
+                    for try await event in response.messages {
+                      states.append(event.run.state)
+                      if states.count == 1 { watchStarted.yield() }
+                    }
+                    return states
+                  }
+                }
+                var started = watching.makeAsyncIterator()
+                _ = await started.next()
+                _ = try await workflow.approve(.with { $0.runID = gated.runID; $0.approverID = "ops-lead" })
+                let second = try await worker.nextTask()
+                #expect(second.runID == gated.runID)
+                try await worker.complete(second)
+                #expect(try await watcher.value == [.pendingApproval, .queued, .running, .succeeded])
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+
   @Test func aPerTypeConcurrencyLimitHoldsAcrossWorkers() async throws {
     try await TestGateway.run { gw in
       try await Self.createTenants(gw, ["acme"], typeConcurrency: ["export": 1])
