@@ -660,6 +660,39 @@ import TollgateStore
     }
   }
 
+  /// The notification listener's connection dies with the database's. Once the database is
+  /// back, a worker that stayed connected through the outage must hear of new runs again.
+  @Test func anIdleWorkerIsWokenAgainAfterADatabaseOutage() async throws {
+    try await TestGateway.run(configure: { $0.databaseTimeout = .seconds(2) }) { gw in
+      try await Self.createTenants(gw, ["acme"])
+      try await gw.withClient(try gw.pki.issue(tenant: "acme", role: .worker)) { workerClient async throws in
+        try await TestWorker.with(workerClient, types: ["export"], capacity: 1) { worker in
+          try await gw.withClient(try gw.pki.issue(tenant: "acme", role: .partner)) { client async throws in
+            let workflow = Workflow(wrapping: client)
+            // A first run shows the stream is up before the outage.
+            _ = try await Self.dispatch(workflow, payload: "before")
+            try await worker.complete(try await worker.nextTask())
+            try await TestDatabase.adminSQL(
+              gw.database.admin,
+              "ALTER DATABASE \(gw.database.name) ALLOW_CONNECTIONS false",
+              "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '\(gw.database.name)'"
+            )
+            try await TestDatabase.adminSQL(gw.database.admin, "ALTER DATABASE \(gw.database.name) ALLOW_CONNECTIONS true")
+            // The pool reconnects on demand; bounded retries, no sleeps.
+            var after: Tollgate_V1_Run?
+            for _ in 0..<20 where after == nil {
+              after = try? await Self.dispatch(workflow, payload: "after")
+            }
+            let run = try #require(after)
+            let task = try await worker.nextTask()
+            #expect(task.runID == run.runID)
+            try await worker.complete(task)
+          }
+        }
+      }
+    }
+  }
+
   @Test func aPerTypeConcurrencyLimitHoldsAcrossWorkers() async throws {
     try await TestGateway.run { gw in
       try await Self.createTenants(gw, ["acme"], typeConcurrency: ["export": 1])
