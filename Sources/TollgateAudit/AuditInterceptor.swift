@@ -16,7 +16,8 @@ public import TollgateStore
 /// - a mutating call is not answered before its event is committed. The handler's `mutation`
 ///   transaction carries the event (``PendingAudit``), so the change and its record commit
 ///   together; a call that fails, or changes nothing, has its event committed here, before the
-///   first response message or the status is sent.
+///   first response message or the status is sent. One that fails UNAVAILABLE (not applied,
+///   usually because the database is out of reach) queues its event like a read-only call.
 /// - a read-only call may start only while the ``AuditBuffer`` has room (otherwise it is refused
 ///   with UNAVAILABLE, never run unaudited) and queues its event when it ends; the buffer commits
 ///   it within a second.
@@ -226,8 +227,8 @@ final class AuditedCall: Sendable {
   }
 
   /// Records the call's outcome (`error` nil = OK) unless already recorded. A mutating call's
-  /// event is committed before this returns; if that fails the call fails with UNAVAILABLE
-  /// rather than answer without its record.
+  /// event is committed before this returns, unless the call failed UNAVAILABLE; if that fails
+  /// the call fails with UNAVAILABLE rather than answer without its record.
   func finish(_ error: (any Error)?) async throws {
     let first = state.withLock { state -> Bool in
       guard !state.finished else { return false }
@@ -237,7 +238,11 @@ final class AuditedCall: Sendable {
     guard first else { return }
     if pending?.isCommitted == true { return }
     let (code, message) = Self.outcome(error)
-    if !mutating {
+    // A mutating call that ends UNAVAILABLE changed nothing (its event would have committed with
+    // the change), and most often the database could not be reached. Appending its event here
+    // would keep the caller waiting out a second database timeout, only to drop the event when
+    // that append failed too; the buffer keeps it and retries until the database is back.
+    if !mutating || code == Int32(RPCError.Code.unavailable.rawValue) {
       // Put together and serialized by the flusher with the rest of its batch, not on the
       // call's path: done one call at a time amid the serving work, the same steps cost the
       // machine about 18 µs more per call (docs/benchmarks.md, "Events built by the flusher").

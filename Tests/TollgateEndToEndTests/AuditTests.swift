@@ -898,6 +898,34 @@ import TollgateProtos
     }
   }
 
+  /// A mutation refused because the database was out of reach changed nothing. Its record waits
+  /// in the buffer until the database is back; appended on the call's path it made the caller
+  /// wait out a second database timeout, and was then dropped when that append failed too.
+  @Test func aMutationRefusedInADatabaseOutageIsRecordedOnceTheDatabaseIsBack() async throws {
+    try await TestGateway.run(configure: { $0.databaseTimeout = .seconds(2) }) { gw in
+      try await gw.withClient(try gw.pki.issueOperator()) { client async throws in
+        let tenants = Tollgate_V1_TenantService.Client(wrapping: client)
+        _ = try await tenants.createTenant(.with { $0.tenantID = "acme" })
+        try await TestDatabase.adminSQL(
+          gw.database.admin,
+          "ALTER DATABASE \(gw.database.name) ALLOW_CONNECTIONS false",
+          "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '\(gw.database.name)'"
+        )
+        let refused = await statusCode {
+          try await tenants.suspendTenant(.with { $0.tenantID = "acme"; $0.reason = "during the outage" })
+        }
+        #expect(refused == .unavailable)
+        try await TestDatabase.adminSQL(gw.database.admin, "ALTER DATABASE \(gw.database.name) ALLOW_CONNECTIONS true")
+        await gw.gateway.auditBuffer.allCommitted()
+        #expect(try await tenants.getTenant(.with { $0.tenantID = "acme" }).tenant.state == .active)
+      }
+      let recorded = try await gw.count(
+        "SELECT count(*) FROM audit_leaves WHERE tenant_id = 'acme' AND method = '/tollgate.v1.TenantService/SuspendTenant' AND outcome = 14"
+      )
+      #expect(recorded == 1)
+    }
+  }
+
   /// Shutdown must not wait out the flush linger: the final flush takes what has gathered. An
   /// hour's linger makes a flusher that waited it out fail the suite's time limit instead.
   @Test func shutdownCutsTheFlushLingerShortAndCommitsWhatGathered() async throws {
