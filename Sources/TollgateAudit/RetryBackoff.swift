@@ -1,19 +1,21 @@
 import ServiceLifecycle
 
-/// The wait between retries of a failing audit write: 50 ms, doubling up to 2 s, started over by
-/// a success. Gives up once shutdown has begun, or, with a `patience`, once failures have lasted
-/// that long in a row (a final flush that must end).
-struct RetryBackoff {
-  private(set) var delay: Duration = .milliseconds(50)
+/// The wait between retries of a failing background write (an audit flush, a worker's claim):
+/// 50 ms, doubling up to 2 s, started over by a success. Gives up once shutdown has begun, or,
+/// with a `patience`, once failures have lasted that long in a row (a final flush that must end).
+public struct RetryBackoff: Sendable {
+  public private(set) var delay: Duration = .milliseconds(50)
   private var failingSince: ContinuousClock.Instant?
 
-  mutating func succeeded() {
+  public init() {}
+
+  public mutating func succeeded() {
     delay = .milliseconds(50)
     failingSince = nil
   }
 
   /// Call after a failure: waits and returns true to retry, or returns false to give up.
-  mutating func failed(patience: Duration?) async -> Bool {
+  public mutating func failed(patience: Duration?) async -> Bool {
     let since = failingSince ?? .now
     failingSince = since
     if let patience {

@@ -491,20 +491,39 @@ extension WorkflowService: Tollgate_V1_WorkflowService.SimpleServiceProtocol {
     var timer: Task<Void, Never>?
     defer { timer?.cancel() }
     let timeout = Google_Protobuf_Duration(rounding: leaseTimeout, rule: .towardZero)
+    var backoff = RetryBackoff()
     while !Task.isCancelled && !session.isClosed {
       let (types, free, name) = session.claimable
       if free > 0 {
         session.setClaiming(true)
         defer { session.setClaiming(false) }
-        let claim = try await repository.claim(
-          tenant,
-          types: types,
-          limit: free,
-          worker: name,
-          leaseTimeout: leaseTimeout,
-          audit: workerAudit(session, tenant: tenant) { _ in "leased to worker '\(name)'" },
-          logger: logger
-        )
+        let claim: WorkflowRepository.Claim
+        do {
+          claim = try await repository.claim(
+            tenant,
+            types: types,
+            limit: free,
+            worker: name,
+            leaseTimeout: leaseTimeout,
+            audit: workerAudit(session, tenant: tenant) { _ in "leased to worker '\(name)'" },
+            logger: logger
+          )
+          backoff.succeeded()
+        } catch {
+          // A database blip must not end every worker's stream at once, to have them all
+          // reconnect together: the claim is tried again. (One whose COMMIT went unanswered may
+          // have leased runs this stream never hears of; they are offered again when their lease
+          // expires, as they would be if the stream ended.) A heartbeat or result the worker sends
+          // meanwhile is owed an answer, and still ends the stream if it cannot be recorded.
+          switch error {
+          case .unavailable, .outcomeUnknown:
+            logger.warning("a claim could not reach the database; retrying", metadata: ["tenant": "\(tenant)", "error": "\(error)"])
+            guard await backoff.failed(patience: nil) else { throw error }
+            continue
+          default:
+            throw error
+          }
+        }
         session.hold(claim.leases.map(\.leaseID), heldBackByLimit: claim.heldBackByLimit)
         // A full claim may have left more ready runs: let the next worker with room look.
         if claim.leases.count == free { hub.wakeNextWorker(tenant, type: nil, except: subscription) }

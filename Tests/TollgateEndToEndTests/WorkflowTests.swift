@@ -693,6 +693,36 @@ import TollgateStore
     }
   }
 
+  /// A claim that loses its database connection is tried again: the worker keeps its stream
+  /// (every worker reconnecting at once after a database blip is what a fleet should not see).
+  @Test func aClaimCutOffFromTheDatabaseIsRetriedAndTheWorkerKeepsItsStream() async throws {
+    try await TestGateway.run { gw in
+      try await Self.createTenants(gw, ["acme"])
+      // The lock holds the worker's first claim where the test can find its backend and end it.
+      let holder = try await TestDatabase.connect(gw.database.admin, database: gw.database.name)
+      defer { Task { try? await holder.close() } }
+      try await holder.query("BEGIN", logger: testLogger)
+      try await holder.query("LOCK TABLE workflow_runs IN ACCESS EXCLUSIVE MODE", logger: testLogger)
+      try await gw.withClient(try gw.pki.issue(tenant: "acme", role: .worker)) { workerClient async throws in
+        try await TestWorker.with(workerClient, types: ["export"], capacity: 1) { worker in
+          let blockedClaims = """
+            FROM pg_stat_activity WHERE datname = '\(gw.database.name)' AND wait_event_type = 'Lock'
+              AND query LIKE '%workflowTypeConcurrency%'
+            """
+          #expect(try await QuotaTests.eventually { try await gw.count("SELECT count(*) \(blockedClaims)") == 1 })
+          #expect(try await gw.count("SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) \(blockedClaims)") == 1)
+          try await holder.query("ROLLBACK", logger: testLogger)
+          try await gw.withClient(try gw.pki.issue(tenant: "acme", role: .partner)) { client async throws in
+            let run = try await Self.dispatch(Workflow(wrapping: client), payload: "after the cut")
+            let task = try await worker.nextTask()
+            #expect(task.runID == run.runID)
+            try await worker.complete(task)
+          }
+        }
+      }
+    }
+  }
+
   @Test func aPerTypeConcurrencyLimitHoldsAcrossWorkers() async throws {
     try await TestGateway.run { gw in
       try await Self.createTenants(gw, ["acme"], typeConcurrency: ["export": 1])
