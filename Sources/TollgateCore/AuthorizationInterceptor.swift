@@ -2,7 +2,9 @@ public import GRPCCore
 import TollgateModel
 
 /// Second in the chain: allows the call only if the policy lists the method for the caller's
-/// role (deny by default) and the caller's own tenant is registered and active.
+/// role (deny by default) and the caller's own tenant is registered and active. A streaming call
+/// is ended as soon as its certificate is revoked or its tenant suspended
+/// (``IdentityDirectory/whileInStanding(_:_:)``).
 public struct AuthorizationInterceptor: ServerInterceptor {
   private let policy: AuthorizationPolicy
   private let directory: IdentityDirectory
@@ -17,8 +19,19 @@ public struct AuthorizationInterceptor: ServerInterceptor {
     context: ServerContext,
     next: @Sendable (StreamingServerRequest<Input>, ServerContext) async throws -> StreamingServerResponse<Output>
   ) async throws -> StreamingServerResponse<Output> {
-    try authorize(method: context.descriptor, scope: try CallScope.required())
-    return try await next(request, context)
+    let scope = try CallScope.required()
+    try authorize(method: context.descriptor, scope: scope)
+    let response = try await next(request, context)
+    // A unary call's work is short, and was admitted just now; a stream's may go on for days.
+    guard let shape = MethodCatalog.shape(of: context.descriptor), shape.clientStreaming || shape.serverStreaming,
+      case .success(var contents) = response.accepted
+    else { return response }
+    let producer = contents.producer
+    let directory = self.directory
+    contents.producer = { writer in try await directory.whileInStanding(scope) { try await producer(writer) } }
+    var ended = response
+    ended.accepted = .success(contents)
+    return ended
   }
 
   /// Throws PERMISSION_DENIED with the reason unless `scope` may call `method`.
@@ -31,15 +44,6 @@ public struct AuthorizationInterceptor: ServerInterceptor {
       let allowed = rule.roles.map(\.rawValue).sorted().joined(separator: ", ")
       throw .permissionDenied("role '\(role.rawValue)' may not call \(method.fullyQualifiedMethod); allowed: \(allowed)")
     }
-    if let own = scope.principal.tenant {
-      switch directory.snapshot.tenantStates[own] {
-      case .none:
-        throw .permissionDenied("tenant '\(own)' is not registered with this gateway")
-      case .suspended:
-        throw .permissionDenied("tenant '\(own)' is suspended; an operator must resume it")
-      case .active:
-        break
-      }
-    }
+    if let own = scope.principal.tenant, let refused = directory.snapshot.tenantStandingError(own) { throw refused }
   }
 }

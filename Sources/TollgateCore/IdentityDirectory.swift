@@ -13,6 +13,9 @@ public final class IdentityDirectory: Sendable {
     var snapshot: IdentitySnapshot
     var requested: UInt64 = 0
     var applied: UInt64 = 0
+    /// Calls in progress that must hear of every new snapshot (``whileInStanding(_:_:)``).
+    var watchers: [UInt64: AsyncStream<Void>.Continuation] = [:]
+    var nextWatcher: UInt64 = 0
   }
 
   private let state: Mutex<State>
@@ -35,11 +38,47 @@ public final class IdentityDirectory: Sendable {
       return $0.requested
     }
     let loaded = try await load()
-    state.withLock {
-      if ticket > $0.applied {
-        $0.snapshot = loaded
-        $0.applied = ticket
+    let watchers = state.withLock { state -> [AsyncStream<Void>.Continuation] in
+      guard ticket > state.applied else { return [] }
+      state.snapshot = loaded
+      state.applied = ticket
+      return Array(state.watchers.values)
+    }
+    for watcher in watchers { watcher.yield() }
+  }
+
+  /// Runs `body`, a call's work, for as long as `scope` keeps the standing it was admitted with:
+  /// if a new snapshot revokes its certificate or suspends its tenant, `body` is cancelled and
+  /// this throws why. Checks are made when the call is admitted and per call, so without this a
+  /// stream (a worker's Connect, a follower, an ingest stream) went on for as long as its client
+  /// kept it open, past the revocation or suspension that refuses its next call.
+  public func whileInStanding<T: Sendable>(
+    _ scope: CallScope,
+    _ body: @escaping @Sendable () async throws -> T
+  ) async throws -> T {
+    let (changes, continuation) = AsyncStream.makeStream(of: Void.self, bufferingPolicy: .bufferingNewest(1))
+    let id = state.withLock { state in
+      defer { state.nextWatcher += 1 }
+      state.watchers[state.nextWatcher] = continuation
+      return state.nextWatcher
+    }
+    defer { _ = state.withLock { $0.watchers.removeValue(forKey: id) } }
+    // A snapshot installed between the call's admission and the line above was not announced.
+    if let lost = scope.lostStanding(in: snapshot) { throw lost }
+    return try await withThrowingTaskGroup(of: T?.self) { group in
+      group.addTask { try await body() }
+      group.addTask {
+        for await _ in changes {
+          if let lost = scope.lostStanding(in: self.snapshot) { throw lost }
+        }
+        return nil
       }
+      defer { group.cancelAll() }
+      while let result = try await group.next() {
+        if let result { return result }
+      }
+      // Both ended without a result: only cancellation of the call does that.
+      throw CancellationError()
     }
   }
 
@@ -49,6 +88,38 @@ public final class IdentityDirectory: Sendable {
       try await refresh()
     } catch {
       logger.error("identity directory refresh failed; keeping the previous copy", metadata: ["error": "\(error)"])
+    }
+  }
+}
+
+extension CallScope {
+  /// Why this call's principal may no longer call at all, under `snapshot`: its certificate was
+  /// revoked, or its own tenant is suspended or not registered. Nil while it may.
+  public func lostStanding(in snapshot: IdentitySnapshot) -> TollgateError? {
+    principal.revocation(in: snapshot) ?? principal.tenant.flatMap { snapshot.tenantStandingError($0) }
+  }
+}
+
+extension Principal {
+  /// UNAUTHENTICATED naming the revocation that applies to this certificate, if one does.
+  public func revocation(in snapshot: IdentitySnapshot) -> TollgateError? {
+    guard let revoked = snapshot.revocation(serialHex: serialHex, sha256: certificateSHA256, tenant: tenant) else { return nil }
+    let what: String
+    switch revoked {
+    case .serial(let s): what = "serial \(s)"
+    case .fingerprint(let f): what = "SHA-256 \(f)"
+    }
+    return .unauthenticated("client certificate (\(what)) has been revoked; obtain a new certificate")
+  }
+}
+
+extension IdentitySnapshot {
+  /// PERMISSION_DENIED unless `tenant` is registered and active.
+  public func tenantStandingError(_ tenant: TenantID) -> TollgateError? {
+    switch tenantStates[tenant] {
+    case .none: return .permissionDenied("tenant '\(tenant)' is not registered with this gateway")
+    case .suspended: return .permissionDenied("tenant '\(tenant)' is suspended; an operator must resume it")
+    case .active: return nil
     }
   }
 }

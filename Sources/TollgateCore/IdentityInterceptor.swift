@@ -37,19 +37,7 @@ public struct IdentityInterceptor: ServerInterceptor {
       throw .unauthenticated("no client certificate; Tollgate requires mutual TLS")
     }
     let principal = try identity.principal(from: certificate)
-    let snapshot = directory.snapshot
-    if let revoked = snapshot.revocation(
-      serialHex: principal.serialHex,
-      sha256: principal.certificateSHA256,
-      tenant: principal.tenant
-    ) {
-      let what: String
-      switch revoked {
-      case .serial(let s): what = "serial \(s)"
-      case .fingerprint(let f): what = "SHA-256 \(f)"
-      }
-      throw .unauthenticated("client certificate (\(what)) has been revoked; obtain a new certificate")
-    }
+    if let revoked = principal.revocation(in: directory.snapshot) { throw revoked }
 
     let named = Array(request.metadata[stringValues: CallScope.tenantMetadataKey])
     guard named.count <= 1 else {

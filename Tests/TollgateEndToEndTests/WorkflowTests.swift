@@ -7,7 +7,10 @@ import SwiftProtobuf
 import Synchronization
 import Testing
 import TollgateCertificates
+import TollgateAudit
+import TollgateClient
 import TollgateCore
+import TollgateGateway
 import TollgateModel
 import TollgateProtos
 import TollgateStore
@@ -720,6 +723,90 @@ import TollgateStore
           }
         }
       }
+    }
+  }
+
+  /// A stream keeps no standing its caller has lost: a worker's Connect ends as soon as its
+  /// certificate is revoked (here through another replica) or its tenant is suspended, and an
+  /// auditor's follow as well.
+  @Test func streamsEndWhenTheirCertificateIsRevokedOrTheirTenantSuspended() async throws {
+    try await TestGateway.run { gw in
+      try await Self.createTenants(gw, ["acme"])
+      let leaked = try gw.pki.issue(tenant: "acme", role: .worker, name: "leaked")
+      let kept = try gw.pki.issue(tenant: "acme", role: .worker, name: "kept")
+      let auditor = try gw.pki.issue(tenant: "acme", role: .auditor)
+      let admin = try gw.pki.issueOperator()
+      func ended(_ worker: TestWorker) async -> RPCError? {
+        do {
+          let message = try await worker.next()
+          Issue.record("the stream went on: \(message)")
+          return nil
+        } catch {
+          return error as? RPCError
+        }
+      }
+      try await gw.withReplica { replica in
+        try await replica.withClient(leaked) { leakedClient async throws in
+          try await TestWorker.with(leakedClient, types: ["export"], capacity: 1) { leakedWorker in
+            try await replica.withClient(kept) { keptClient async throws in
+              try await TestWorker.with(keptClient, types: ["export"], capacity: 1) { keptWorker in
+                // Both streams are up: each answers a heartbeat.
+                for worker in [leakedWorker, keptWorker] {
+                  let unknown = UUID().uuidString.lowercased()
+                  worker.send(.with { $0.heartbeat = .with { $0.leaseIds = [unknown] } })
+                  #expect(try await worker.next().revoked.leaseID == unknown)
+                }
+                try await gw.withClient(admin) { client async throws in
+                  _ = try await Tollgate_V1_TenantService.Client(wrapping: client).revokeCertificate(.with {
+                    $0.sha256Fingerprint = try! CertificateIdentity.sha256Fingerprint(leaked.certificate)
+                    $0.reason = "laptop stolen"
+                  })
+                }
+                let revoked = await ended(leakedWorker)
+                #expect(revoked?.code == .unauthenticated)
+                #expect(revoked?.message.contains("revoked") == true)
+                // The other worker of the tenant goes on, and is pushed the next run.
+                let run = try await gw.withClient(try gw.pki.issue(tenant: "acme", role: .partner)) { client async throws in
+                  try await Self.dispatch(Workflow(wrapping: client), payload: "for the kept worker")
+                }
+                let task = try await keptWorker.nextTask()
+                #expect(task.runID == run.runID)
+                try await keptWorker.complete(task)
+
+                let (following, followerUp) = AsyncStream.makeStream(of: Void.self)
+                let follower = Task {
+                  try await gw.withClient(auditor) { client async throws in
+                    try await AuditReader(client: client).records(.with { $0.follow = true }) { _ in
+                      followerUp.yield()
+                      return true
+                    }
+                  }
+                }
+                var up = following.makeAsyncIterator()
+                _ = await up.next()
+                try await gw.withClient(admin) { client async throws in
+                  _ = try await Tollgate_V1_TenantService.Client(wrapping: client).suspendTenant(.with {
+                    $0.tenantID = "acme"
+                    $0.reason = "unpaid invoices"
+                  })
+                }
+                let suspended = await ended(keptWorker)
+                #expect(suspended?.code == .permissionDenied)
+                #expect(suspended?.message.contains("suspended") == true)
+                let followed = await statusCode { try await follower.value }
+                #expect(followed == .permissionDenied)
+              }
+            }
+          }
+        }
+      }
+      // The follow's record says why it ended. (A worker stream's record was committed with its
+      // first change, as OK: one record per call, and the log is append-only.)
+      await gw.gateway.auditBuffer.allCommitted()
+      let followEnded = try await gw.count(
+        "SELECT count(*) FROM audit_leaves WHERE method = '/tollgate.v1.AuditService/StreamEvents' AND outcome = 7"
+      )
+      #expect(followEnded == 1)
     }
   }
 
