@@ -926,6 +926,29 @@ import TollgateProtos
     }
   }
 
+  /// A window of records comes back from the database as one framed value. Its order is
+  /// PostgreSQL's to keep but not to promise, so it is checked and restored; a frame cut short is
+  /// reported as damage, never read as a shorter record.
+  @Test func framedWindowsAreReadInIndexOrderAndCutFramesRefused() throws {
+    func frame(_ records: [(Int64, [UInt8])]) -> ByteBuffer {
+      var buffer = ByteBuffer()
+      for (index, leaf) in records {
+        buffer.writeInteger(index)
+        buffer.writeInteger(Int32(leaf.count))
+        buffer.writeBytes(leaf)
+      }
+      return buffer
+    }
+    let shuffled = frame([(7, [7, 7]), (5, [5]), (6, [])])
+    let read = try AuditLogRepository.unframe(shuffled, from: 5, below: 8)
+    #expect(read.map(\.index) == [5, 6, 7])
+    #expect(read.map { Array($0.leaf.readableBytesView) } == [[5], [], [7, 7]])
+    #expect(try AuditLogRepository.unframe(nil, from: 0, below: 10).isEmpty)
+    var cut = frame([(1, [1, 2, 3])])
+    cut.moveWriterIndex(to: cut.writerIndex - 1)
+    #expect(throws: StoreError.self) { try AuditLogRepository.unframe(cut, from: 1, below: 2) }
+  }
+
   /// Shutdown must not wait out the flush linger: the final flush takes what has gathered. An
   /// hour's linger makes a flusher that waited it out fail the suite's time limit instead.
   @Test func shutdownCutsTheFlushLingerShortAndCommitsWhatGathered() async throws {
