@@ -53,6 +53,34 @@ import TollgateStore
     }).run
   }
 
+  /// Watches `gated` through `watching` from before its approval (through `approving`) until
+  /// `worker` has run it, and returns every state the watch saw.
+  static func approveAndWatch(
+    _ gated: Tollgate_V1_Run,
+    approving: Workflow,
+    watching: Workflow,
+    worker: TestWorker
+  ) async throws -> [Tollgate_V1_RunState] {
+    let (started, watchStarted) = AsyncStream.makeStream(of: Void.self)
+    let watcher = Task {
+      try await watching.watchRun(.with { $0.runID = gated.runID }) { response in
+        var states: [Tollgate_V1_RunState] = []
+        for try await event in response.messages {
+          states.append(event.run.state)
+          if states.count == 1 { watchStarted.yield() }
+        }
+        return states
+      }
+    }
+    var firstState = started.makeAsyncIterator()
+    _ = await firstState.next()
+    _ = try await approving.approve(.with { $0.runID = gated.runID; $0.approverID = "ops-lead" })
+    let task = try await worker.nextTask()
+    #expect(task.runID == gated.runID)
+    try await worker.complete(task)
+    return try await watcher.value
+  }
+
   @Test func dispatchIsIdempotentValidatedAndListed() async throws {
     try await TestGateway.run { gw in
       try await Self.createTenants(gw, ["acme"])
@@ -154,24 +182,8 @@ import TollgateStore
             // A watcher that is there before the run moves sees each change as it happens,
             // including those that are announced only because someone watches (claim, completion).
             let gated = try await Self.dispatch(workflow, payload: "p2", approver: "ops")
-            let (watching, watchStarted) = AsyncStream.makeStream(of: Void.self)
-            let watcher = Task {
-              try await workflow.watchRun(.with { $0.runID = gated.runID }) { response in
-                var states: [Tollgate_V1_RunState] = []
-                for try await event in response.messages {
-                  states.append(event.run.state)
-                  if states.count == 1 { watchStarted.yield() }
-                }
-                return states
-              }
-            }
-            var started = watching.makeAsyncIterator()
-            _ = await started.next()
-            _ = try await workflow.approve(.with { $0.runID = gated.runID; $0.approverID = "ops-lead" })
-            let second = try await worker.nextTask()
-            #expect(second.runID == gated.runID)
-            try await worker.complete(second)
-            #expect(try await watcher.value == [.pendingApproval, .queued, .running, .succeeded])
+            let states = try await Self.approveAndWatch(gated, approving: workflow, watching: workflow, worker: worker)
+            #expect(states == [.pendingApproval, .queued, .running, .succeeded])
           }
         }
       }
@@ -637,24 +649,9 @@ import TollgateStore
               // Watched on the replica, approved on the first gateway, run on the replica.
               let gated = try await Self.dispatch(workflow, payload: "gated", approver: "ops")
               try await replica.withClient(partner) { replicaClient async throws in
-                let (watching, watchStarted) = AsyncStream.makeStream(of: Void.self)
-                let watcher = Task {
-                  try await Workflow(wrapping: replicaClient).watchRun(.with { $0.runID = gated.runID }) { response in
-                    var states: [Tollgate_V1_RunState] = []
-                    for try await event in response.messages {
-                      states.append(event.run.state)
-                      if states.count == 1 { watchStarted.yield() }
-                    }
-                    return states
-                  }
-                }
-                var started = watching.makeAsyncIterator()
-                _ = await started.next()
-                _ = try await workflow.approve(.with { $0.runID = gated.runID; $0.approverID = "ops-lead" })
-                let second = try await worker.nextTask()
-                #expect(second.runID == gated.runID)
-                try await worker.complete(second)
-                #expect(try await watcher.value == [.pendingApproval, .queued, .running, .succeeded])
+                let watching = Workflow(wrapping: replicaClient)
+                let states = try await Self.approveAndWatch(gated, approving: workflow, watching: watching, worker: worker)
+                #expect(states == [.pendingApproval, .queued, .running, .succeeded])
               }
             }
           }
