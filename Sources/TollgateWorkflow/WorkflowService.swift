@@ -517,7 +517,12 @@ extension WorkflowService: Tollgate_V1_WorkflowService.SimpleServiceProtocol {
           // meanwhile is owed an answer, and still ends the stream if it cannot be recorded.
           switch error {
           case .unavailable, .outcomeUnknown:
-            logger.warning("a claim could not reach the database; retrying", metadata: ["tenant": "\(tenant)", "error": "\(error)"])
+            // Once per outage and stream at warning: a fleet of idle workers retries together.
+            logger.log(
+              level: backoff.delay == RetryBackoff().delay ? .warning : .debug,
+              "a claim could not reach the database; retrying",
+              metadata: ["tenant": "\(tenant)", "error": "\(error)"]
+            )
             guard await backoff.failed(patience: nil) else { throw error }
             continue
           default:
