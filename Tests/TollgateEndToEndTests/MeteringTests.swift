@@ -92,6 +92,42 @@ import TollgateProtos
     }
   }
 
+  /// An agent's stream that stays open (a batch sent, the next not yet) ends when its tenant is
+  /// suspended, with what it sent before kept.
+  @Test func anOpenIngestStreamEndsWhenItsTenantIsSuspended() async throws {
+    try await TestGateway.run { gw in
+      try await Self.setUp(gw, tenants: ["acme"], meters: [Self.meter("api_calls", .count)])
+      let (acked, ack) = AsyncStream.makeStream(of: Void.self)
+      let (finished, finish) = AsyncStream.makeStream(of: Void.self)
+      let agent = Task {
+        try await gw.withClient(try gw.pki.issue(tenant: "acme", role: .agent)) { client async throws in
+          try await Metering(wrapping: client).ingestStream(
+            requestProducer: { writer in
+              try await writer.write(Self.batch(1, [Self.event("before")]))
+              // Held open until the test is done, as a live agent's stream is.
+              for await _ in finished {}
+            },
+            onResponse: { response in
+              for try await _ in response.messages { ack.yield() }
+            }
+          )
+        }
+      }
+      var acks = acked.makeAsyncIterator()
+      _ = await acks.next()
+      try await gw.withClient(try gw.pki.issueOperator()) { client async throws in
+        _ = try await Tollgate_V1_TenantService.Client(wrapping: client).suspendTenant(.with {
+          $0.tenantID = "acme"
+          $0.reason = "unpaid invoices"
+        })
+      }
+      let ended = await statusCode { try await agent.value }
+      finish.finish()
+      #expect(ended == .permissionDenied)
+      #expect(try await gw.count("SELECT count(*) FROM usage_events WHERE tenant_id = 'acme'") == 1)
+    }
+  }
+
   @Test func metersAreDefinedValidatedAndListed() async throws {
     try await TestGateway.run { gw in
       try await Self.setUp(gw, tenants: ["acme"], meters: [])
