@@ -70,7 +70,8 @@ public struct CertificateIdentity: Sendable {
     return Principal(
       spiffeID: id,
       certificateSHA256: fingerprint,
-      serialHex: RevocationTarget.canonicalSerial(HexText.encode(certificate.serialNumber.bytes))
+      serialHex: RevocationTarget.canonicalSerial(HexText.encode(certificate.serialNumber.bytes)),
+      validUntil: certificate.notValidAfter
     )
   }
 

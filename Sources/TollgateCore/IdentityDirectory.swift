@@ -1,3 +1,4 @@
+import Foundation
 public import Logging
 import Synchronization
 public import TollgateModel
@@ -48,8 +49,8 @@ public final class IdentityDirectory: Sendable {
   }
 
   /// Runs `body`, a call's work, for as long as `scope` keeps the standing it was admitted with:
-  /// if a new snapshot revokes its certificate or suspends its tenant, `body` is cancelled and
-  /// this throws why. Checks are made when the call is admitted and per call, so without this a
+  /// if a new snapshot revokes its certificate or suspends its tenant, or the certificate expires,
+  /// `body` is cancelled and this throws why. Checks are made when the call is admitted and per call, so without this a
   /// stream (a worker's Connect, a follower, an ingest stream) went on for as long as its client
   /// kept it open, past the revocation or suspension that refuses its next call.
   public func whileInStanding<T: Sendable>(
@@ -72,6 +73,18 @@ public final class IdentityDirectory: Sendable {
           if let lost = scope.lostStanding(in: self.snapshot) { throw lost }
         }
         return nil
+      }
+      let expiry = scope.principal.validUntil
+      group.addTask {
+        // No snapshot announces this one. A call is admitted up to and including the last second
+        // of the certificate's validity, so the stream ends just after it.
+        let remaining = expiry.timeIntervalSinceNow + 1
+        guard remaining < 100 * 365 * 86_400 else { return nil }
+        try? await Task.sleep(for: .seconds(max(remaining, 0)))
+        if Task.isCancelled { return nil }
+        throw TollgateError.unauthenticated(
+          "client certificate expired at \(expiry.formatted(.iso8601)); \(CertificateExpiry.reconnectAdvice)"
+        )
       }
       defer { group.cancelAll() }
       while let result = try await group.next() {

@@ -1,3 +1,4 @@
+public import Foundation
 public import TollgateModel
 
 /// An authenticated caller: who the client certificate says it is.
@@ -8,11 +9,14 @@ public struct Principal: Sendable, Hashable {
   public let certificateSHA256: String
   /// Lowercase hex serial number of the certificate, leading zeros stripped.
   public let serialHex: String
+  /// The certificate's `notValidAfter`: a stream open at that moment ends then.
+  public let validUntil: Date
 
-  public init(spiffeID: SPIFFEID, certificateSHA256: String, serialHex: String) {
+  public init(spiffeID: SPIFFEID, certificateSHA256: String, serialHex: String, validUntil: Date = .distantFuture) {
     self.spiffeID = spiffeID
     self.certificateSHA256 = certificateSHA256
     self.serialHex = serialHex
+    self.validUntil = validUntil
   }
 
   public var role: Role { spiffeID.role }

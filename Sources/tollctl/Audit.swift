@@ -84,7 +84,7 @@ struct Audit: AsyncParsableCommand {
           FileHandle.standardError.write(Data("tollctl: the gateway ended the stream; reconnecting\n".utf8))
         } catch let error as RPCError {
           printError(error)
-          guard follow && ReconnectPause.resumable(error.code) else { throw ExitCode(2) }
+          guard follow && ReconnectPause.resumable(error) else { throw ExitCode(2) }
           FileHandle.standardError.write(Data("tollctl: reconnecting, to resume at record \(next.withLock { $0 })\n".utf8))
         }
         if next.withLock({ $0 }) != from { pause.reset() }

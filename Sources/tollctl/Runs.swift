@@ -242,7 +242,7 @@ struct Runs: AsyncParsableCommand {
           return
         } catch let error as RPCError {
           printError(error)
-          guard ReconnectPause.resumable(error.code) else { throw ExitCode(2) }
+          guard ReconnectPause.resumable(error) else { throw ExitCode(2) }
           FileHandle.standardError.write(Data("tollctl: reconnecting, to go on after change \(printed.withLock { $0.count })\n".utf8))
         }
         if printed.withLock({ $0.count }) != before { pause.reset() }

@@ -102,7 +102,7 @@ struct Usage: AsyncParsableCommand {
       func resume(after error: RPCError?, from: Int) async throws {
         let pushback = error?.metadata[stringValues: "grpc-retry-pushback-ms"].first(where: { _ in true }).flatMap { Int64($0) }
         // RESOURCE_EXHAUSTED without a time to wait (a message too large) would only repeat.
-        if let error, !ReconnectPause.resumable(error.code) || (error.code == .resourceExhausted && pushback == nil) {
+        if let error, !ReconnectPause.resumable(error) || (error.code == .resourceExhausted && pushback == nil) {
           try stop("")
         }
         if acked.withLock({ $0 }) != from { pause.reset() }

@@ -101,7 +101,7 @@ struct Worker: AsyncParsableCommand {
           tracker.closeStream()
           if tracker.isDone { return }
           printError(error)
-          guard ReconnectPause.resumable(error.code) else { throw ExitCode(2) }
+          guard ReconnectPause.resumable(error) else { throw ExitCode(2) }
           FileHandle.standardError.write(Data("tollctl: reconnecting; \(tracker.runningCount) commands still running\n".utf8))
         }
         // A stream that served a while (or any message) was a working connection: start the

@@ -807,6 +807,33 @@ import TollgateStore
     }
   }
 
+  /// A certificate's end is checked at every call, and a stream open at that moment ends with it.
+  /// (This test waits for a certificate issued to expire three seconds after the test starts.)
+  @Test func aStreamEndsWhenItsCertificateExpires() async throws {
+    try await TestGateway.run { gw in
+      try await Self.createTenants(gw, ["acme"])
+      // Issued five minutes back-dated, as every test certificate is.
+      let shortLived = try gw.pki.issue(
+        .principal(SPIFFEID(tenant: TenantID(validating: "acme"), role: .worker, name: "short", trustDomain: gw.pki.ca.trustDomain)),
+        validity: 303
+      )
+      try await gw.withClient(shortLived) { client async throws in
+        try await TestWorker.with(client, types: ["export"], capacity: 1) { worker in
+          let unknown = UUID().uuidString.lowercased()
+          worker.send(.with { $0.heartbeat = .with { $0.leaseIds = [unknown] } })
+          #expect(try await worker.next().revoked.leaseID == unknown)
+          do {
+            let message = try await worker.next()
+            Issue.record("the stream outlived its certificate: \(message)")
+          } catch let error as RPCError {
+            #expect(error.code == .unauthenticated)
+            #expect(error.message.hasSuffix(CertificateExpiry.reconnectAdvice))
+          }
+        }
+      }
+    }
+  }
+
   @Test func aPerTypeConcurrencyLimitHoldsAcrossWorkers() async throws {
     try await TestGateway.run { gw in
       try await Self.createTenants(gw, ["acme"], typeConcurrency: ["export": 1])
