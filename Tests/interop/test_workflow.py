@@ -501,3 +501,60 @@ def test_tollctl_worker_drains_on_sigterm(gateway, pki, stubs, tenant, tmp_path)
     # Stopped at once: the lease stands until it expires, and the run is offered again then.
     assert (stopped.state, stopped.attempt) == (w.RUN_STATE_RUNNING, 1)
 
+
+
+def test_tollctl_worker_carries_on_with_a_certificate_renewed_on_disk(gateway, pki, stubs, tenant, tmp_path):
+    """A stream ends a second after its certificate expires. `tollctl worker` reads its identity
+    files again, as a SPIFFE agent's renewal leaves them, and reconnects with the renewed
+    certificate. (The test waits for a certificate of eight seconds to expire.)"""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    from conftest import TRUST_DOMAIN
+
+    w = stubs.workflow
+    ca_dir = pki.root / "ca"
+    ca_cert = x509.load_pem_x509_certificate((ca_dir / "ca.pem").read_bytes())
+    ca_key = serialization.load_pem_private_key((ca_dir / "ca.key").read_bytes(), None)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    short = (x509.CertificateBuilder()
+             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "renewing")]))
+             .issuer_name(ca_cert.subject)
+             .public_key(key.public_key())
+             .serial_number(x509.random_serial_number())
+             .not_valid_before(now - datetime.timedelta(minutes=5))
+             .not_valid_after(now + datetime.timedelta(seconds=8))
+             .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(
+                 f"spiffe://{TRUST_DOMAIN}/tenant/{tenant}/worker/renewing")]), critical=False)
+             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+             .sign(ca_key, hashes.SHA256()))
+    identity = tmp_path / "identity"
+    identity.mkdir()
+    (identity / "cert.pem").write_bytes(short.public_bytes(serialization.Encoding.PEM))
+    (identity / "key.pem").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    (identity / "ca.pem").write_bytes((ca_dir / "ca.pem").read_bytes())
+
+    partner = stub_for(gateway, pki.principal(tenant, "partner", "p"), stubs)
+    worker, lines, errors = spawn_tollctl("worker", "--type", "renewal", "--capacity", "1", "--max-tasks", "2",
+                                          "--exec", "cat", identity=identity, port=gateway)
+    try:
+        # A first run shows the stream is up on the short-lived certificate.
+        partner.Dispatch(w.DispatchRequest(type="renewal", payload=b"one"), timeout=TIMEOUT)
+        wait_for(lines, "completed", "the first run")
+        renewed = pki.principal(tenant, "worker", "renewing")
+        for name in ("cert.pem", "key.pem"):
+            (identity / name).write_bytes((renewed / name).read_bytes())
+        wait_for(errors, "reconnect with a renewed certificate", "the stream's end at expiry")
+        second = partner.Dispatch(w.DispatchRequest(type="renewal", payload=b"two"), timeout=TIMEOUT).run
+        assert worker.wait(timeout=60) == 0
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+    done = partner.GetRun(w.GetRunRequest(run_id=second.run_id), timeout=TIMEOUT).run
+    assert (done.state, done.result) == (w.RUN_STATE_SUCCEEDED, b"two")
