@@ -50,9 +50,10 @@ public final class IdentityDirectory: Sendable {
 
   /// Runs `body`, a call's work, for as long as `scope` keeps the standing it was admitted with:
   /// if a new snapshot revokes its certificate or suspends its tenant, or the certificate expires,
-  /// `body` is cancelled and this throws why. Checks are made when the call is admitted and per call, so without this a
-  /// stream (a worker's Connect, a follower, an ingest stream) went on for as long as its client
-  /// kept it open, past the revocation or suspension that refuses its next call.
+  /// `body` is cancelled and this throws why. Standing is checked when a call is admitted, so
+  /// without this a stream (a worker's Connect, a follower, an ingest stream) went on for as long
+  /// as its client kept it open, past the revocation, suspension or expiry that refuses its next
+  /// call.
   public func whileInStanding<T: Sendable>(
     _ scope: CallScope,
     _ body: @escaping @Sendable () async throws -> T

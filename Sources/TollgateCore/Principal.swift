@@ -9,7 +9,7 @@ public struct Principal: Sendable, Hashable {
   public let certificateSHA256: String
   /// Lowercase hex serial number of the certificate, leading zeros stripped.
   public let serialHex: String
-  /// The certificate's `notValidAfter`: a stream open at that moment ends then.
+  /// The certificate's `notValidAfter`: a stream still open then is ended.
   public let validUntil: Date
 
   public init(spiffeID: SPIFFEID, certificateSHA256: String, serialHex: String, validUntil: Date = .distantFuture) {

@@ -107,9 +107,9 @@ struct ReconnectPause {
 
   /// Endings a stream outlives by reconnecting: the gateway or the path to it went away, or asked
   /// the client to come back later, or the certificate expired mid-stream (the identity files are
-  /// read again on reconnecting, and may hold a renewed one; if not, that connection is refused
-  /// with a different message, which ends the command). Anything else (a refusal, a bad
-  /// request) would only repeat.
+  /// read again on reconnecting and may hold a renewed one; if not, the TLS handshake fails, and
+  /// that is retried like any lost connection until one appears). Anything else (a refusal, a
+  /// bad request) would only repeat.
   static func resumable(_ error: RPCError) -> Bool {
     if error.code == .unauthenticated { return error.message.hasSuffix(CertificateExpiry.reconnectAdvice) }
     return [.unavailable, .resourceExhausted, .aborted, .deadlineExceeded].contains(error.code)
