@@ -515,6 +515,8 @@ extension WorkflowService: Tollgate_V1_WorkflowService.SimpleServiceProtocol {
           // have leased runs this stream never hears of; they are offered again when their lease
           // expires, as they would be if the stream ended.) A heartbeat or result the worker sends
           // meanwhile is owed an answer, and still ends the stream if it cannot be recorded.
+          // A claim cut short because the stream ended is no outage.
+          if Task.isCancelled || session.isClosed { throw error }
           switch error {
           case .unavailable, .outcomeUnknown:
             // Once per outage and stream at warning: a fleet of idle workers retries together.
