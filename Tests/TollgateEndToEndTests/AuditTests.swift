@@ -906,16 +906,12 @@ import TollgateProtos
       try await gw.withClient(try gw.pki.issueOperator()) { client async throws in
         let tenants = Tollgate_V1_TenantService.Client(wrapping: client)
         _ = try await tenants.createTenant(.with { $0.tenantID = "acme" })
-        try await TestDatabase.adminSQL(
-          gw.database.admin,
-          "ALTER DATABASE \(gw.database.name) ALLOW_CONNECTIONS false",
-          "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '\(gw.database.name)'"
-        )
+        try await gw.takeDatabaseAway()
         let refused = await statusCode {
           try await tenants.suspendTenant(.with { $0.tenantID = "acme"; $0.reason = "during the outage" })
         }
         #expect(refused == .unavailable)
-        try await TestDatabase.adminSQL(gw.database.admin, "ALTER DATABASE \(gw.database.name) ALLOW_CONNECTIONS true")
+        try await gw.bringDatabaseBack()
         await gw.gateway.auditBuffer.allCommitted()
         #expect(try await tenants.getTenant(.with { $0.tenantID = "acme" }).tenant.state == .active)
       }

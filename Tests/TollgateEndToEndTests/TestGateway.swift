@@ -207,6 +207,21 @@ struct TestGateway: Sendable {
     }
   }
 
+  /// Takes this test's database away, as an outage would: new connections are refused and the
+  /// open ones (the gateway's pool and listeners) cut.
+  func takeDatabaseAway() async throws {
+    try await TestDatabase.adminSQL(
+      database.admin,
+      "ALTER DATABASE \(database.name) ALLOW_CONNECTIONS false",
+      "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '\(database.name)'"
+    )
+  }
+
+  /// Ends ``takeDatabaseAway()``: connections are accepted again.
+  func bringDatabaseBack() async throws {
+    try await TestDatabase.adminSQL(database.admin, "ALTER DATABASE \(database.name) ALLOW_CONNECTIONS true")
+  }
+
   /// Starts a gateway, runs `body`, then shuts the gateway down and drops its database.
   static func run<T: Sendable>(
     configure: (inout GatewayConfig) -> Void = { _ in },

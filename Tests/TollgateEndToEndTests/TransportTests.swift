@@ -195,18 +195,14 @@ import TollgateProtos
         }
 
         // Take the database away: refuse new connections and cut the open ones.
-        try await TestDatabase.adminSQL(
-          gw.database.admin,
-          "ALTER DATABASE \(gw.database.name) ALLOW_CONNECTIONS false",
-          "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '\(gw.database.name)'"
-        )
+        try await gw.takeDatabaseAway()
         let down = await statusCode { try await tenants.getTenant(.with { $0.tenantID = "acme" }) }
         #expect(down == .unavailable)
         #expect(try await health.check(.init()).status == .notServing)
         let failedWrite = await statusCode { try await tenants.createTenant(.with { $0.tenantID = "globex" }) }
         #expect(failedWrite == .unavailable)
 
-        try await TestDatabase.adminSQL(gw.database.admin, "ALTER DATABASE \(gw.database.name) ALLOW_CONNECTIONS true")
+        try await gw.bringDatabaseBack()
         // The pool reconnects on demand; bounded retries, no sleeps.
         var recovered = false
         for _ in 0..<50 where !recovered {

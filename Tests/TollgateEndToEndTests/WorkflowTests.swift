@@ -75,9 +75,7 @@ import TollgateStore
     var firstState = started.makeAsyncIterator()
     _ = await firstState.next()
     _ = try await approving.approve(.with { $0.runID = gated.runID; $0.approverID = "ops-lead" })
-    let task = try await worker.nextTask()
-    #expect(task.runID == gated.runID)
-    try await worker.complete(task)
+    try await worker.completeNext(of: gated)
     return try await watcher.value
   }
 
@@ -203,9 +201,7 @@ import TollgateStore
         try await gw.withClient(try gw.pki.issue(tenant: "acme", role: .worker)) { workerClient async throws in
           try await TestWorker.with(workerClient, types: ["export"], capacity: 1) { worker in
             // The gated run has the higher priority, but only the plain one may start.
-            let first = try await worker.nextTask()
-            #expect(first.runID == plain.runID)
-            try await worker.complete(first)
+            try await worker.completeNext(of: plain)
             #expect(
               await statusCode { try await workflow.approve(.with { $0.runID = gated.runID }) } == .invalidArgument,
               "approver_id is required"
@@ -216,9 +212,7 @@ import TollgateStore
               $0.comment = "ok for Q3"
             })
             #expect(approved.run.state == .queued)
-            let second = try await worker.nextTask()
-            #expect(second.runID == gated.runID)
-            try await worker.complete(second)
+            try await worker.completeNext(of: gated)
           }
         }
         let rejected = try await workflow.reject(.with { $0.runID = doomed.runID; $0.approverID = "jane@acme.example" })
@@ -365,12 +359,8 @@ import TollgateStore
         let high = try await Self.dispatch(workflow, payload: "high", priority: 50)
         try await gw.withClient(try gw.pki.issue(tenant: "acme", role: .worker)) { workerClient async throws in
           try await TestWorker.with(workerClient, types: ["export"], capacity: 1) { worker in
-            let first = try await worker.nextTask()
-            #expect(first.runID == high.runID)
-            try await worker.complete(first)
-            let second = try await worker.nextTask()
-            #expect(second.runID == low.runID)
-            try await worker.complete(second)
+            try await worker.completeNext(of: high)
+            try await worker.completeNext(of: low)
             // Nothing else is ready: a scheduled run reaches the idle worker at its due time, not
             // before, and within a second of it.
             let due = Date().addingTimeInterval(1)
@@ -592,9 +582,7 @@ import TollgateStore
             let second = try await Self.dispatch(workflow, payload: "for the new worker")
             try await gw.withClient(try gw.pki.issue(tenant: "acme", role: .worker, name: "new")) { newClient async throws in
               try await TestWorker.with(newClient, types: ["export"], capacity: 1) { new in
-                let handed = try await new.nextTask()
-                #expect(handed.runID == second.runID)
-                try await new.complete(handed)
+                try await new.completeNext(of: second)
               }
             }
             // The draining stream still takes the result of what it holds.
@@ -612,9 +600,7 @@ import TollgateStore
             #expect(try await old.next().revoked.leaseID == unknown)
             try await gw.withClient(try gw.pki.issue(tenant: "acme", role: .worker, name: "new")) { newClient async throws in
               try await TestWorker.with(newClient, types: ["export"], capacity: 1) { new in
-                let handed = try await new.nextTask()
-                #expect(handed.runID == third.runID)
-                try await new.complete(handed)
+                try await new.completeNext(of: third)
               }
             }
           }
@@ -672,21 +658,15 @@ import TollgateStore
             // A first run shows the stream is up before the outage.
             _ = try await Self.dispatch(workflow, payload: "before")
             try await worker.complete(try await worker.nextTask())
-            try await TestDatabase.adminSQL(
-              gw.database.admin,
-              "ALTER DATABASE \(gw.database.name) ALLOW_CONNECTIONS false",
-              "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '\(gw.database.name)'"
-            )
-            try await TestDatabase.adminSQL(gw.database.admin, "ALTER DATABASE \(gw.database.name) ALLOW_CONNECTIONS true")
+            try await gw.takeDatabaseAway()
+            try await gw.bringDatabaseBack()
             // The pool reconnects on demand; bounded retries, no sleeps.
             var after: Tollgate_V1_Run?
             for _ in 0..<20 where after == nil {
               after = try? await Self.dispatch(workflow, payload: "after")
             }
             let run = try #require(after)
-            let task = try await worker.nextTask()
-            #expect(task.runID == run.runID)
-            try await worker.complete(task)
+            try await worker.completeNext(of: run)
           }
         }
       }
@@ -714,9 +694,7 @@ import TollgateStore
           try await holder.query("ROLLBACK", logger: testLogger)
           try await gw.withClient(try gw.pki.issue(tenant: "acme", role: .partner)) { client async throws in
             let run = try await Self.dispatch(Workflow(wrapping: client), payload: "after the cut")
-            let task = try await worker.nextTask()
-            #expect(task.runID == run.runID)
-            try await worker.complete(task)
+            try await worker.completeNext(of: run)
           }
         }
       }
@@ -766,9 +744,7 @@ import TollgateStore
                 let run = try await gw.withClient(try gw.pki.issue(tenant: "acme", role: .partner)) { client async throws in
                   try await Self.dispatch(Workflow(wrapping: client), payload: "for the kept worker")
                 }
-                let task = try await keptWorker.nextTask()
-                #expect(task.runID == run.runID)
-                try await keptWorker.complete(task)
+                try await keptWorker.completeNext(of: run)
 
                 let (following, followerUp) = AsyncStream.makeStream(of: Void.self)
                 let follower = Task {
@@ -926,6 +902,13 @@ final class TestWorker {
     let message = try await next()
     guard case .ack(let ack) = message.kind else { throw UnexpectedMessage(message: message) }
     return ack
+  }
+
+  /// Takes the next task, expects it to be `run`'s, and completes it.
+  func completeNext(of run: Tollgate_V1_Run) async throws {
+    let task = try await nextTask()
+    #expect(task.runID == run.runID)
+    try await complete(task)
   }
 
   /// Completes `task` and expects the completion to be recorded.
