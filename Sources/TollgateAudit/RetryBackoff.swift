@@ -9,6 +9,9 @@ public struct RetryBackoff: Sendable {
 
   public init() {}
 
+  /// True from a failure until the next success.
+  public var isFailing: Bool { failingSince != nil }
+
   public mutating func succeeded() {
     delay = .milliseconds(50)
     failingSince = nil

@@ -521,7 +521,7 @@ extension WorkflowService: Tollgate_V1_WorkflowService.SimpleServiceProtocol {
           case .unavailable, .outcomeUnknown:
             // Once per outage and stream at warning: a fleet of idle workers retries together.
             logger.log(
-              level: backoff.delay == RetryBackoff().delay ? .warning : .debug,
+              level: backoff.isFailing ? .debug : .warning,
               "a claim could not reach the database; retrying",
               metadata: ["tenant": "\(tenant)", "error": "\(error)"]
             )
