@@ -18,8 +18,15 @@ public import TollgateModel
 ///
 /// Every operation is bounded by ``operationTimeout``: a database that is down or stuck surfaces
 /// as ``StoreError/unavailable(_:)`` instead of a call that never ends.
+///
+/// After a transaction fails for want of the database, a watch finds out whether the database can
+/// be reached (``DatabaseHealth``). While it cannot, transactions fail at once rather than each
+/// waiting out the timeout. Once it can, the watch makes sure the pool serves again: PostgresNIO's
+/// pool backs off its reconnects up to a minute apart and cannot be told to try now, so after a
+/// long outage it would go on refusing for that long; the watch then replaces it with a new pool.
 public final class Database: Service, Sendable {
-  public let client: PostgresClient
+  /// The pool in use; a new one after the watch replaced a pool stuck backing off.
+  public var client: PostgresClient { pools.withLock { $0.current.client } }
   public let operationTimeout: Duration
   /// The database URL without its password, for messages.
   public let redactedURL: String
@@ -27,25 +34,90 @@ public final class Database: Service, Sendable {
   let telemetry: Telemetry
   /// Signalled after a transaction commits audit events for the sequencer to index.
   public let auditQueued = AuditQueueSignal()
+  let health = DatabaseHealth()
+  private let poolConfiguration: PostgresClient.Configuration
+  private let probeConfiguration: PostgresConnection.Configuration
+  private let backgroundLogger: Logger
+  private let pools: Mutex<Pools>
+  private let newPools: AsyncStream<RunningPool>
+  private let newPoolsContinuation: AsyncStream<RunningPool>.Continuation
+  /// How long the watch gives the pool to hand out a connection before it looks further.
+  static let poolTestTimeout: Duration = .seconds(1)
+  /// A stuck pool is replaced at most this often.
+  static let poolRenewalInterval: Duration = .seconds(10)
+
+  private struct Pools {
+    var current: RunningPool
+    var renewals = 0
+    var lastRenewal: ContinuousClock.Instant?
+  }
 
   public static let tenantRole = "tollgate_tenant"
   public static let platformRole = "tollgate_platform"
 
-  public init(
+  public convenience init(
     url: DatabaseURL,
     maximumConnections: Int = 20,
     operationTimeout: Duration = .seconds(5),
     logger: Logger,
     telemetry: Telemetry = .disabled
   ) {
-    var config: PostgresClient.Configuration
+    self.init(url: url, maximumConnections: maximumConnections, operationTimeout: operationTimeout, logger: logger, telemetry: telemetry, firstPoolURL: nil)
+  }
+
+  /// `firstPoolURL`, for tests only, points the first pool somewhere other than `url` (where
+  /// nothing answers, say), as a pool stuck backing off would behave.
+  init(
+    url: DatabaseURL,
+    maximumConnections: Int,
+    operationTimeout: Duration,
+    logger: Logger,
+    telemetry: Telemetry,
+    firstPoolURL: DatabaseURL?
+  ) {
+    let config = Self.poolConfiguration(url, maximumConnections: maximumConnections)
+    // The driver logs every failed connection attempt at info; the store reports outages itself,
+    // so the driver's background log only shows warnings unless debugging.
+    var background = logger
+    if background.logLevel > .debug { background.logLevel = max(background.logLevel, .warning) }
+    var probe = PostgresConnection.Configuration(
+      host: url.host,
+      port: url.port,
+      username: url.username,
+      password: url.password,
+      database: url.database,
+      tls: .disable
+    )
+    // The probe asks for TLS as the pool does. A context that cannot be made (it is the default
+    // client configuration, so it should not happen) leaves the probe without TLS: it then still
+    // tells whether the server answers.
+    switch url.tlsMode {
+    case .disable: break
+    case .prefer: probe.tls = (try? NIOSSLContext(configuration: .makeClientConfiguration())).map { .prefer($0) } ?? .disable
+    case .require: probe.tls = (try? NIOSSLContext(configuration: .makeClientConfiguration())).map { .require($0) } ?? .disable
+    }
+    probe.options.connectTimeout = .seconds(3)
+    self.probeConfiguration = probe
+    self.poolConfiguration = config
+    self.backgroundLogger = background
+    let first = firstPoolURL.map { Self.poolConfiguration($0, maximumConnections: maximumConnections) } ?? config
+    self.pools = Mutex(Pools(current: RunningPool(PostgresClient(configuration: first, backgroundLogger: background))))
+    (newPools, newPoolsContinuation) = AsyncStream.makeStream(of: RunningPool.self)
+    self.operationTimeout = operationTimeout
+    telemetry.set("tollgate_db_reachable", [], 1)
+    self.redactedURL = url.redacted
+    self.logger = logger
+    self.telemetry = telemetry
+  }
+
+  static func poolConfiguration(_ url: DatabaseURL, maximumConnections: Int) -> PostgresClient.Configuration {
     let tls: PostgresClient.Configuration.TLS
     switch url.tlsMode {
     case .disable: tls = .disable
     case .prefer: tls = .prefer(.makeClientConfiguration())
     case .require: tls = .require(.makeClientConfiguration())
     }
-    config = PostgresClient.Configuration(
+    var config = PostgresClient.Configuration(
       host: url.host,
       port: url.port,
       username: url.username,
@@ -57,20 +129,145 @@ public final class Database: Service, Sendable {
     config.options.minimumConnections = 1
     config.options.connectTimeout = .seconds(3)
     config.options.connectionIdleTimeout = .seconds(60)
-    // The driver logs every failed connection attempt at info; the store reports outages itself,
-    // so the driver's background log only shows warnings unless debugging.
-    var background = logger
-    if background.logLevel > .debug { background.logLevel = max(background.logLevel, .warning) }
-    self.client = PostgresClient(configuration: config, backgroundLogger: background)
-    self.operationTimeout = operationTimeout
-    self.redactedURL = url.redacted
-    self.logger = logger
-    self.telemetry = telemetry
+    return config
   }
 
-  /// Runs the pool until cancelled (graceful shutdown). Must run exactly once, before any query.
+  /// Runs the pool, and the pools that replace it, and the watch, until cancelled (graceful
+  /// shutdown). Must run exactly once, before any query.
   public func run() async throws {
-    await client.run()
+    let first = pools.withLock { $0.current }
+    await withGracefulShutdownHandler {
+      await withDiscardingTaskGroup { group in
+        group.addTask { await first.run() }
+        group.addTask { await cancelWhenGracefulShutdown { await self.watch() } }
+        for await pool in newPools {
+          group.addTask { await pool.run() }
+        }
+        group.cancelAll()
+      }
+    } onGracefulShutdown: {
+      self.newPoolsContinuation.finish()
+      self.health.finish()
+    }
+  }
+
+  /// How many times the watch has replaced a stuck pool.
+  public var poolRenewals: Int { pools.withLock { $0.renewals } }
+
+  /// After each failure of a transaction for want of the database, finds out what is wrong and
+  /// stays until the database serves again: a pool that hands out a connection means all is well;
+  /// failing that, a connection of its own tells down (refused at once: transactions then fail at
+  /// once too) from reachable, and a reachable database whose pool has handed out nothing since
+  /// the failure gets a new pool. A probe that gets no answer in time decides nothing.
+  func watch() async {
+    for await _ in health.failures {
+      let grantsAtFailure = health.grantCount
+      var pause: Duration = .milliseconds(100)
+      while !Task.isCancelled && health.current != .up {
+        if await poolServes() {
+          health.succeeded()
+          break
+        }
+        switch await probe() {
+        case .undecided:
+          break
+        case .refused(let reason):
+          if health.wentDown(reason) {
+            telemetry.set("tollgate_db_reachable", [], 0)
+            logger.error(
+              "database unreachable; calls needing it fail at once until it answers",
+              metadata: ["database": "\(redactedURL)", "error": "\(reason)"]
+            )
+          }
+        case .answered:
+          // A pool that handed out a connection since the failure, or still has one out (to a
+          // slow transaction), works: it is only busy.
+          if health.grantCount == grantsAtFailure && health.leasedCount == 0 { renewPool() }
+        }
+        try? await Task.sleep(for: pause)
+        pause = min(pause * 2, .seconds(1))
+      }
+      if let outage = health.endOutage() {
+        telemetry.set("tollgate_db_reachable", [], 1)
+        logger.notice(
+          "database reachable again",
+          metadata: ["database": "\(redactedURL)", "outage_seconds": "\(String(format: "%.1f", outage))"]
+        )
+      }
+    }
+  }
+
+  /// True if the pool hands out a connection that answers, within ``poolTestTimeout``.
+  private func poolServes() async -> Bool {
+    let client = self.client
+    do {
+      _ = try await bounded(timeout: Self.poolTestTimeout) {
+        try await client.withConnection { connection in
+          try await connection.query("SELECT 1", logger: self.logger)
+        }
+      }
+      return true
+    } catch {
+      return false
+    }
+  }
+
+  /// What a connection of the watch's own, made outside the pool, found.
+  enum ProbeResult {
+    /// It connected and a trivial query answered.
+    case answered
+    /// The server or the network refused it at once (nothing listening, the database not
+    /// accepting connections, shutting down): the database is down.
+    case refused(String)
+    /// It could not tell: no answer in time (a partition, or a database too loaded to accept a
+    /// connection quickly), or the server is only out of connection slots.
+    case undecided
+  }
+
+  /// Connects outside the pool and runs a trivial query: whether the database can be reached now.
+  private func probe() async -> ProbeResult {
+    do {
+      let configuration = probeConfiguration
+      let logger = backgroundLogger
+      try await bounded(timeout: poolConfiguration.options.connectTimeout + Self.poolTestTimeout) {
+        let connection = try await PostgresConnection.connect(configuration: configuration, id: 0, logger: logger)
+        defer { Task { try? await connection.close() } }
+        _ = try await connection.query("SELECT 1", logger: logger)
+      }
+      return .answered
+    } catch {
+      // A database that is only slow must not be taken for down, or every call would be refused
+      // while it could still have been served: only a prompt refusal counts.
+      if error is StoreError || StoreError.isConnectTimeout(error) || StoreError.isTooManyConnections(error) {
+        return .undecided
+      }
+      return .refused(StoreError.describeConnectionFailure(error))
+    }
+  }
+
+  /// Puts a new pool in place of one that has handed out no connection although the database
+  /// answers: after a long outage PostgresNIO's pool waits up to a minute between reconnects.
+  private func renewPool() {
+    let now = ContinuousClock.now
+    let due = pools.withLock { pools in pools.lastRenewal.map { now - $0 >= Self.poolRenewalInterval } ?? true }
+    guard due else { return }
+    let new = RunningPool(PostgresClient(configuration: poolConfiguration, backgroundLogger: backgroundLogger))
+    // Started before it is used; not at all once shutdown has begun, when the old pool stays.
+    guard case .enqueued = newPoolsContinuation.yield(new) else { return }
+    let old = pools.withLock { pools in
+      defer {
+        pools.current = new
+        pools.renewals += 1
+        pools.lastRenewal = now
+      }
+      return pools.current
+    }
+    logger.warning(
+      "database answers but the connection pool is still backing off from the outage; replacing the pool",
+      metadata: ["database": "\(redactedURL)"]
+    )
+    telemetry.count("tollgate_db_pool_renewals_total")
+    old.retire()
   }
 
   /// Runs `body` in a transaction scoped to `tenant`: only that tenant's rows of tenant-owned
@@ -106,6 +303,7 @@ public final class Database: Service, Sendable {
 
   /// True if a trivial query answers within the operation timeout.
   public func isReachable(logger: Logger) async -> Bool {
+    if health.current == .down { return false }
     do {
       _ = try await bounded {
         try await self.client.withConnection { connection in
@@ -144,6 +342,11 @@ public final class Database: Service, Sendable {
     _ body: @Sendable @escaping (PostgresConnection) async throws -> Result
   ) async throws(StoreError) -> Result {
     let pending = mutation ? PendingAudit.current : nil
+    if let down = health.failFast() {
+      pending?.settle(committed: false)
+      throw down
+    }
+    let health = self.health
     let marks = TransactionMarks()
     let auditQueued = self.auditQueued
     let telemetry = self.telemetry
@@ -155,6 +358,8 @@ public final class Database: Service, Sendable {
       let result = try await bounded(phase: phase) {
         try await self.client.withConnection { connection in
           wait.end()
+          health.granted()
+          defer { health.released() }
           telemetry.adjust("tollgate_db_connections_in_use", by: 1)
           defer { telemetry.adjust("tollgate_db_connections_in_use", by: -1) }
           // A request that timed out (or was given up) while waiting for a connection must not
@@ -180,13 +385,17 @@ public final class Database: Service, Sendable {
         }
       }
       pending?.settle(committed: true)
+      health.succeeded()
       if marks.auditQueued { auditQueued.signal() }
       telemetry.record("tollgate_db_transaction_duration_seconds", [("outcome", "committed")], .now - start)
       return result
     } catch {
       pending?.settle(committed: false)
       telemetry.record("tollgate_db_transaction_duration_seconds", [("outcome", "failed")], .now - start)
-      throw StoreError.classify(error)
+      let failure = StoreError.classify(error)
+      // A caller that went away says nothing about the database.
+      if !Task.isCancelled, failure.isUnavailable { health.failed() }
+      throw failure
     }
   }
 
@@ -202,9 +411,10 @@ public final class Database: Service, Sendable {
   /// more; if the database still has not answered, the caller gets `.outcomeUnknown`.
   func bounded<Result: Sendable>(
     phase: TransactionPhase? = nil,
+    timeout: Duration? = nil,
     _ operation: @Sendable @escaping () async throws -> Result
   ) async throws -> Result {
-    let timeout = operationTimeout
+    let timeout = timeout ?? operationTimeout
     let race = DeadlineRace<Result>()
     return try await withTaskCancellationHandler {
       try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Result, any Error>) in
@@ -228,6 +438,31 @@ public final class Database: Service, Sendable {
       if phase?.abandon() ?? true { race.finish(.failure(CancellationError())) }
     }
   }
+}
+
+/// A pool and the means to stop it once a newer one has taken its place.
+final class RunningPool: Sendable {
+  let client: PostgresClient
+  private let retirement: AsyncStream<Void>
+  private let retirementContinuation: AsyncStream<Void>.Continuation
+
+  init(_ client: PostgresClient) {
+    self.client = client
+    (retirement, retirementContinuation) = AsyncStream.makeStream(of: Void.self)
+  }
+
+  /// Runs the pool until graceful shutdown, cancellation or ``retire()``. Retiring closes its
+  /// connections: it is only retired when it has none that work.
+  func run() async {
+    await withTaskGroup(of: Void.self) { group in
+      group.addTask { await self.client.run() }
+      group.addTask { for await _ in self.retirement {} }
+      await group.next()
+      group.cancelAll()
+    }
+  }
+
+  func retire() { retirementContinuation.finish() }
 }
 
 /// How far one transaction has got, decided once between the transaction and its deadline: either

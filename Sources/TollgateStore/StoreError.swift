@@ -1,3 +1,4 @@
+import NIOCore
 import PostgresNIO
 
 /// Failures of the store that a caller can act on. Anything else is `.unexpected`, which callers
@@ -23,6 +24,37 @@ public enum StoreError: Error, Sendable {
   /// that overflowed): no retry helps, and the query as asked cannot be answered.
   case outOfRange(String)
   case unexpected(String)
+
+  /// The database could not be reached or did not answer (``unavailable(_:)``, ``outcomeUnknown(_:)``).
+  var isUnavailable: Bool {
+    switch self {
+    case .unavailable, .outcomeUnknown: return true
+    default: return false
+    }
+  }
+
+  /// Why a connection could not be made or used, in words for an operator's log: the server's
+  /// own message where there is one (PSQLError's description hides it), never a password.
+  static func describeConnectionFailure(_ error: any Error) -> String {
+    guard let psql = error as? PSQLError else { return "\(error)" }
+    if let message = psql.serverInfo?[.message] {
+      return "\(message) (SQLSTATE \(psql.serverInfo?[.sqlState] ?? "?"))"
+    }
+    if let underlying = psql.underlying { return "\(psql.code): \(underlying)" }
+    return "\(psql.code)"
+  }
+
+  /// A connection attempt that got no answer within its connect timeout.
+  static func isConnectTimeout(_ error: any Error) -> Bool {
+    if let channel = error as? ChannelError, case .connectTimeout = channel { return true }
+    if let psql = error as? PSQLError, let underlying = psql.underlying { return isConnectTimeout(underlying) }
+    return false
+  }
+
+  /// The server refused a new connection for want of slots (53300 too_many_connections).
+  static func isTooManyConnections(_ error: any Error) -> Bool {
+    (error as? PSQLError)?.serverInfo?[.sqlState] == "53300"
+  }
 
   /// Classifies any error thrown by postgres-nio (unwrapping transaction errors first).
   static func classify(_ error: any Error) -> StoreError {

@@ -12,7 +12,7 @@ import TollgateAudit
 import TollgateCore
 import TollgateGateway
 import TollgateModel
-import TollgateStore
+@testable import TollgateStore
 
 /// A throwaway database on the test cluster (`TOLLGATE_TEST_DATABASE_URL`, a superuser URL that
 /// `tools/test` exports), owned by the non-superuser `tollgate` role the gateway connects as,
@@ -217,9 +217,12 @@ struct TestGateway: Sendable {
     )
   }
 
-  /// Ends ``takeDatabaseAway()``: connections are accepted again.
+  /// Ends ``takeDatabaseAway()``: connections are accepted again. Returns once the gateway's
+  /// store has seen it (until then a store that found the database down fails at once, and a
+  /// test's few retries would all fail).
   func bringDatabaseBack() async throws {
     try await TestDatabase.adminSQL(database.admin, "ALTER DATABASE \(database.name) ALLOW_CONNECTIONS true")
+    await gateway.database.health.waitUntil(.up)
   }
 
   /// Starts a gateway, runs `body`, then shuts the gateway down and drops its database.

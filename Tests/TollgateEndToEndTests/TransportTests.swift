@@ -11,6 +11,7 @@ import TollgateGateway
 import TollgateMerkle
 import TollgateModel
 import TollgateProtos
+@testable import TollgateStore
 
 /// Transport security, limits, health, reflection and database outages, end to end.
 @Suite(.timeLimit(.minutes(2))) struct TransportTests {
@@ -198,12 +199,15 @@ import TollgateProtos
         try await gw.takeDatabaseAway()
         let down = await statusCode { try await tenants.getTenant(.with { $0.tenantID = "acme" }) }
         #expect(down == .unavailable)
+        // The store then finds the database down, and answers without it until it is back.
+        await gw.gateway.database.health.waitUntil(.down)
         #expect(try await health.check(.init()).status == .notServing)
         let failedWrite = await statusCode { try await tenants.createTenant(.with { $0.tenantID = "globex" }) }
         #expect(failedWrite == .unavailable)
 
         try await gw.bringDatabaseBack()
-        // The pool reconnects on demand; bounded retries, no sleeps.
+        // The store has seen the database back; a call may still meet a connection cut by the
+        // outage, so a few tries.
         var recovered = false
         for _ in 0..<50 where !recovered {
           recovered = (try? await tenants.getTenant(.with { $0.tenantID = "acme" })) != nil
