@@ -181,8 +181,8 @@ public final class Database: Service, Sendable {
           }
         case .answered:
           // A pool that handed out a connection since the failure, or still has one out (to a
-          // slow transaction), works: it is only busy.
-          if health.grantCount == grantsAtFailure && health.leasedCount == 0 { renewPool() }
+          // slow transaction), works: it is only busy. A new pool is asked at once.
+          if health.grantCount == grantsAtFailure && health.leasedCount == 0 && renewPool() { continue }
         }
         try? await Task.sleep(for: pause)
         pause = min(pause * 2, .seconds(1))
@@ -247,13 +247,15 @@ public final class Database: Service, Sendable {
 
   /// Puts a new pool in place of one that has handed out no connection although the database
   /// answers: after a long outage PostgresNIO's pool waits up to a minute between reconnects.
-  private func renewPool() {
+  /// Returns false if it did not (one was replaced less than ``poolRenewalInterval`` ago, or
+  /// shutdown has begun).
+  private func renewPool() -> Bool {
     let now = ContinuousClock.now
     let due = pools.withLock { pools in pools.lastRenewal.map { now - $0 >= Self.poolRenewalInterval } ?? true }
-    guard due else { return }
+    guard due else { return false }
     let new = RunningPool(PostgresClient(configuration: poolConfiguration, backgroundLogger: backgroundLogger))
     // Started before it is used; not at all once shutdown has begun, when the old pool stays.
-    guard case .enqueued = newPoolsContinuation.yield(new) else { return }
+    guard case .enqueued = newPoolsContinuation.yield(new) else { return false }
     let old = pools.withLock { pools in
       defer {
         pools.current = new
@@ -268,6 +270,7 @@ public final class Database: Service, Sendable {
     )
     telemetry.count("tollgate_db_pool_renewals_total")
     old.retire()
+    return true
   }
 
   /// Runs `body` in a transaction scoped to `tenant`: only that tenant's rows of tenant-owned
