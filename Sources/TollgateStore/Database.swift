@@ -187,7 +187,8 @@ public final class Database: Service, Sendable {
         try? await Task.sleep(for: pause)
         pause = min(pause * 2, .seconds(1))
       }
-      if let outage = health.endOutage() {
+      // Not when the watch was cut short by shutdown: the database may still be down.
+      if health.current == .up, let outage = health.endOutage() {
         telemetry.set("tollgate_db_reachable", [], 1)
         logger.notice(
           "database reachable again",
