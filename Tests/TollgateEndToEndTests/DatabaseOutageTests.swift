@@ -44,7 +44,8 @@ import TollgateModel
         } catch StoreError.unavailable(let message) {
           // This message only comes from the check made before a connection is asked for.
           #expect(message.contains("database unreachable since"), "\(message)")
-          #expect(message.contains("does not allow connections") || message.contains("55000"), "\(message)")
+          // With PostgreSQL's reason: "database … is not currently accepting connections".
+          #expect(message.contains("SQLSTATE 55000"), "\(message)")
         }
         #expect(await database.isReachable(logger: testLogger) == false)
 
