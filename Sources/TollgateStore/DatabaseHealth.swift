@@ -7,8 +7,9 @@ import Synchronization
 /// - `up`: transactions run.
 /// - `suspect`: a transaction failed for want of the database; the watch is finding out why, and
 ///   transactions still run (a database that is only slow keeps serving).
-/// - `down`: the watch could not connect at all. Transactions fail at once instead of each waiting
-///   out the operation timeout, until the watch connects again.
+/// - `down`: the watch's own connection was refused at once (a connection that only got no answer
+///   decides nothing). Transactions fail at once instead of each waiting out the operation
+///   timeout, until the watch connects again.
 final class DatabaseHealth: Sendable {
   enum Mode: UInt8 {
     case up, suspect, down
