@@ -147,7 +147,6 @@ public final class Database: Service, Sendable {
       }
     } onGracefulShutdown: {
       self.newPoolsContinuation.finish()
-      self.health.finish()
     }
   }
 
@@ -164,7 +163,7 @@ public final class Database: Service, Sendable {
       let grantsAtFailure = health.grantCount
       var pause: Duration = .milliseconds(100)
       while !Task.isCancelled && health.current != .up {
-        if await poolServes() {
+        if await poolAnswers(within: Self.poolTestTimeout, logger: logger) {
           health.succeeded()
           break
         }
@@ -195,21 +194,6 @@ public final class Database: Service, Sendable {
           metadata: ["database": "\(redactedURL)", "outage_seconds": "\(String(format: "%.1f", outage))"]
         )
       }
-    }
-  }
-
-  /// True if the pool hands out a connection that answers, within ``poolTestTimeout``.
-  private func poolServes() async -> Bool {
-    let client = self.client
-    do {
-      _ = try await bounded(timeout: Self.poolTestTimeout) {
-        try await client.withConnection { connection in
-          try await connection.query("SELECT 1", logger: self.logger)
-        }
-      }
-      return true
-    } catch {
-      return false
     }
   }
 
@@ -305,11 +289,17 @@ public final class Database: Service, Sendable {
     }
   }
 
-  /// True if a trivial query answers within the operation timeout.
+  /// True if a trivial query answers within the operation timeout; false at once while the
+  /// database is known to be down.
   public func isReachable(logger: Logger) async -> Bool {
     if health.current == .down { return false }
+    return await poolAnswers(within: operationTimeout, logger: logger)
+  }
+
+  /// True if the pool hands out a connection on which a trivial query answers within `timeout`.
+  private func poolAnswers(within timeout: Duration, logger: Logger) async -> Bool {
     do {
-      _ = try await bounded {
+      _ = try await bounded(timeout: timeout) {
         try await self.client.withConnection { connection in
           try await connection.query("SELECT 1", logger: logger)
         }

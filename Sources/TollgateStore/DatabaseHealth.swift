@@ -117,8 +117,6 @@ final class DatabaseHealth: Sendable {
     }
   }
 
-  func finish() { failuresContinuation.finish() }
-
   /// Moves to `new` if the mode is one of `allowed` (any, if nil); false if it was not.
   @discardableResult
   private func transition(from allowed: [Mode]?, to new: Mode) -> Bool {
