@@ -8,16 +8,6 @@ import TollgateModel
 /// What the store does when its database goes away and comes back: fail at once while it is
 /// known to be down, and serve again as soon as it answers, whatever state the pool is in.
 @Suite(.timeLimit(.minutes(2))) struct DatabaseOutageTests {
-  /// Runs `database` (migrated unless `migrate` is false) until `body` returns.
-  func running<T: Sendable>(_ database: Database, migrate: Bool = true, _ body: () async throws -> T) async throws -> T {
-    try await withThrowingTaskGroup(of: Void.self) { group in
-      group.addTask { try await database.run() }
-      defer { group.cancelAll() }
-      if migrate { try await Migrator.migrate(database, logger: testLogger) }
-      return try await body()
-    }
-  }
-
   func selectOne(_ database: Database) async throws(StoreError) {
     try await database.withPlatform(logger: testLogger) { connection in
       _ = try await connection.query("SELECT 1", logger: testLogger)
@@ -27,7 +17,7 @@ import TollgateModel
   @Test func whileTheDatabaseIsDownTransactionsFailAtOnceAndServeAgainWhenItIsBack() async throws {
     try await TestDatabase.withDatabase { db in
       let database = Database(url: db.app, maximumConnections: 4, operationTimeout: .seconds(2), logger: testLogger)
-      try await running(database) {
+      try await database.running {
         try await selectOne(database)
         try await TestDatabase.adminSQL(
           db.admin,
@@ -73,7 +63,7 @@ import TollgateModel
         telemetry: .disabled,
         firstPoolURL: nowhere
       )
-      try await running(database, migrate: false) {
+      try await database.running(migrate: false) {
         do {
           try await selectOne(database)
           Issue.record("a pool without connections ran a transaction")

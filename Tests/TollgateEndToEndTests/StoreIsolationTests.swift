@@ -30,12 +30,7 @@ import TollgateStore
       } else {
         Database(url: db.app, maximumConnections: connections, logger: testLogger)
       }
-    return try await withThrowingTaskGroup(of: Void.self) { group in
-      group.addTask { try await database.run() }
-      defer { group.cancelAll() }
-      try await Migrator.migrate(database, logger: testLogger)
-      return try await body(database, TenantRepository(database: database))
-    }
+    return try await database.running { try await body(database, TenantRepository(database: database)) }
   }
 
   /// No PostgreSQL text can hold NUL. A request value with one that a service did not check is

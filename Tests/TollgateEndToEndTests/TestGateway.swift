@@ -112,6 +112,18 @@ extension TestDatabase {
   }
 }
 
+extension Database {
+  /// Runs this store (migrated unless `migrate` is false) until `body` returns.
+  func running<T: Sendable>(migrate: Bool = true, _ body: () async throws -> T) async throws -> T {
+    try await withThrowingTaskGroup(of: Void.self) { group in
+      group.addTask { try await self.run() }
+      defer { group.cancelAll() }
+      if migrate { try await Migrator.migrate(self, logger: testLogger) }
+      return try await body()
+    }
+  }
+}
+
 let testLogger: Logger = {
   var logger = Logger(label: "tollgate-test")
   logger.logLevel = ProcessInfo.processInfo.environment["TOLLGATE_TEST_LOG"].flatMap { Logger.Level(rawValue: $0) } ?? .critical
