@@ -71,8 +71,8 @@ struct Audit: AsyncParsableCommand {
         let from = next.withLock { $0 }
         request.startIndex = from
         do {
-          try await connection.withClientOrRPCError(longLived: follow) { [request] client, metadata in
-            try await AuditReader(client: client, metadata: metadata).records(request, options: .streaming) { record in
+          try await connection.withClientOrRPCError { [request] client, metadata in
+            try await AuditReader(client: client, metadata: metadata).records(request) { record in
               emitLine(try Audit.line(record, json: json))
               next.withLock { $0 = record.index + 1 }
               return true
@@ -141,7 +141,7 @@ struct Audit: AsyncParsableCommand {
         progress.total = size
         guard size > 0 else { return }
         let written = Mutex<UInt64>(0)
-        try await reader.leaves(.init(), options: .streaming) { batch in
+        try await reader.leaves(.init()) { batch in
           var chunk = Data()
           var last: UInt64 = 0
           for record in batch where record.index < size {
@@ -282,7 +282,7 @@ struct Audit: AsyncParsableCommand {
         let size = checkpoint.treeSize
         let records = Mutex<[(index: UInt64, leaf: [UInt8])]>([])
         if start < size {
-          try await reader.leaves(.with { $0.startIndex = start }, options: .streaming) { batch in
+          try await reader.leaves(.with { $0.startIndex = start }) { batch in
             let within = batch.filter { $0.index < size }
             records.withLock { $0.append(contentsOf: within) }
             return within.count == batch.count && (within.last.map { $0.index + 1 < size } ?? true)
@@ -312,15 +312,6 @@ struct Audit: AsyncParsableCommand {
       let extends = earlier.map { "; it extends the checkpoint of size \($0.treeSize) verified earlier" } ?? ""
       print("verified \(records) records against the checkpoint of size \(checkpoint.treeSize) (\(checkpoint.origin)), root \(Data(checkpoint.rootHash).base64EncodedString())\(extends)")
     }
-  }
-}
-
-extension CallOptions {
-  /// Streams run as long as they need; tollctl's default deadline is for unary calls.
-  static var streaming: CallOptions {
-    var options = CallOptions.defaults
-    options.timeout = nil
-    return options
   }
 }
 

@@ -10,8 +10,8 @@ typealias WorkflowClient = Tollgate_V1_WorkflowService.Client<HTTP2ClientTranspo
 
 extension ConnectionOptions {
   /// Runs `body` with a WorkflowService client; a gRPC failure prints its status and exits non-zero.
-  func withWorkflow<T: Sendable>(longLived: Bool = false, _ body: (WorkflowClient, Metadata) async throws -> T) async throws -> T {
-    try await withClient(longLived: longLived) { client, metadata in try await body(WorkflowClient(wrapping: client), metadata) }
+  func withWorkflow<T: Sendable>(_ body: (WorkflowClient, Metadata) async throws -> T) async throws -> T {
+    try await withClient { client, metadata in try await body(WorkflowClient(wrapping: client), metadata) }
   }
 }
 
@@ -216,7 +216,7 @@ struct Runs: AsyncParsableCommand {
       while true {
         let before = printed.withLock { $0.count }
         do {
-          try await connection.withClientOrRPCError(longLived: true) { client, metadata in
+          try await connection.withClientOrRPCError { client, metadata in
             try await WorkflowClient(wrapping: client).watchRun(.with { $0.runID = runID }, metadata: metadata) { response in
               let formatter = ISO8601DateFormatter()
               formatter.formatOptions.insert(.withFractionalSeconds)

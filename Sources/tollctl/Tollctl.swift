@@ -57,27 +57,23 @@ struct ConnectionOptions: ParsableArguments {
   }
 
   /// Runs `body` with a client; a gRPC failure prints its status and exits non-zero.
-  /// `longLived` calls (followers, workers) get no deadline; others get the default 30 s.
+  /// Unary calls get the default deadline of 30 s; streams (followers, workers, exports) none.
   func withClient<T: Sendable>(
-    longLived: Bool = false,
     _ body: (GRPCClient<HTTP2ClientTransport.Posix>, Metadata) async throws -> T
   ) async throws -> T {
     do {
-      return try await withClientOrRPCError(longLived: longLived, body)
+      return try await withClientOrRPCError(body)
     } catch let error as RPCError {
       printError(error)
       throw ExitCode(2)
     }
   }
 
-  /// ``withClient(longLived:_:)`` for commands that handle gRPC failures themselves.
+  /// ``withClient(_:)`` for commands that handle gRPC failures themselves.
   func withClientOrRPCError<T: Sendable>(
-    longLived: Bool = false,
     _ body: (GRPCClient<HTTP2ClientTransport.Posix>, Metadata) async throws -> T
   ) async throws -> T {
-    var connection = try connection()
-    if longLived { connection.defaultTimeout = nil }
-    return try await connection.withClient { client in try await body(client, metadata) }
+    try await connection().withClient { client in try await body(client, metadata) }
   }
 
   /// Runs `body` with a TenantService client; a gRPC failure prints its status and exits non-zero.

@@ -91,7 +91,7 @@ struct Worker: AsyncParsableCommand {
       while !tracker.isDone {
         let began = ContinuousClock.now
         do {
-          try await connection.withClientOrRPCError(longLived: true) { client, metadata in
+          try await connection.withClientOrRPCError { client, metadata in
             try await Self.connect(WorkflowClient(wrapping: client), metadata: metadata, tracker: tracker, assign: assign)
           }
           tracker.closeStream()

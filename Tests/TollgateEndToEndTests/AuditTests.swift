@@ -52,15 +52,25 @@ import TollgateProtos
 
   /// `count` UpdateQuota calls by an operator acting on `tenant`: mutations, so each is in the
   /// tenant's log when its reply arrives.
-  static func mutate(_ gw: TestGateway, _ tenant: String, count: Int, concurrently: Bool = false) async throws {
+  /// `deadline` replaces the test client's default for each call, for callers that queue many.
+  static func mutate(
+    _ gw: TestGateway,
+    _ tenant: String,
+    count: Int,
+    concurrently: Bool = false,
+    deadline: Duration? = nil
+  ) async throws {
+    var options = CallOptions.defaults
+    if let deadline { options.timeout = deadline }
     try await gw.withClient(try gw.pki.issueOperator()) { client async throws in
       let tenants = Tollgate_V1_TenantService.Client(wrapping: client)
       try await withThrowingTaskGroup(of: Void.self) { group in
         for i in 0..<count {
-          let call: @Sendable () async throws -> Void = {
+          let call: @Sendable () async throws -> Void = { [options] in
             _ = try await tenants.updateQuota(
               .with { $0.quota.monthlyUsageEvents = UInt64(1000 + i) },
-              metadata: actingOn(tenant)
+              metadata: actingOn(tenant),
+              options: options
             )
           }
           if concurrently { group.addTask(operation: call) } else { try await call() }
@@ -623,24 +633,58 @@ import TollgateProtos
     }
   }
 
+  @Test func aClientsDefaultDeadlineBoundsUnaryCallsButNotStreams() async throws {
+    // tollctl's 30 s default once ended every export, verification and usage feed that ran
+    // longer: a call's own nil timeout is filled in from the connection's method config. A
+    // nanosecond default shows both sides at once, without waiting: it has passed before any call
+    // is sent.
+    try await TestGateway.run { gw in
+      try await Self.createTenant(gw, "acme")
+      try await Self.mutate(gw, "acme", count: 1)
+      var connection = try gw.connection(try gw.pki.issueOperator())
+      connection.defaultTimeout = .nanoseconds(1)
+      try await connection.withClient { client async throws in
+        let reader = AuditReader(client: client, metadata: actingOn("acme"))
+        #expect(await statusCode { try await reader.checkpoint() } == .deadlineExceeded)
+        let seen = Mutex<[String]>([])
+        try await reader.records(.with {
+          $0.follow = true
+          $0.methods = [Self.updateQuota]
+        }) { record in
+          seen.withLock { $0.append(record.event.method) }
+          return false
+        }
+        #expect(seen.withLock { $0 } == [Self.updateQuota])
+      }
+    }
+  }
+
   @Test func concurrentAppendsFromTwoReplicasStayGapFreeAndUnforked() async throws {
     // Mutations of one tenant serialise on its row and its log, and each UpdateQuota makes both
     // replicas reload their identity snapshot; 80 at once on a 2-core machine busy with the rest
-    // of the suite can queue past the test default.
+    // of the suite can queue past the test defaults: the database's (10 s) and the client's
+    // deadline (15 s), which once expired here in a CI run. Both are raised for this test alone,
+    // the deadline above the database's timeout so that a slow call fails with the gateway's
+    // status rather than the client's.
+    let deadline = Duration.seconds(60)
+    var patient = CallOptions.defaults
+    patient.timeout = deadline
     try await TestGateway.run(configure: { $0.databaseTimeout = .seconds(30) }) { gw in
       try await Self.createTenant(gw, "acme")
       let partner = try gw.pki.issue(tenant: "acme", role: .partner)
       try await gw.withReplica { replica in
         try await withThrowingTaskGroup(of: Void.self) { group in
-          group.addTask { try await Self.mutate(gw, "acme", count: 40, concurrently: true) }
-          group.addTask { try await Self.mutate(replica, "acme", count: 40, concurrently: true) }
+          group.addTask { try await Self.mutate(gw, "acme", count: 40, concurrently: true, deadline: deadline) }
+          group.addTask { try await Self.mutate(replica, "acme", count: 40, concurrently: true, deadline: deadline) }
           // Reads go through each replica's batch buffer.
           for target in [gw, replica] {
-            group.addTask {
+            group.addTask { [patient] in
               try await target.withClient(partner) { client async throws in
                 try await withThrowingTaskGroup(of: Void.self) { reads in
                   for _ in 0..<30 {
-                    reads.addTask { _ = try await Tollgate_V1_TenantService.Client(wrapping: client).getTenant(.init()) }
+                    reads.addTask {
+                      _ = try await Tollgate_V1_TenantService.Client(wrapping: client).getTenant(.init(), options: patient)
+                    }
                   }
                   try await reads.waitForAll()
                 }
@@ -689,7 +733,7 @@ import TollgateProtos
               $0.follow = true
               $0.verifiedTreeSize = 1
               $0.methods = [Self.updateQuota]
-            }, options: .noTimeout) { message in
+            }) { message in
               switch message.item {
               case .checkpoint: open.yield()
               case .records(let batch): seen.withLock { $0 += batch.records }
@@ -737,7 +781,7 @@ import TollgateProtos
             try await AuditReader(client: client).stream(.with {
               $0.follow = true
               $0.verifiedTreeSize = 1
-            }, options: .noTimeout) { message in
+            }) { message in
               if case .checkpoint = message.item { open.yield() }
               return true
             }
@@ -764,7 +808,7 @@ import TollgateProtos
       let (caughtUp, signal) = AsyncStream.makeStream(of: Void.self)
       let follower = Task {
         try await gw.withClient(auditor) { client async throws in
-          try await AuditReader(client: client).stream(.with { $0.follow = true }, options: .noTimeout) { message in
+          try await AuditReader(client: client).stream(.with { $0.follow = true }) { message in
             // The checkpoint comes after the records it covers.
             if case .checkpoint = message.item { signal.yield() }
             return true
@@ -824,7 +868,7 @@ import TollgateProtos
         try await AuditReader(client: client, metadata: actingOn("acme")).records(.with {
           $0.follow = true
           $0.methods = ["/tollgate.v1.TenantService/GetTenant"]
-        }, options: .noTimeout) { _ in false }
+        }) { _ in false }
       }
       #expect(await getTenant() == nil)
     }
@@ -977,11 +1021,3 @@ import TollgateProtos
   }
 }
 
-extension CallOptions {
-  /// For a follower that must stay open until the test ends it; the suite's time limit bounds it.
-  static var noTimeout: CallOptions {
-    var options = CallOptions.defaults
-    options.timeout = nil
-    return options
-  }
-}

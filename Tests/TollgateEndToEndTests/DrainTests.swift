@@ -85,7 +85,7 @@ import TollgateProtos
           let seen = Statuses()
           let code = await statusCode {
             try await gw.withClient(auditor) { client in
-              try await Grpc_Health_V1_Health.Client(wrapping: client).watch(.init(), options: .noTimeout) {
+              try await Grpc_Health_V1_Health.Client(wrapping: client).watch(.init()) {
                 for try await update in $0.messages {
                   seen.append("\(update.status)")
                   watching.yield()
@@ -98,7 +98,7 @@ import TollgateProtos
         calls.addTask {
           ("stream", await statusCode {
             try await gw.withClient(auditor) { client in
-              try await Tollgate_V1_AuditService.Client(wrapping: client).streamEvents(.with { $0.follow = true }, options: .noTimeout) {
+              try await Tollgate_V1_AuditService.Client(wrapping: client).streamEvents(.with { $0.follow = true }) {
                 for try await _ in $0.messages {}
               }
             }
