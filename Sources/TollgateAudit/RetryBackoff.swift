@@ -2,7 +2,9 @@ import ServiceLifecycle
 
 /// The wait between retries of a failing background write (an audit flush, a worker's claim):
 /// 50 ms, doubling up to 2 s, started over by a success. Gives up once shutdown has begun, or,
-/// with a `patience`, once failures have lasted that long in a row (a final flush that must end).
+/// with a `patience`, once failures have lasted that long in a row (a final flush that must end),
+/// and always once the task is cancelled: its sleeps would no longer wait, and a database that
+/// fails at once (known down) would have it retry in a tight loop that nothing ends.
 public struct RetryBackoff: Sendable {
   public private(set) var delay: Duration = .milliseconds(50)
   private var failingSince: ContinuousClock.Instant?
@@ -21,12 +23,13 @@ public struct RetryBackoff: Sendable {
   public mutating func failed(patience: Duration?) async -> Bool {
     let since = failingSince ?? .now
     failingSince = since
+    if Task.isCancelled { return false }
     if let patience {
       if ContinuousClock.now - since > patience { return false }
     } else if Task.isShuttingDownGracefully {
       return false
     }
-    try? await Task.sleep(for: delay)
+    guard (try? await Task.sleep(for: delay)) != nil else { return false }
     delay = min(delay * 2, .seconds(2))
     return true
   }

@@ -223,6 +223,32 @@ import TollgateProtos
     }
   }
 
+  @Test func aGatewayCancelledWhileItsDatabaseIsDownStillStops() async throws {
+    // Cancelled, not drained: what a test's time limit does, and what a service group does to the
+    // other services when one fails. The audit buffer and sequencer retried with sleeps that a cancelled task no longer waits for, against a store
+    // that fails at once while the database is down: they spun, and the gateway never stopped.
+    let gateway = Task {
+      try await TestGateway.run(configure: { $0.databaseTimeout = .seconds(2) }) { gw in
+        try await gw.withClient(try gw.pki.issueOperator()) { client async throws in
+          let tenants = Tollgate_V1_TenantService.Client(wrapping: client)
+          _ = try await tenants.createTenant(.with { $0.tenantID = "acme" })
+          try await gw.takeDatabaseAway()
+          #expect(await statusCode { try await tenants.getTenant(.with { $0.tenantID = "acme" }) } == .unavailable)
+          await gw.gateway.database.health.waitUntil(.down)
+          // Audit events now wait in the buffer, and the calls' pending events in the sequencer.
+          withUnsafeCurrentTask { $0?.cancel() }
+        }
+      }
+    }
+    // Bounded here: a gateway that never stops would otherwise hold the suite past its time limit.
+    let (ended, end) = AsyncStream.makeStream(of: Bool.self)
+    Task { _ = await gateway.result; end.yield(true) }
+    Task { try? await Task.sleep(for: .seconds(30)); end.yield(false) }
+    var stopped = false
+    for await outcome in ended { stopped = outcome; break }
+    #expect(stopped, "the cancelled gateway had not stopped 30 s later")
+  }
+
   @Test func damagedAuditKeyStopsStartUpNamingTheSetting() async throws {
     let pki = try TestPKI()
     let keyPath = pki.directory.appendingPathComponent("damaged.key")
