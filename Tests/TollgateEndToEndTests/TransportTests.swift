@@ -225,8 +225,9 @@ import TollgateProtos
 
   @Test func aGatewayCancelledWhileItsDatabaseIsDownStillStops() async throws {
     // Cancelled, not drained: what a test's time limit does, and what a service group does to the
-    // other services when one fails. The audit buffer and sequencer retried with sleeps that a cancelled task no longer waits for, against a store
-    // that fails at once while the database is down: they spun, and the gateway never stopped.
+    // other services when one fails. The audit buffer and sequencer retried with sleeps that a
+    // cancelled task no longer waits for, against a store that fails at once while the database
+    // is down: they spun on every thread, and the gateway never stopped.
     let gateway = Task {
       try await TestGateway.run(configure: { $0.databaseTimeout = .seconds(2) }) { gw in
         try await gw.withClient(try gw.pki.issueOperator()) { client async throws in
@@ -240,7 +241,8 @@ import TollgateProtos
         }
       }
     }
-    // Bounded here: a gateway that never stops would otherwise hold the suite past its time limit.
+    // Bounded here, so that a gateway slow to stop fails this test. One that spins as before hangs
+    // the whole process, timer included; tools/test's time limit ends that.
     let (ended, end) = AsyncStream.makeStream(of: Bool.self)
     Task { _ = await gateway.result; end.yield(true) }
     Task { try? await Task.sleep(for: .seconds(30)); end.yield(false) }
