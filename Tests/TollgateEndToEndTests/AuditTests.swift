@@ -10,7 +10,7 @@ import SwiftProtobuf
 import Testing
 @testable import TollgateAudit
 import TollgateCertificates
-import TollgateClient
+@testable import TollgateClient
 import TollgateCore
 import TollgateGateway
 import TollgateMerkle
@@ -657,6 +657,15 @@ import TollgateProtos
         #expect(seen.withLock { $0 } == [Self.updateQuota])
       }
     }
+  }
+
+  @Test func theClientsDeadlineFreeMethodsAreExactlyTheAPIsStreams() {
+    // The client lists its services by hand; a service added to the API without being added
+    // there would have its streams cut at the default deadline again.
+    let streams = Set(MethodCatalog.shapes.filter { $0.value.clientStreaming || $0.value.serverStreaming }.keys)
+    let deadlineFree = Set(GatewayConnection.streamingMethods.map { "\($0.service)/\($0.method)" })
+    #expect(!streams.isEmpty)
+    #expect(deadlineFree == streams)
   }
 
   @Test func concurrentAppendsFromTwoReplicasStayGapFreeAndUnforked() async throws {
