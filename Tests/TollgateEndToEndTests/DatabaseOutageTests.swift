@@ -19,11 +19,7 @@ import TollgateModel
       let database = Database(url: db.app, maximumConnections: 4, operationTimeout: .seconds(2), logger: testLogger)
       try await database.running {
         try await selectOne(database)
-        try await TestDatabase.adminSQL(
-          db.admin,
-          "ALTER DATABASE \(db.name) ALLOW_CONNECTIONS false",
-          "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '\(db.name)'"
-        )
+        try await db.refuseConnections()
         // The first transaction finds out the hard way: its connection is cut, or it waits out
         // the timeout for a new one. The watch then finds the database down.
         await #expect(throws: StoreError.self) { try await selectOne(database) }
@@ -39,7 +35,7 @@ import TollgateModel
         }
         #expect(await database.isReachable(logger: testLogger) == false)
 
-        try await TestDatabase.adminSQL(db.admin, "ALTER DATABASE \(db.name) ALLOW_CONNECTIONS true")
+        try await db.allowConnections()
         await database.health.waitUntil(.up)
         try await selectOne(database)
         #expect(await database.isReachable(logger: testLogger))

@@ -112,6 +112,23 @@ extension TestDatabase {
   }
 }
 
+extension TestDatabase {
+  /// Refuses new connections to this database and cuts the open ones: an outage, as the gateway
+  /// sees it.
+  func refuseConnections() async throws {
+    try await Self.adminSQL(
+      admin,
+      "ALTER DATABASE \(name) ALLOW_CONNECTIONS false",
+      "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '\(name)'"
+    )
+  }
+
+  /// Ends ``refuseConnections()``.
+  func allowConnections() async throws {
+    try await Self.adminSQL(admin, "ALTER DATABASE \(name) ALLOW_CONNECTIONS true")
+  }
+}
+
 extension Database {
   /// Runs this store (migrated unless `migrate` is false) until `body` returns.
   func running<T: Sendable>(migrate: Bool = true, _ body: () async throws -> T) async throws -> T {
@@ -222,18 +239,14 @@ struct TestGateway: Sendable {
   /// Takes this test's database away, as an outage would: new connections are refused and the
   /// open ones (the gateway's pool and listeners) cut.
   func takeDatabaseAway() async throws {
-    try await TestDatabase.adminSQL(
-      database.admin,
-      "ALTER DATABASE \(database.name) ALLOW_CONNECTIONS false",
-      "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '\(database.name)'"
-    )
+    try await database.refuseConnections()
   }
 
   /// Ends ``takeDatabaseAway()``: connections are accepted again. Returns once the gateway's
   /// store has seen it (until then a store that found the database down fails at once, and a
   /// test's few retries would all fail).
   func bringDatabaseBack() async throws {
-    try await TestDatabase.adminSQL(database.admin, "ALTER DATABASE \(database.name) ALLOW_CONNECTIONS true")
+    try await database.allowConnections()
     await gateway.database.health.waitUntil(.up)
   }
 
