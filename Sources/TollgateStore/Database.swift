@@ -224,9 +224,7 @@ public final class Database: Service, Sendable {
       // A database that is only slow must not be taken for down, or every call would be refused
       // while it could still have been served: only a prompt refusal counts. Nor is a probe cut
       // short by the watch's own cancellation.
-      if error is StoreError || error is CancellationError || Task.isCancelled || StoreError.isConnectTimeout(error)
-        || StoreError.isTooManyConnections(error)
-      {
+      if Task.isCancelled || error is StoreError || StoreError.isConnectTimeout(error) || StoreError.isTooManyConnections(error) {
         return .undecided
       }
       return .refused(StoreError.describeConnectionFailure(error))
