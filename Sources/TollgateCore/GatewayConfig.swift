@@ -48,6 +48,9 @@ public struct GatewayConfig: Sendable {
   /// Idle time on a connection before the server pings it, and how long the ping may go unanswered.
   public var keepaliveTime: Duration
   public var keepaliveTimeout: Duration
+  /// The shortest interval between a client's keepalive pings the server accepts while the client
+  /// has calls open; a client pinging more often is sent GOAWAY after two strikes.
+  public var minClientPingInterval: Duration
   /// A connection with no open streams for this long is closed with GOAWAY.
   public var idleTimeout: Duration
   /// The deadline of a unary call whose client sent none.
@@ -84,6 +87,7 @@ public struct GatewayConfig: Sendable {
     maxConcurrentCalls: Int = 5_000,
     keepaliveTime: Duration = .seconds(120),
     keepaliveTimeout: Duration = .seconds(20),
+    minClientPingInterval: Duration = .seconds(10),
     idleTimeout: Duration = .seconds(900),
     defaultDeadline: Duration = .seconds(30),
     metricsMaxTenants: Int = 100,
@@ -114,6 +118,7 @@ public struct GatewayConfig: Sendable {
     self.maxConcurrentCalls = maxConcurrentCalls
     self.keepaliveTime = keepaliveTime
     self.keepaliveTimeout = keepaliveTimeout
+    self.minClientPingInterval = minClientPingInterval
     self.idleTimeout = idleTimeout
     self.defaultDeadline = defaultDeadline
     self.metricsMaxTenants = metricsMaxTenants
@@ -218,6 +223,11 @@ public struct ConfigSetting: Sendable, Hashable, CustomStringConvertible {
     help: "milliseconds a keepalive ping may go unanswered before the connection is closed (default 20000)"
   )
 
+  public static let minClientPingIntervalMS = ConfigSetting(
+    name: "min-client-ping-interval-ms",
+    help: "milliseconds a client must leave between keepalive pings while it has calls open; one pinging more often is closed with GOAWAY after two strikes (default 10000)"
+  )
+
   public static let idleTimeoutMS = ConfigSetting(
     name: "idle-timeout-ms",
     help: "milliseconds a connection may have no open calls before it is closed with GOAWAY (default 900000)"
@@ -247,7 +257,7 @@ public struct ConfigSetting: Sendable, Hashable, CustomStringConvertible {
     .listen, .tlsCert, .tlsKey, .clientCA, .trustDomain, .databaseURL, .metricsListen, .migrate, .maxMessageBytes,
     .databaseMaxConnections, .databaseTimeoutMS, .auditSigningKey, .auditBufferCapacity, .auditFlushLingerMS, .ingestMaxBatch,
     .usageLateArrivalHours, .workflowLeaseTimeoutMS, .workflowRetryBaseMS, .quotaSyncIntervalMS, .maxConnections,
-    .maxConcurrentStreams, .maxConcurrentCalls, .keepaliveTimeMS, .keepaliveTimeoutMS, .idleTimeoutMS, .defaultDeadlineMS,
+    .maxConcurrentStreams, .maxConcurrentCalls, .keepaliveTimeMS, .keepaliveTimeoutMS, .minClientPingIntervalMS, .idleTimeoutMS, .defaultDeadlineMS,
     .metricsMaxTenants, .drainTimeoutMS, .tlsWatchIntervalMS,
   ]
 }
@@ -419,6 +429,7 @@ public struct ConfigResolver: Sendable {
       maxConcurrentCalls: try integer(.maxConcurrentCalls, default: 5_000, range: 1...1_000_000),
       keepaliveTime: .milliseconds(try integer(.keepaliveTimeMS, default: 120_000, range: 1_000...86_400_000)),
       keepaliveTimeout: .milliseconds(try integer(.keepaliveTimeoutMS, default: 20_000, range: 100...3_600_000)),
+      minClientPingInterval: .milliseconds(try integer(.minClientPingIntervalMS, default: 10_000, range: 100...86_400_000)),
       idleTimeout: .milliseconds(try integer(.idleTimeoutMS, default: 900_000, range: 1_000...86_400_000)),
       defaultDeadline: .milliseconds(try integer(.defaultDeadlineMS, default: 30_000, range: 10...3_600_000)),
       metricsMaxTenants: try integer(.metricsMaxTenants, default: 100, range: 0...100_000),

@@ -149,6 +149,11 @@ public final class Gateway: Sendable {
         $0.http2.maxConcurrentStreams = config.maxConcurrentStreamsPerConnection
         $0.connection.keepalive.time = config.keepaliveTime
         $0.connection.keepalive.timeout = config.keepaliveTimeout
+        // Despite its name, grpc-swift applies this interval while calls are open (with none, it
+        // allows a ping per two hours). Its default of 5 minutes sends GOAWAY to a client whose
+        // keepalive pings sooner, and a follower of a quiet log has no other way to notice that
+        // its connection died without a reset.
+        $0.connection.keepalive.clientBehavior.minPingIntervalWithoutCalls = config.minClientPingInterval
         $0.connection.maxIdleTime = config.idleTimeout
         $0.channelDebuggingCallbacks.onAcceptTCPConnection = { channel in connectionLimit.admit(channel) }
         // Answer an over-limit message with RESOURCE_EXHAUSTED instead of the transport's stream reset.

@@ -71,6 +71,8 @@ struct SettingOptions: ParsableArguments {
   var keepaliveTimeMS: String?
   @Option(name: .customLong("keepalive-timeout-ms"), help: ArgumentHelp(ConfigSetting.keepaliveTimeoutMS.help))
   var keepaliveTimeoutMS: String?
+  @Option(name: .customLong("min-client-ping-interval-ms"), help: ArgumentHelp(ConfigSetting.minClientPingIntervalMS.help))
+  var minClientPingIntervalMS: String?
   @Option(name: .customLong("idle-timeout-ms"), help: ArgumentHelp(ConfigSetting.idleTimeoutMS.help))
   var idleTimeoutMS: String?
   @Option(name: .customLong("default-deadline-ms"), help: ArgumentHelp(ConfigSetting.defaultDeadlineMS.help))
@@ -111,6 +113,7 @@ struct SettingOptions: ParsableArguments {
       ConfigSetting.maxConcurrentCalls.name: maxConcurrentCalls,
       ConfigSetting.keepaliveTimeMS.name: keepaliveTimeMS,
       ConfigSetting.keepaliveTimeoutMS.name: keepaliveTimeoutMS,
+      ConfigSetting.minClientPingIntervalMS.name: minClientPingIntervalMS,
       ConfigSetting.idleTimeoutMS.name: idleTimeoutMS,
       ConfigSetting.defaultDeadlineMS.name: defaultDeadlineMS,
       ConfigSetting.metricsMaxTenants.name: metricsMaxTenants,

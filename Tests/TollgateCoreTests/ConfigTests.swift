@@ -70,6 +70,15 @@ import TollgateModel
     #expect(message(flags)?.contains("--usage-late-arrival-hours") == true)
   }
 
+  @Test func clientPingIntervalIsReadAndChecked() throws {
+    #expect(try ConfigResolver(flags: complete, environment: [:]).gatewayConfig().minClientPingInterval == .seconds(10))
+    var flags = complete
+    let config = try ConfigResolver(flags: flags, environment: ["TOLLGATE_MIN_CLIENT_PING_INTERVAL_MS": "500"]).gatewayConfig()
+    #expect(config.minClientPingInterval == .milliseconds(500))
+    flags["min-client-ping-interval-ms"] = "50"
+    #expect(message(flags)?.contains("--min-client-ping-interval-ms") == true)
+  }
+
   @Test(arguments: ["tls-cert", "tls-key", "client-ca", "trust-domain", "database-url", "audit-signing-key"])
   func missingSettingIsNamed(_ name: String) {
     var flags = complete
