@@ -14,6 +14,27 @@ public struct GatewayConnection: Sendable {
   /// unless they set their own: they last as long as their work (an export of a whole log, a
   /// follower, a worker, an agent's usage feed), which no one deadline fits.
   public var defaultTimeout: Duration?
+  /// Pings while calls are open and nothing has been read for `time`; a ping unanswered for
+  /// `timeout` closes the connection, and its calls fail with UNAVAILABLE. Without it a stream
+  /// that waits (a follower of a quiet log, an idle worker) on a connection that died without a
+  /// reset (a NAT or firewall dropping its state, a host gone) waits for ever. nil: no pings.
+  /// The gateway must accept pings this often (`--min-client-ping-interval-ms`, 10 s by default).
+  public var keepalive: Keepalive?
+
+  public struct Keepalive: Sendable, Hashable {
+    public var time: Duration
+    /// Shorter than `time`, or it never expires: grpc-swift's client pings every `time` whether
+    /// or not the last ping was answered, and each ping restarts the wait for an answer
+    /// (grpc-swift-nio-transport 2.9.2, `ClientConnectionHandler`; tollctl refuses such a pair).
+    public var timeout: Duration
+
+    public init(time: Duration, timeout: Duration) {
+      self.time = time
+      self.timeout = timeout
+    }
+
+    public static let defaults = Keepalive(time: .seconds(30), timeout: .seconds(10))
+  }
 
   public init(
     host: String,
@@ -21,7 +42,8 @@ public struct GatewayConnection: Sendable {
     certificatePEM: [UInt8],
     privateKeyPEM: [UInt8],
     serverCAPEM: [UInt8],
-    defaultTimeout: Duration? = .seconds(30)
+    defaultTimeout: Duration? = .seconds(30),
+    keepalive: Keepalive? = .defaults
   ) {
     self.host = host
     self.port = port
@@ -29,6 +51,7 @@ public struct GatewayConnection: Sendable {
     self.privateKeyPEM = privateKeyPEM
     self.serverCAPEM = serverCAPEM
     self.defaultTimeout = defaultTimeout
+    self.keepalive = keepalive
   }
 
   /// An HTTP/2 transport with mutual TLS that verifies the gateway's certificate against
@@ -49,6 +72,9 @@ public struct GatewayConnection: Sendable {
       config: .defaults {
         $0.backoff.initial = .milliseconds(100)
         $0.connection.maxIdleTime = .seconds(30)
+        // Not without calls: an idle connection closes after 30 s anyway, and the gateway allows
+        // a ping without calls only once per two hours.
+        $0.connection.keepalive = keepalive.map { .init(time: $0.time, timeout: $0.timeout, allowWithoutCalls: false) }
       },
       // A method config naming only the empty service applies to every method; one naming a
       // method overrides it. A call's own nil timeout would not: gRPC fills it in from the config.

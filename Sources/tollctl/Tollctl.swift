@@ -24,6 +24,10 @@ struct ConnectionOptions: ParsableArguments {
   var identity: String?
   @Option(help: "Tenant to act on, for operators (sent as the tollgate-tenant metadata)")
   var tenant: String?
+  @Option(help: "Milliseconds without reads before a connection with calls open is pinged; 0: never. Env: TOLLCTL_KEEPALIVE_TIME_MS (default 30000)")
+  var keepaliveTimeMs: String?
+  @Option(help: "Milliseconds a ping may go unanswered before the connection is given up and its streams reconnect; below --keepalive-time-ms. Env: TOLLCTL_KEEPALIVE_TIMEOUT_MS (default 10000)")
+  var keepaliveTimeoutMs: String?
 
   func connection() throws -> GatewayConnection {
     let env = ProcessInfo.processInfo.environment
@@ -41,12 +45,30 @@ struct ConnectionOptions: ParsableArguments {
       }
       return Array(data)
     }
+    func milliseconds(_ flag: String, _ value: String?, env name: String, default fallback: Int, minimum: Int) throws -> Int {
+      guard let text = value ?? env[name] else { return fallback }
+      guard let number = Int(text), number >= minimum, number <= 86_400_000 else {
+        throw ValidationError("--\(flag) (or \(name)) is '\(text)'; expected milliseconds from \(minimum) to 86400000")
+      }
+      return number
+    }
+    let keepaliveTime = try milliseconds("keepalive-time-ms", keepaliveTimeMs, env: "TOLLCTL_KEEPALIVE_TIME_MS", default: 30_000, minimum: 0)
+    let keepaliveTimeout = try milliseconds(
+      "keepalive-timeout-ms", keepaliveTimeoutMs, env: "TOLLCTL_KEEPALIVE_TIMEOUT_MS", default: 10_000, minimum: 1
+    )
+    guard keepaliveTime == 0 || keepaliveTimeout < keepaliveTime else {
+      throw ValidationError(
+        "--keepalive-timeout-ms (\(keepaliveTimeout)) must be below --keepalive-time-ms (\(keepaliveTime)): a ping is sent every keepalive time, and each one restarts the wait for an answer, so a longer timeout never ends"
+      )
+    }
     return GatewayConnection(
       host: target.host,
       port: target.port,
       certificatePEM: try read("cert.pem"),
       privateKeyPEM: try read("key.pem"),
-      serverCAPEM: try read("ca.pem")
+      serverCAPEM: try read("ca.pem"),
+      keepalive: keepaliveTime == 0
+        ? nil : .init(time: .milliseconds(keepaliveTime), timeout: .milliseconds(keepaliveTimeout))
     )
   }
 

@@ -659,6 +659,46 @@ import TollgateProtos
     }
   }
 
+  @Test(arguments: [(Duration.milliseconds(100), true), (.seconds(10), false)])
+  func aFollowersKeepalivePingsNeedTheGatewaysLeave(permitted: Duration, followerSurvives: Bool) async throws {
+    // A follower of a quiet log reads nothing, so only its keepalive pings can find a dead
+    // connection, and the gateway must accept them. What is tested is pings over time, so the
+    // test lets time pass (2 s: about ten pings at 200 ms) instead of waiting for an event. A
+    // gateway that allows a ping per 10 s closes the connection at the third early one, at
+    // about 0.8 s. The client's own timeout is longer than its interval, which in grpc-swift
+    // never expires, so that only the gateway can end the stream.
+    try await TestGateway.run(configure: { $0.minClientPingInterval = permitted }) { gw in
+      try await Self.createTenant(gw, "acme")
+      var connection = try gw.connection(try gw.pki.issueOperator())
+      connection.keepalive = .init(time: .milliseconds(200), timeout: .seconds(5))
+      try await connection.withClient { client async throws in
+        let reader = AuditReader(client: client, metadata: actingOn("acme"))
+        let seen = Mutex<[String]>([])
+        let follower = Task {
+          await statusCode {
+            try await reader.records(.with {
+              $0.follow = true
+              $0.methods = [Self.updateQuota]
+            }) { record in
+              seen.withLock { $0.append(record.event.method) }
+              return false
+            }
+          }
+        }
+        try await Task.sleep(for: .seconds(2))
+        try await Self.mutate(gw, "acme", count: 1)
+        let code = await follower.value
+        if followerSurvives {
+          #expect(code == nil)
+          #expect(seen.withLock { $0 } == [Self.updateQuota])
+        } else {
+          #expect(code == .unavailable)
+          #expect(seen.withLock { $0 }.isEmpty)
+        }
+      }
+    }
+  }
+
   @Test func theClientsDeadlineFreeMethodsAreExactlyTheAPIsStreams() {
     // The client lists its services by hand; a service added to the API without being added
     // there would have its streams cut at the default deadline again.

@@ -9,6 +9,7 @@ import os
 import pathlib
 import queue
 import re
+import socket
 import subprocess
 import sys
 import tempfile
@@ -183,6 +184,67 @@ def stop_gateway(proc):
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+class FreezingRelay:
+    """A TCP relay on a free loopback port to `127.0.0.1:target`. `freeze()` makes the connections
+    open at that moment a black hole, as a NAT or firewall that dropped their state would: they
+    stay open, and nothing more crosses them in either direction. Later connections pass."""
+
+    def __init__(self, target):
+        self.target = target
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.lock = threading.Lock()
+        self.links = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            link = {"sockets": (client, upstream), "frozen": threading.Event()}
+            with self.lock:
+                self.links.append(link)
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(src, dst, link["frozen"]), daemon=True).start()
+
+    @staticmethod
+    def _pump(src, dst, frozen):
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                if not frozen.is_set():
+                    dst.sendall(data)
+        except OSError:
+            pass
+        if not frozen.is_set():
+            for sock in (src, dst):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def freeze(self):
+        with self.lock:
+            for link in self.links:
+                link["frozen"].set()
+
+    def close(self):
+        # shutdown() first: on Linux, close() alone does not wake a thread blocked on the socket.
+        with self.lock:
+            sockets = [self.listener] + [sock for link in self.links for sock in link["sockets"]]
+        for sock in sockets:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
 
 
 class Gateway:

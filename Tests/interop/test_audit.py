@@ -363,6 +363,72 @@ def test_tail_follow_resumes_across_a_gateway_restart(audit_log, pki, stubs, cha
             stop_gateway(proc)
 
 
+def test_tail_follow_reconnects_when_its_connection_goes_silent(audit_log, pki, stubs, channel_for):
+    """A connection that dies without a reset (here a relay that stops passing anything, as a NAT
+    that dropped its state would) is found by tollctl's keepalive: `audit tail --follow` gives it
+    up, reconnects and resumes, skipping none and printing none twice. Without keepalive it would
+    wait for ever on a quiet log."""
+    import json
+    import os
+    import queue
+    import subprocess
+    import threading
+
+    from conftest import FreezingRelay, Gateway, start_gateway, stop_gateway
+
+    audit, acting = audit_log
+    method = "/tollgate.v1.TenantService/UpdateQuota"
+    tenants = stubs.tenant_grpc.TenantServiceStub(channel_for(pki.operator()))
+
+    def update():
+        request = stubs.tenant.UpdateQuotaRequest(quota=stubs.common.Quota(monthly_usage_events=1030))
+        tenants.UpdateQuota(request, metadata=acting, timeout=TIMEOUT)
+
+    # A timeout as long as the interval would never expire (each ping restarts it); tollctl says so.
+    refused = subprocess.run(
+        [os.environ["TOLLCTL_BIN"], "audit", "tail", "--keepalive-time-ms", "1000", "--keepalive-timeout-ms", "1000",
+         "--identity", str(pki.operator())], capture_output=True, text=True)
+    assert refused.returncode != 0 and "must be below --keepalive-time-ms" in refused.stderr, refused.stderr
+
+    start = audit.GetCheckpoint(stubs.audit.GetCheckpointRequest(), metadata=acting, timeout=TIMEOUT).checkpoint.tree_size
+    # A gateway of its own, to allow pings as often as this test's client sends them.
+    proc, port, _ = start_gateway(pki, Gateway.app_url, extra_args=("--min-client-ping-interval-ms", "100"))
+    relay = FreezingRelay(port)
+    tail = subprocess.Popen(
+        [os.environ["TOLLCTL_BIN"], "audit", "tail", "--follow", "--json", "--method", method, "--start", str(start),
+         "--keepalive-time-ms", "1000", "--keepalive-timeout-ms", "300",
+         "--gateway", f"127.0.0.1:{relay.port}", "--identity", str(pki.operator()), "--tenant", TENANT],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    printed, errors = queue.Queue(), []
+    threading.Thread(target=lambda: [printed.put(line) for line in tail.stdout], daemon=True).start()
+    threading.Thread(target=lambda: [errors.append(line) for line in tail.stderr], daemon=True).start()
+
+    def next_index():
+        try:
+            return int(json.loads(printed.get(timeout=30))["index"])
+        except queue.Empty:
+            raise AssertionError("tail printed nothing within 30 s; stderr: " + "".join(errors))
+
+    try:
+        update()
+        seen = [next_index()]
+        relay.freeze()
+        update()
+        update()
+        seen += [next_index(), next_index()]
+        assert tail.poll() is None, "".join(errors)
+        assert any("reconnecting" in line for line in errors), errors
+
+        logged = [r.index for r in stream_records(audit.StreamEvents(
+            stubs.audit.StreamEventsRequest(start_index=start, methods=[method]), metadata=acting, timeout=TIMEOUT))]
+        assert seen == logged, (seen, logged)
+    finally:
+        tail.terminate()
+        tail.wait(timeout=30)
+        relay.close()
+        stop_gateway(proc)
+
+
 def test_two_gateway_processes_append_one_unforked_log(audit_log, gateway, replica, pki, stubs):
     """Two `tollgate serve` processes on one database, called concurrently, build one history."""
     from concurrent.futures import ThreadPoolExecutor
