@@ -6,6 +6,8 @@ accepted only if a second, unrelated implementation agrees with it.
 """
 import base64
 import hashlib
+import json
+import os
 
 import grpc
 import pytest
@@ -15,6 +17,7 @@ from conftest import admin_query
 
 TIMEOUT = 10
 TENANT = "audit-interop"
+UPDATE_QUOTA = "/tollgate.v1.TenantService/UpdateQuota"
 
 
 # --- RFC 6962 §2.1, written from the RFC ---------------------------------------------------
@@ -197,7 +200,6 @@ def test_denied_call_is_in_the_log_and_auditors_read_only_their_tenant(audit_log
 
 
 def run_tollctl(*args):
-    import os
     import subprocess
     return subprocess.run([os.environ["TOLLCTL_BIN"], *args], capture_output=True, text=True, timeout=60)
 
@@ -241,7 +243,6 @@ def test_tollctl_export_verify_and_tamper(audit_log, gateway, pki, work_dir, stu
 
     # One byte of record 4's leaf changed in the file: verify names index 4, located with the
     # gateway's consistency proofs.
-    import json
     lines = export.read_text().splitlines()
     entry = json.loads(lines[1 + 4])
     leaf = bytearray(base64.b64decode(entry["leaf"]))
@@ -301,64 +302,85 @@ def test_tollctl_export_verify_and_tamper(audit_log, gateway, pki, work_dir, stu
     assert all(e["event"]["method"] == "/tollgate.v1.TenantService/UpdateQuota" for e in events)
 
 
-def test_tail_follow_resumes_across_a_gateway_restart(audit_log, pki, stubs, channel_for):
-    """`tollctl audit tail --follow` outlives a restart of its gateway: it reconnects and
-    resumes after the last record it printed, skipping none and printing none twice."""
-    import json
-    import os
-    import queue
-    import subprocess
-    import threading
+class FollowingTail:
+    """`tollctl audit tail --follow --json` of `method` records from index `start`, through the
+    gateway on `port`, as the operator acting on TENANT, with any further `options`."""
 
-    from conftest import Gateway, start_gateway, stop_gateway
+    def __init__(self, pki, port, method, start, *options):
+        import queue
+        import subprocess
+        import threading
 
+        self.proc = subprocess.Popen(
+            [os.environ["TOLLCTL_BIN"], "audit", "tail", "--follow", "--json", "--method", method, "--start", str(start),
+             *options, "--gateway", f"127.0.0.1:{port}", "--identity", str(pki.operator()), "--tenant", TENANT],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.printed, self.errors = queue.Queue(), []
+        threading.Thread(target=lambda: [self.printed.put(line) for line in self.proc.stdout], daemon=True).start()
+        threading.Thread(target=lambda: [self.errors.append(line) for line in self.proc.stderr], daemon=True).start()
+
+    def next_index(self):
+        import queue
+
+        try:
+            return int(json.loads(self.printed.get(timeout=30))["index"])
+        except queue.Empty:
+            raise AssertionError("tail printed nothing within 30 s; stderr: " + "".join(self.errors))
+
+    def reconnected(self):
+        """Still running, and said it reconnected."""
+        return self.proc.poll() is None and any("reconnecting" in line for line in self.errors)
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
+def follow_test_setup(audit_log, pki, stubs, channel_for):
+    """(update, start, logged) for a tail test: `update()` makes one UpdateQuota, in the log when
+    answered; `start` is past every earlier record; `logged()` lists the indices of UpdateQuota
+    records from `start` as the log holds them."""
     audit, acting = audit_log
-    method = "/tollgate.v1.TenantService/UpdateQuota"
     tenants = stubs.tenant_grpc.TenantServiceStub(channel_for(pki.operator()))
 
     def update():
         request = stubs.tenant.UpdateQuotaRequest(quota=stubs.common.Quota(monthly_usage_events=1020))
         tenants.UpdateQuota(request, metadata=acting, timeout=TIMEOUT)
 
-    # Mutations are in the log when they are answered, so this size is past every earlier one.
     start = audit.GetCheckpoint(stubs.audit.GetCheckpointRequest(), metadata=acting, timeout=TIMEOUT).checkpoint.tree_size
+
+    def logged():
+        return [r.index for r in stream_records(audit.StreamEvents(
+            stubs.audit.StreamEventsRequest(start_index=start, methods=[UPDATE_QUOTA]), metadata=acting, timeout=TIMEOUT))]
+
+    return update, start, logged
+
+
+def test_tail_follow_resumes_across_a_gateway_restart(audit_log, pki, stubs, channel_for):
+    """`tollctl audit tail --follow` outlives a restart of its gateway: it reconnects and
+    resumes after the last record it printed, skipping none and printing none twice."""
+    from conftest import Gateway, start_gateway, stop_gateway
+
+    update, start, logged = follow_test_setup(audit_log, pki, stubs, channel_for)
     proc, port, _ = start_gateway(pki, Gateway.app_url)
-    tail = subprocess.Popen(
-        [os.environ["TOLLCTL_BIN"], "audit", "tail", "--follow", "--json", "--method", method, "--start", str(start),
-         "--gateway", f"127.0.0.1:{port}", "--identity", str(pki.operator()), "--tenant", TENANT],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    printed, errors = queue.Queue(), []
-    threading.Thread(target=lambda: [printed.put(line) for line in tail.stdout], daemon=True).start()
-    threading.Thread(target=lambda: [errors.append(line) for line in tail.stderr], daemon=True).start()
-
-    def next_index():
-        try:
-            return int(json.loads(printed.get(timeout=30))["index"])
-        except queue.Empty:
-            raise AssertionError("tail printed nothing within 30 s; stderr: " + "".join(errors))
-
+    tail = FollowingTail(pki, port, UPDATE_QUOTA, start)
     try:
         seen = []
         for _ in range(2):
             update()
-            seen.append(next_index())
+            seen.append(tail.next_index())
         stop_gateway(proc)
         proc = None
         update()
         update()
         proc, _, _ = start_gateway(pki, Gateway.app_url, port=port)
-        seen += [next_index(), next_index()]
+        seen += [tail.next_index(), tail.next_index()]
         update()
-        seen.append(next_index())
-        assert tail.poll() is None, "".join(errors)
-        assert any("reconnecting" in line for line in errors), errors
-
-        logged = [r.index for r in stream_records(audit.StreamEvents(
-            stubs.audit.StreamEventsRequest(start_index=start, methods=[method]), metadata=acting, timeout=TIMEOUT))]
-        assert seen == logged, (seen, logged)
+        seen.append(tail.next_index())
+        assert tail.reconnected(), tail.errors
+        assert seen == logged(), (seen, logged())
     finally:
-        tail.terminate()
-        tail.wait(timeout=30)
+        tail.stop()
         if proc is not None:
             stop_gateway(proc)
 
@@ -368,63 +390,29 @@ def test_tail_follow_reconnects_when_its_connection_goes_silent(audit_log, pki, 
     that dropped its state would) is found by tollctl's keepalive: `audit tail --follow` gives it
     up, reconnects and resumes, skipping none and printing none twice. Without keepalive it would
     wait for ever on a quiet log."""
-    import json
-    import os
-    import queue
-    import subprocess
-    import threading
-
     from conftest import FreezingRelay, Gateway, start_gateway, stop_gateway
 
-    audit, acting = audit_log
-    method = "/tollgate.v1.TenantService/UpdateQuota"
-    tenants = stubs.tenant_grpc.TenantServiceStub(channel_for(pki.operator()))
-
-    def update():
-        request = stubs.tenant.UpdateQuotaRequest(quota=stubs.common.Quota(monthly_usage_events=1030))
-        tenants.UpdateQuota(request, metadata=acting, timeout=TIMEOUT)
-
     # A timeout as long as the interval would never expire (each ping restarts it); tollctl says so.
-    refused = subprocess.run(
-        [os.environ["TOLLCTL_BIN"], "audit", "tail", "--keepalive-time-ms", "1000", "--keepalive-timeout-ms", "1000",
-         "--identity", str(pki.operator())], capture_output=True, text=True)
+    refused = run_tollctl("audit", "tail", "--keepalive-time-ms", "1000", "--keepalive-timeout-ms", "1000",
+                          "--identity", str(pki.operator()))
     assert refused.returncode != 0 and "must be below --keepalive-time-ms" in refused.stderr, refused.stderr
 
-    start = audit.GetCheckpoint(stubs.audit.GetCheckpointRequest(), metadata=acting, timeout=TIMEOUT).checkpoint.tree_size
+    update, start, logged = follow_test_setup(audit_log, pki, stubs, channel_for)
     # A gateway of its own, to allow pings as often as this test's client sends them.
     proc, port, _ = start_gateway(pki, Gateway.app_url, extra_args=("--min-client-ping-interval-ms", "100"))
     relay = FreezingRelay(port)
-    tail = subprocess.Popen(
-        [os.environ["TOLLCTL_BIN"], "audit", "tail", "--follow", "--json", "--method", method, "--start", str(start),
-         "--keepalive-time-ms", "1000", "--keepalive-timeout-ms", "300",
-         "--gateway", f"127.0.0.1:{relay.port}", "--identity", str(pki.operator()), "--tenant", TENANT],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    printed, errors = queue.Queue(), []
-    threading.Thread(target=lambda: [printed.put(line) for line in tail.stdout], daemon=True).start()
-    threading.Thread(target=lambda: [errors.append(line) for line in tail.stderr], daemon=True).start()
-
-    def next_index():
-        try:
-            return int(json.loads(printed.get(timeout=30))["index"])
-        except queue.Empty:
-            raise AssertionError("tail printed nothing within 30 s; stderr: " + "".join(errors))
-
+    tail = FollowingTail(pki, relay.port, UPDATE_QUOTA, start, "--keepalive-time-ms", "1000", "--keepalive-timeout-ms", "300")
     try:
         update()
-        seen = [next_index()]
+        seen = [tail.next_index()]
         relay.freeze()
         update()
         update()
-        seen += [next_index(), next_index()]
-        assert tail.poll() is None, "".join(errors)
-        assert any("reconnecting" in line for line in errors), errors
-
-        logged = [r.index for r in stream_records(audit.StreamEvents(
-            stubs.audit.StreamEventsRequest(start_index=start, methods=[method]), metadata=acting, timeout=TIMEOUT))]
-        assert seen == logged, (seen, logged)
+        seen += [tail.next_index(), tail.next_index()]
+        assert tail.reconnected(), tail.errors
+        assert seen == logged(), (seen, logged())
     finally:
-        tail.terminate()
-        tail.wait(timeout=30)
+        tail.stop()
         relay.close()
         stop_gateway(proc)
 
