@@ -14,11 +14,12 @@ public struct GatewayConnection: Sendable {
   /// unless they set their own: they last as long as their work (an export of a whole log, a
   /// follower, a worker, an agent's usage feed), which no one deadline fits.
   public var defaultTimeout: Duration?
-  /// Pings while calls are open and nothing has been read for `time`; a ping unanswered for
-  /// `timeout` closes the connection, and its calls fail with UNAVAILABLE. Without it a stream
-  /// that waits (a follower of a quiet log, an idle worker) on a connection that died without a
-  /// reset (a NAT or firewall dropping its state, a host gone) waits for ever. nil: no pings.
-  /// The gateway must accept pings this often (`--min-client-ping-interval-ms`, 10 s by default).
+  /// Pings every `time` while calls are open (grpc-swift's client does not wait for a quiet
+  /// spell); a ping unanswered for `timeout` closes the connection, and its calls fail with
+  /// UNAVAILABLE. Without it a stream that waits (a follower of a quiet log, an idle worker) on a
+  /// connection that died without a reset (a NAT or firewall dropping its state, a host gone)
+  /// waits for ever. nil: no pings. The gateway must accept pings this often
+  /// (`--min-client-ping-interval-ms`, 10 s by default).
   public var keepalive: Keepalive?
 
   public struct Keepalive: Sendable, Hashable {

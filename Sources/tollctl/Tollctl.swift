@@ -24,7 +24,7 @@ struct ConnectionOptions: ParsableArguments {
   var identity: String?
   @Option(help: "Tenant to act on, for operators (sent as the tollgate-tenant metadata)")
   var tenant: String?
-  @Option(help: "Milliseconds without reads before a connection with calls open is pinged; 0: never. Env: TOLLCTL_KEEPALIVE_TIME_MS (default 30000)")
+  @Option(help: "Milliseconds between pings of a connection with calls open; 0: no pings. Env: TOLLCTL_KEEPALIVE_TIME_MS (default 30000)")
   var keepaliveTimeMs: String?
   @Option(help: "Milliseconds a ping may go unanswered before the connection is given up and its streams reconnect; below --keepalive-time-ms. Env: TOLLCTL_KEEPALIVE_TIMEOUT_MS (default 10000)")
   var keepaliveTimeoutMs: String?
@@ -58,7 +58,7 @@ struct ConnectionOptions: ParsableArguments {
     )
     guard keepaliveTime == 0 || keepaliveTimeout < keepaliveTime else {
       throw ValidationError(
-        "--keepalive-timeout-ms (\(keepaliveTimeout)) must be below --keepalive-time-ms (\(keepaliveTime)): a ping is sent every keepalive time, and each one restarts the wait for an answer, so a longer timeout never ends"
+        "--keepalive-timeout-ms (\(keepaliveTimeout)) must be below --keepalive-time-ms (\(keepaliveTime)): a ping is sent every keepalive time, answered or not, and each one restarts the wait for an answer, so a timeout that long never expires"
       )
     }
     return GatewayConnection(
