@@ -155,7 +155,10 @@ public final class Gateway: Sendable {
         // its connection died without a reset.
         $0.connection.keepalive.clientBehavior.minPingIntervalWithoutCalls = config.minClientPingInterval
         $0.connection.maxIdleTime = config.idleTimeout
-        $0.channelDebuggingCallbacks.onAcceptTCPConnection = { channel in connectionLimit.admit(channel) }
+        let keepaliveTimeout = config.keepaliveTimeout
+        $0.channelDebuggingCallbacks.onAcceptTCPConnection = { channel in
+          connectionLimit.admit(channel).flatMap { TCPUserTimeout.apply(keepaliveTimeout, to: channel) }
+        }
         // Answer an over-limit message with RESOURCE_EXHAUSTED instead of the transport's stream reset.
         let limit = config.maxRequestMessageBytes
         $0.channelDebuggingCallbacks.onAcceptHTTP2Stream = { channel in

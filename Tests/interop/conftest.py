@@ -4,12 +4,14 @@
 Needs TOLLGATE_TEST_DATABASE_URL (a superuser URL of a running cluster), TOLLGATE_BIN and
 TOLLCTL_BIN; tools/test provides all three.
 """
+import ctypes
 import json
 import os
 import pathlib
 import queue
 import re
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -173,8 +175,26 @@ def start_gateway(pki, app_url, extra_args=(), tls_dir=None, port=0):
     except BaseException:
         stop_gateway(proc)
         raise
-    proc.log, proc.errors = log, errors
+    proc.log, proc.errors, proc.lines = log, errors, lines
     return proc, port, metrics_port
+
+
+def next_log_entry(proc, predicate, timeout):
+    """The next JSON line `proc` (from start_gateway) logs, after those already taken, for which
+    `predicate` holds; None if none comes within `timeout` seconds."""
+    import time
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            line = proc.lines.get(timeout=left)
+        except queue.Empty:
+            return None
+        if line is None:
+            return None
+        entry = json.loads(line)
+        if predicate(entry):
+            return entry
+    return None
 
 
 def stop_gateway(proc):
@@ -186,10 +206,21 @@ def stop_gateway(proc):
         proc.wait()
 
 
+def drop_incoming_packets(sock):
+    """Attaches a classic BPF filter that drops every packet arriving for `sock`. TCP runs socket
+    filters before it processes a segment, so nothing that arrives is acknowledged any more: the
+    peer sees a connection that went silent, not one that stopped reading (Linux; needs no
+    privilege)."""
+    so_attach_filter = 26
+    drop_all = (ctypes.c_uint8 * 8)(*struct.pack("HBBI", 0x06, 0, 0, 0))  # BPF_RET | BPF_K, 0 bytes
+    sock.setsockopt(socket.SOL_SOCKET, so_attach_filter, struct.pack("HL", 1, ctypes.addressof(drop_all)))
+
+
 class FreezingRelay:
     """A TCP relay on a free loopback port to `127.0.0.1:target`. `freeze()` makes the connections
     open at that moment a black hole, as a NAT or firewall that dropped their state would: they
-    stay open, and nothing more crosses them in either direction. Later connections pass."""
+    stay open, nothing more crosses them in either direction, and neither end's packets are
+    acknowledged any more. Later connections pass."""
 
     def __init__(self, target):
         self.target = target
@@ -234,6 +265,8 @@ class FreezingRelay:
         with self.lock:
             for link in self.links:
                 link["frozen"].set()
+                for sock in link["sockets"]:
+                    drop_incoming_packets(sock)
 
     def close(self):
         # shutdown() first: on Linux, close() alone does not wake a thread blocked on the socket.

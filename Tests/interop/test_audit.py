@@ -417,6 +417,53 @@ def test_tail_follow_reconnects_when_its_connection_goes_silent(audit_log, pki, 
         stop_gateway(proc)
 
 
+def test_the_gateway_ends_a_stream_whose_connection_went_silent(audit_log, pki, stubs, channel_for):
+    """The gateway's side of a connection that died without a reset ends too, with its streams: a
+    follower here, a worker's stream alike, which would otherwise go on being offered tasks that
+    are lost until their leases expire. Its keepalive ping goes unacknowledged, and the kernel gives
+    up on the connection after the keepalive timeout (TCP_USER_TIMEOUT), instead of retransmitting
+    for about 15 minutes."""
+    import threading
+
+    from conftest import FreezingRelay, Gateway, credentials, next_log_entry, start_gateway, stop_gateway
+
+    update, start, _ = follow_test_setup(audit_log, pki, stubs, channel_for)
+    _, acting = audit_log
+    proc, port, _ = start_gateway(pki, Gateway.app_url,
+                                  extra_args=("--keepalive-time-ms", "1000", "--keepalive-timeout-ms", "500"))
+    relay = FreezingRelay(port)
+    channel = grpc.secure_channel(f"127.0.0.1:{relay.port}", credentials(pki.operator()))
+    follower = stubs.audit_grpc.AuditServiceStub(channel).StreamEvents(
+        stubs.audit.StreamEventsRequest(start_index=start, methods=[UPDATE_QUOTA], follow=True), metadata=acting)
+    first = threading.Event()
+
+    def follow():
+        try:
+            for _ in follower:
+                first.set()
+        except grpc.RpcError:
+            pass
+
+    threading.Thread(target=follow, daemon=True).start()
+
+    def follower_call(entry):
+        return entry.get("message") == "call" and entry.get("method") == "tollgate.v1.AuditService/StreamEvents"
+
+    try:
+        update()
+        assert first.wait(30), "the follower got no record"
+        relay.freeze()
+        # The keepalive ping goes out at most 1 s after the last read and is given up on 0.5 s
+        # later; 20 s leaves room for a loaded machine, not for the kernel's 15 minutes.
+        ended = next_log_entry(proc, follower_call, timeout=20)
+        assert ended is not None, "the gateway still holds the follower 20 s after its connection went silent"
+    finally:
+        follower.cancel()
+        channel.close()
+        relay.close()
+        stop_gateway(proc)
+
+
 def test_two_gateway_processes_append_one_unforked_log(audit_log, gateway, replica, pki, stubs):
     """Two `tollgate serve` processes on one database, called concurrently, build one history."""
     from concurrent.futures import ThreadPoolExecutor
