@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import urllib.parse
 import uuid
 
@@ -182,7 +183,6 @@ def start_gateway(pki, app_url, extra_args=(), tls_dir=None, port=0):
 def next_log_entry(proc, predicate, timeout):
     """The next JSON line `proc` (from start_gateway) logs, after those already taken, for which
     `predicate` holds; None if none comes within `timeout` seconds."""
-    import time
     deadline = time.monotonic() + timeout
     while (left := deadline - time.monotonic()) > 0:
         try:

@@ -8,6 +8,9 @@ import base64
 import hashlib
 import json
 import os
+import queue
+import subprocess
+import threading
 
 import grpc
 import pytest
@@ -200,7 +203,6 @@ def test_denied_call_is_in_the_log_and_auditors_read_only_their_tenant(audit_log
 
 
 def run_tollctl(*args):
-    import subprocess
     return subprocess.run([os.environ["TOLLCTL_BIN"], *args], capture_output=True, text=True, timeout=60)
 
 
@@ -307,10 +309,6 @@ class FollowingTail:
     gateway on `port`, as the operator acting on TENANT, with any further `options`."""
 
     def __init__(self, pki, port, method, start, *options):
-        import queue
-        import subprocess
-        import threading
-
         self.proc = subprocess.Popen(
             [os.environ["TOLLCTL_BIN"], "audit", "tail", "--follow", "--json", "--method", method, "--start", str(start),
              *options, "--gateway", f"127.0.0.1:{port}", "--identity", str(pki.operator()), "--tenant", TENANT],
@@ -320,8 +318,6 @@ class FollowingTail:
         threading.Thread(target=lambda: [self.errors.append(line) for line in self.proc.stderr], daemon=True).start()
 
     def next_index(self):
-        import queue
-
         try:
             return int(json.loads(self.printed.get(timeout=30))["index"])
         except queue.Empty:
@@ -423,8 +419,6 @@ def test_the_gateway_ends_a_stream_whose_connection_went_silent(audit_log, pki, 
     are lost until their leases expire. Its keepalive ping goes unacknowledged, and the kernel gives
     up on the connection after the keepalive timeout (TCP_USER_TIMEOUT), instead of retransmitting
     for about 15 minutes."""
-    import threading
-
     from conftest import FreezingRelay, Gateway, credentials, next_log_entry, start_gateway, stop_gateway
 
     update, start, _ = follow_test_setup(audit_log, pki, stubs, channel_for)
