@@ -40,7 +40,7 @@ final class DatabaseHealth: Sendable {
     (failures, failuresContinuation) = AsyncStream.makeStream(of: Void.self, bufferingPolicy: .bufferingNewest(1))
   }
 
-  var current: Mode { Mode(rawValue: mode.load(ordering: .relaxed)) ?? .up }
+  var current: Mode { Mode(rawValue: mode.load(ordering: .acquiring)) ?? .up }
 
   var grantCount: UInt64 { grants.load(ordering: .relaxed) }
 
@@ -69,15 +69,21 @@ final class DatabaseHealth: Sendable {
   /// its probe (success wins over a probe's stale answer). Returns true if this begins an outage.
   @discardableResult
   func wentDown(_ error: String) -> Bool {
-    guard transition(from: [.suspect, .down], to: .down) else { return false }
-    return outage.withLock { outage -> Bool in
-      if outage == nil {
-        outage = Outage(since: Date(), error: error)
-        return true
+    var begins = false
+    // The outage is recorded before the mode says down: a transaction that sees down, or a
+    // waiter resumed by it, must find the reason too. Recorded after, a loaded machine let a
+    // waiter's transaction find down without one, and it waited out its timeout instead.
+    let moved = transition(from: [.suspect, .down], to: .down) {
+      begins = outage.withLock { outage -> Bool in
+        if outage == nil {
+          outage = Outage(since: Date(), error: error)
+          return true
+        }
+        outage?.error = error
+        return false
       }
-      outage?.error = error
-      return false
     }
+    return moved && begins
   }
 
   /// How long the last outage lasted, and forgets it; nil if there was none.
@@ -117,12 +123,15 @@ final class DatabaseHealth: Sendable {
     }
   }
 
-  /// Moves to `new` if the mode is one of `allowed` (any, if nil); false if it was not.
+  /// Moves to `new` if the mode is one of `allowed` (any, if nil), running `before` first; false if
+  /// it was not.
   @discardableResult
-  private func transition(from allowed: [Mode]?, to new: Mode) -> Bool {
+  private func transition(from allowed: [Mode]?, to new: Mode, before: () -> Void = {}) -> Bool {
     let ready = changeWaiters.withLock { waiters -> [CheckedContinuation<Void, Never>]? in
       if let allowed, !allowed.contains(current) { return nil }
-      mode.store(new.rawValue, ordering: .relaxed)
+      before()
+      // Releasing, and read acquiring: what `before` wrote is seen by whoever sees the new mode.
+      mode.store(new.rawValue, ordering: .releasing)
       let ready = waiters.filter { $0.mode == new }.map(\.continuation)
       waiters.removeAll { $0.mode == new }
       return ready
