@@ -23,12 +23,12 @@ public struct RetryBackoff: Sendable {
   public mutating func failed(patience: Duration?) async -> Bool {
     let since = failingSince ?? .now
     failingSince = since
-    if Task.isCancelled { return false }
     if let patience {
       if ContinuousClock.now - since > patience { return false }
     } else if Task.isShuttingDownGracefully {
       return false
     }
+    // Throws at once in a cancelled task, and when cancelled while it waits.
     guard (try? await Task.sleep(for: delay)) != nil else { return false }
     delay = min(delay * 2, .seconds(2))
     return true
